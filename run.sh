@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Set up (or reuse) .venv and run a loraopt job.  Usage:
+#   bash run.sh test        # the default test suite (what CI runs)
+#   bash run.sh main        # the main job
+#   bash run.sh slow        # the slow tests
+#   bash run.sh -- ARGS     # any `loraopt` command, e.g. bash run.sh -- bench linear --seeds 2
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${LORAOPT_VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+stamp="$VENV/.loraopt-installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    "$PY" -m pip install -q --upgrade pip
+    # torch first and pinned: on CPU machines this is the local CPU wheel; an unpinned resolve could pull a CUDA build.
+    if ! "$PY" -c "import torch" 2>/dev/null; then
+        "$PY" -m pip install -q "torch==${LORAOPT_TORCH_VERSION:-2.13.0}"
+    fi
+    "$PY" -m pip install -q -e ".[test]"
+    touch "$stamp"
+fi
+cmd=${1:-test}
+shift || true
+case "$cmd" in
+    test) exec "$PY" -m pytest -n 2 "$@" ;;
+    slow) exec "$PY" -m pytest -m slow "$@" ;;
+    main) exec "$VENV/bin/loraopt" bench linear "$@" ;;
+    --)   exec "$VENV/bin/loraopt" "$@" ;;
+    *)    echo "usage: bash run.sh {test|slow|main|-- ARGS}" >&2; exit 2 ;;
+esac

@@ -1,0 +1,728 @@
+"""PSI-LoRA and Scaled PSI-LoRA (arXiv 2602.16456; reference code github.com/zeligism/PSI-LoRA).
+
+Both replace the LoRA step on the factors by a LoRSum projection of the *full-weight* step
+``Delta W - eta * ((1 - d) c G + mu M)`` back to rank r, where ``G = S^T X`` is captured per layer by hooks and never
+formed, and ``M = M_B M_A`` is a low-rank momentum kept by a second LoRSum.  Scaled PSI-LoRA measures the step in a
+diagonal, fractional-power K-FAC or Shampoo metric.
+
+Algorithm (one step, per LoRA layer; effective factors ``A~ = sqrt(s) A``, ``B~ = sqrt(s) B`` so ``B~ A~ = Delta W``)::
+
+    c      = min(1, max_grad_norm / (|grad|_F + 1e-6))                       (if max_grad_norm > 0)
+    P      = (v + delta)^p after  v <- beta2 v + (1 - beta2) stat(X, S)       (Scaled only; else P = I)
+    B~, A~ = LoRSum(anchor (1 - eta wd, B~, A~);
+                    terms (-eta g c, S^T, X), (-eta m, M_B, M_A); P, K, lam = eta * lmbd)
+    M_B, M_A = LoRSum(anchor (m, M_B, M_A); term (g c, S^T, X); K, lam = eta * lmbd_m)     (if m > 0)
+
+with ``(g, m) = (1 - dampening, momentum)`` for PSI-LoRA (heavy ball) and ``(1 - beta1, beta1)`` for Scaled
+PSI-LoRA (an EMA).  Parameters that are not LoRA factors (heads, norms, biases, ``modules_to_save``) take SGD with
+momentum (PSI-LoRA) or Adam (Scaled PSI-LoRA), with their group's lr.
+
+Implementation notes:
+* K = 0 is the Jacobi round (the Riemannian-preconditioned / ScaledGD step), never a no-op.  At K = 0 the hooks
+  stream the projections ``[B~ | M_B]^T G`` and ``G [A~ | M_A]^T`` and keep no rows (``capture="auto"``).
+* Under ``torch.distributed`` every rank-local quantity is averaged (projections, statistics) so all ranks compute
+  the update of the concatenated batch.
+* A step with lr = 0 allocates the state and changes nothing.  A step whose result is not finite leaves the
+  parameters and state untouched and counts it in ``state[lora_A]["skipped_steps"]``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..functional.lorsum import lorsum, lorsum_from_projections
+from ..lora.capture import GradientCapture, LayerObservation
+from ..lora.layers import LoRALayer, NoLoRALayersError, require_supported, split_lora_parameters
+from .base import (
+    DistributedContext,
+    LoRAOptimizer,
+    check_int,
+    check_nonnegative,
+    check_positive,
+    check_range,
+    named_trainable_parameters,
+)
+
+__all__ = ["PSILoRA", "ScaledPSILoRA", "create_psi_lora_optimizer", "create_scaled_psi_lora_optimizer"]
+
+_SCALED_LAM_FLOOR = 1e-5
+
+
+class _ProjectedSubspaceOptimizer(LoRAOptimizer):
+    """Machinery shared by PSI-LoRA and Scaled PSI-LoRA: layer discovery, hooks, reductions, the LoRSum step and
+    the guarded write-back.  Subclasses define the momentum coefficients, the metric and the rule for other
+    parameters."""
+
+    _factory_name = ""
+    _scaled = False
+
+    def __init__(
+        self,
+        params: Optional[Iterable],
+        model: nn.Module,
+        defaults: Dict[str, Any],
+        *,
+        capture: str,
+        row_budget: Optional[int],
+        seed: int,
+        strict: bool,
+        process_group: Optional[Any],
+    ):
+        if model is None or not isinstance(model, nn.Module):
+            raise TypeError(
+                f"{type(self).__name__} needs the model (its LoRA layers are hooked): pass model=..., or use "
+                f"loraopt.{self._factory_name}(model, ...)"
+            )
+        if params is None:
+            params = named_trainable_parameters(model)
+        super().__init__(params, defaults)
+        self._require_names(self.param_groups, self._factory_name)
+        named = [(n, p) for g in self.param_groups for n, p in zip(g["param_names"], g["params"])]
+        split = split_lora_parameters(model, named)
+        if not split.layers:
+            raise NoLoRALayersError(
+                f"{type(self).__name__} found no trainable LoRA layer among the given parameters: wrap the model with "
+                "peft.get_peft_model(model, LoraConfig(...)) and pass its parameters"
+            )
+        require_supported(split.layers, type(self).__name__)
+        group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        for layer in split.layers:
+            if group_of[id(layer.A)] != group_of[id(layer.B)]:
+                raise ValueError(f"{layer.a_name} and {layer.b_name} must be in the same parameter group")
+        self._layers: List[LoRALayer] = split.layers
+        self._layers_by_group: Dict[int, List[LoRALayer]] = {}
+        for layer in self._layers:
+            self._layers_by_group.setdefault(group_of[id(layer.A)], []).append(layer)
+        self._factor_ids = {id(p) for layer in self._layers for p in (layer.A, layer.B)}
+        self._seed = seed
+        self._strict = strict
+        self._dist = DistributedContext(process_group)
+        self._warned: set = set()
+
+        lora_groups = [self.param_groups[i] for i in self._layers_by_group]
+        if capture == "auto":
+            capture = "stream" if all(g["inner_iters"] == 0 for g in lora_groups) else "rows"
+        if capture not in ("rows", "stream"):
+            raise ValueError(f"capture must be 'auto', 'rows' or 'stream', got {capture!r}")
+        if capture == "stream" and any(g["inner_iters"] != 0 for g in lora_groups):
+            raise ValueError("capture='stream' keeps no rows and supports inner_iters=0 only; use capture='rows'")
+        metrics = {g.get("metric") for g in lora_groups}
+        self._capture = GradientCapture(
+            self._layers,
+            mode=capture,
+            probes=self._probes if capture == "stream" else None,
+            kfac_stats="kfac" in metrics,
+            shampoo_stats="shampoo" in metrics,
+            grad_norm=any(g["max_grad_norm"] > 0 for g in self.param_groups),
+            row_budget=row_budget,
+        )
+        self._probe_cache: Dict[int, Tuple[Tensor, Tensor]] = {}
+        if any(layer.A.dtype in (torch.bfloat16, torch.float16) for layer in self._layers):
+            warnings.warn(
+                f"{type(self).__name__}: LoRA factors are {self._layers[0].A.dtype}; the optimizer computes and keeps "
+                "its state in fp32, but the weights are rounded on every write. Prefer fp32 adapters "
+                "(peft.get_peft_model(..., autocast_adapter_dtype=True), the default).",
+                stacklevel=3,
+            )
+
+    # ------------------------------------------------------------------------------------------- subclass hooks
+
+    def _coefficients(self, group: Dict[str, Any]) -> Tuple[float, float]:
+        """``(gradient coefficient, momentum coefficient)``."""
+        raise NotImplementedError
+
+    def _lam(self, group: Dict[str, Any]) -> float:
+        return group["lr"] * group["lmbd"]
+
+    def _metric(self, group, layer, stats) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        return None, None
+
+    def _init_metric_state(self, layer: LoRALayer) -> None:
+        pass
+
+    def _commit_metric(self, layer: LoRALayer, ok: Tensor) -> None:
+        pass
+
+    def _update_other(self, group: Dict[str, Any], param: Tensor, grad: Tensor) -> None:
+        raise NotImplementedError
+
+    def _init_other_state(self, group: Dict[str, Any], param: Tensor) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------- public API
+
+    @property
+    def layers(self) -> List[LoRALayer]:
+        """The LoRA layers this optimizer updates."""
+        return list(self._layers)
+
+    def remove_hooks(self) -> None:
+        """Detach the capture hooks (the optimizer cannot step afterwards)."""
+        self._capture.remove()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear ``.grad`` and the captured activations: discarding a gradient means both."""
+        super().zero_grad(set_to_none=set_to_none)
+        self._capture.clear()
+
+    # ------------------------------------------------------------------------------------------- state
+
+    def _momentum_rank(self, group: Dict[str, Any], layer: LoRALayer) -> int:
+        return max(1, int(round(layer.rank * group["rank_mult"])))
+
+    def _uses_momentum(self, group: Dict[str, Any]) -> bool:
+        return self._coefficients(group)[1] > 0
+
+    def _ensure_layer_state(self, group: Dict[str, Any], layer: LoRALayer) -> None:
+        state_a, state_b = self.state[layer.A], self.state[layer.B]
+        if "step" in state_a:
+            return
+        device = layer.A.device
+        state_a["step"] = torch.zeros((), dtype=torch.float32)
+        state_b["step"] = torch.zeros((), dtype=torch.float32)
+        state_a["skipped_steps"] = torch.zeros((), dtype=torch.int64, device=device)
+        state_a["solve_fallbacks"] = torch.zeros((), dtype=torch.int64, device=device)
+        if self._uses_momentum(group):
+            r_m = self._momentum_rank(group, layer)
+            # Seeded by (seed, layer index), not the global RNG, so every DDP rank starts from the same subspace.
+            gen = torch.Generator().manual_seed(self._seed * 1_000_003 + layer.index)
+            state_a["momentum_A"] = torch.randn(r_m, layer.d_in, generator=gen).to(device)
+            state_b["momentum_B"] = torch.zeros(layer.d_out, r_m, device=device)
+        self._init_metric_state(layer)
+
+    def _ensure_other_state(self, group: Dict[str, Any], param: Tensor) -> None:
+        if "step" not in self.state[param]:
+            self.state[param]["step"] = torch.zeros((), dtype=torch.float32)
+            self._init_other_state(group, param)
+
+    def _group_of(self, layer: LoRALayer) -> Dict[str, Any]:
+        for i, layers in self._layers_by_group.items():
+            if layer in layers:
+                return self.param_groups[i]
+        raise KeyError(layer.a_name)
+
+    def _probes(self, layer: LoRALayer) -> Tuple[Tensor, Tensor]:
+        """Stream mode: ``([B~ | M_B], [A~^T | M_A^T])`` in fp32, fixed between steps."""
+        cached = self._probe_cache.get(layer.index)
+        if cached is not None:
+            return cached
+        group = self._group_of(layer)
+        with torch.no_grad():
+            self._ensure_layer_state(group, layer)
+            root = math.sqrt(layer.scaling)
+            left = [layer.b_matrix(torch.float32) * root]
+            right = [layer.a_matrix(torch.float32).mT * root]
+            state_a, state_b = self.state[layer.A], self.state[layer.B]
+            if "momentum_A" in state_a:
+                left.append(state_b["momentum_B"])
+                right.append(state_a["momentum_A"].mT)
+            probes = (torch.cat(left, dim=1), torch.cat(right, dim=1))
+        self._probe_cache[layer.index] = probes
+        return probes
+
+    # ------------------------------------------------------------------------------------------- step
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        try:
+            self._step()
+        finally:
+            self._capture.clear()
+            self._probe_cache.clear()
+        return loss
+
+    def _step(self) -> None:
+        anything = False
+        active_groups = []
+        for gi, group in enumerate(self.param_groups):
+            layers = self._layers_by_group.get(gi, [])
+            others = [p for p in group["params"] if id(p) not in self._factor_ids]
+            if group["lr"] == 0:
+                # A no-op step (distributed-checkpoint state init, warm-up from 0): allocate state, drop the data.
+                for layer in layers:
+                    self._ensure_layer_state(group, layer)
+                for p in others:
+                    self._ensure_other_state(group, p)
+                continue
+            observed = []
+            for layer in layers:
+                obs = self._capture.observation(layer)
+                if obs.empty:
+                    if layer.A.grad is not None or layer.B.grad is not None:
+                        self._missing(layer)
+                    continue
+                observed.append((layer, obs))
+            with_grad = [p for p in others if p.grad is not None]
+            if observed or with_grad:
+                anything = True
+                active_groups.append((group, observed, with_grad))
+        if not anything:
+            if any(g["lr"] != 0 for g in self.param_groups):
+                self._missing(None)
+            return
+        reduced = self._reduce([obs for _, observed, _ in active_groups for _, obs in observed])
+        clip = self._clip_coefficients(active_groups, reduced)
+        for (group, observed, with_grad), c in zip(active_groups, clip):
+            for layer, obs in observed:
+                self._ensure_layer_state(group, layer)
+                self._lora_step(group, layer, obs, reduced[id(obs)], c)
+            for p in with_grad:
+                self._ensure_other_state(group, p)
+                grad = p.grad if c is None else p.grad * c
+                self._update_other(group, p, grad)
+
+    def _missing(self, layer: Optional[LoRALayer]) -> None:
+        if layer is None:
+            msg = (
+                f"{type(self).__name__}.step() was called without a preceding backward: no LoRA layer recorded "
+                "activations and no parameter has a gradient. Run loss.backward() before step()."
+            )
+        else:
+            msg = (
+                f"{type(self).__name__}: {layer.describe()} has a gradient but no captured activations. Create the "
+                "optimizer before the forward pass (its hooks record the LoRA inputs), keep torch.is_grad_enabled() "
+                "during that forward, and do not call optimizer.zero_grad() between backward() and step()."
+            )
+        if self._strict:
+            raise RuntimeError(msg)
+        key = None if layer is None else layer.index
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(msg + " (strict=False: skipped)", stacklevel=4)
+
+    # ------------------------------------------------------------------------------------------- reductions
+
+    def _reduce(self, observations: List[LayerObservation]) -> Dict[int, Dict[str, Tensor]]:
+        """Per observation: the rank-averaged projections and the rank-summed statistics, in one collective."""
+        out: Dict[int, Dict[str, Tensor]] = {}
+        names: List[Tuple[int, str]] = []
+        tensors: List[Tensor] = []
+        for obs in observations:
+            d: Dict[str, Tensor] = {}
+            n = float(obs.n_rows)
+            if obs.left is not None:
+                d["left"], d["right"] = obs.left, obs.right
+            if obs.x_sq is not None:
+                kappa = n if self._mean_loss(obs) else 1.0
+                d["x_sq"], d["s_sq"] = obs.x_sq, obs.s_sq * (kappa * kappa)
+            if obs.shampoo_in is not None:
+                kappa2 = n if self._mean_loss(obs) else 1.0 / n
+                d["shampoo_in"], d["shampoo_out"] = obs.shampoo_in * kappa2, obs.shampoo_out * kappa2
+            d["n_rows"] = torch.tensor(n, dtype=torch.float32, device=self._device_of(obs))
+            out[id(obs)] = d
+            for key, value in d.items():
+                names.append((id(obs), key))
+                tensors.append(value.float())
+        if self._dist.active and tensors:
+            world = float(self._dist.world_size)
+            summed = self._dist.sum_many(tensors)
+            for (oid, key), value in zip(names, summed):
+                # Projections (like .grad under DDP) and per-rank Shampoo statistics are averaged; row sums add up.
+                out[oid][key] = value / world if key in ("left", "right", "shampoo_in", "shampoo_out") else value
+        return out
+
+    def _device_of(self, obs: LayerObservation) -> torch.device:
+        for t in (obs.left, obs.x_sq, obs.shampoo_in):
+            if t is not None:
+                return t.device
+        return obs.x_rows[0].device if obs.x_rows else torch.device("cpu")
+
+    def _mean_loss(self, obs: LayerObservation) -> bool:
+        return True
+
+    def _clip_coefficients(self, active_groups, reduced) -> List[Optional[Tensor]]:
+        if not any(group["max_grad_norm"] > 0 for group, _, _ in active_groups):
+            return [None] * len(active_groups)
+        sq = None
+        for _, observed, with_grad in active_groups:
+            for _, obs in observed:
+                term = obs.grad_sq_norm()
+                sq = term if sq is None else sq + term.to(sq.device)
+            for p in with_grad:
+                term = p.grad.float().square().sum()
+                sq = term if sq is None else sq + term.to(sq.device)
+        norm = self._dist.mean(sq.sqrt())
+        coefs: List[Optional[Tensor]] = []
+        for group, _, _ in active_groups:
+            max_norm = group["max_grad_norm"]
+            coefs.append((max_norm / (norm + 1e-6)).clamp(max=1.0) if max_norm > 0 else None)
+        return coefs
+
+    # ------------------------------------------------------------------------------------------- the LoRA step
+
+    def _lora_step(self, group, layer: LoRALayer, obs: LayerObservation, red: Dict[str, Tensor], clip) -> None:
+        lr = group["lr"]
+        g_coef, m_coef = self._coefficients(group)
+        if clip is not None:
+            g_coef = clip * g_coef
+        iters, jitter = group["inner_iters"], group["jitter"]
+        state_a, state_b = self.state[layer.A], self.state[layer.B]
+        root = math.sqrt(layer.scaling)
+        A_raw, B_raw = layer.a_matrix(torch.float32), layer.b_matrix(torch.float32)
+        A, B = A_raw * root, B_raw * root
+        p_in, p_out = self._metric(group, layer, red)
+        lam = self._lam(group)
+        c0 = 1.0 - lr * group["weight_decay"]
+        has_m = "momentum_A" in state_a
+        M_A = state_a["momentum_A"] if has_m else None
+        M_B = state_b["momentum_B"] if has_m else None
+        update_m = has_m and m_coef > 0 and not group.get("reference_compat", False)
+        lam_m = lr * group["lmbd_momentum"]
+        reduce = self._dist.mean if self._dist.active else None
+
+        if obs.left is not None:  # stream mode: Jacobi from the accumulated projections
+            r = layer.rank
+            left, right = red["left"], red["right"]
+            BtG, GAt = left[:r], right[:, :r]
+            BtDelta = BtG * (-lr * g_coef)
+            DeltaAt = GAt * (-lr * g_coef)
+            if has_m and m_coef > 0:
+                BtDelta = BtDelta - (lr * m_coef) * ((B.mT @ M_B) @ M_A)
+                DeltaAt = DeltaAt - (lr * m_coef) * (M_B @ (M_A @ A.mT))
+            res = lorsum_from_projections((c0, B, A), BtDelta, DeltaAt, lam=lam, p_in=p_in, p_out=p_out, jitter=jitter)
+            if update_m:
+                mres = lorsum_from_projections(
+                    (m_coef, M_B, M_A), left[r:] * g_coef, right[:, r:] * g_coef, lam=lam_m, jitter=jitter
+                )
+        else:
+            X, S = obs.rows()
+            data = (g_coef, S.mT, X, True)
+            terms = [(-lr * g_coef, S.mT, X, True)]
+            if has_m and m_coef > 0:
+                terms.append((-lr * m_coef, M_B, M_A))
+            res = lorsum((c0, B, A), terms, iters=iters, lam=lam, p_in=p_in, p_out=p_out, jitter=jitter, all_reduce=reduce)
+            if update_m:
+                mres = lorsum((m_coef, M_B, M_A), [data], iters=iters, lam=lam_m, jitter=jitter, all_reduce=reduce)
+
+        ok = torch.isfinite(res.A).all() & torch.isfinite(res.B).all()
+        if update_m:
+            ok = ok & torch.isfinite(mres.A).all() & torch.isfinite(mres.B).all()
+        new_A = torch.where(ok, res.A / root, A_raw)
+        new_B = torch.where(ok, res.B / root, B_raw)
+        layer.A.copy_(new_A.view_as(layer.A))
+        layer.B.copy_(new_B.view_as(layer.B))
+        if update_m:
+            state_a["momentum_A"] = torch.where(ok, mres.A, M_A)
+            state_b["momentum_B"] = torch.where(ok, mres.B, M_B)
+            state_a["solve_fallbacks"] += mres.fallbacks
+        state_a["solve_fallbacks"] += res.fallbacks
+        state_a["skipped_steps"] += (~ok).to(torch.int64)
+        state_a["step"] += 1
+        state_b["step"] += 1
+        self._commit_metric(layer, ok)
+
+
+_ARGS_DOC = r"""
+    Args:
+        params: ``model.named_parameters()`` (or groups with ``param_names``); ``None`` takes every trainable
+            parameter of ``model``.  LoRA factors are paired by name; everything else is an "other" parameter.
+        model: the (PEFT) model whose LoRA layers are hooked.
+        lr: step size on Delta W (independent of alpha, r and rsLoRA: the math runs on the effective factors).
+        inner_iters: K, alternating LoRSum rounds; 0 is the Jacobi (Riemannian-preconditioned) round.
+        lmbd: proximal weight; lambda = lr * lmbd follows the learning-rate schedule.
+        lmbd_momentum: proximal weight of the momentum LoRSum (default: ``lmbd``).
+        rank_mult: momentum rank r_m = round(r * rank_mult).
+        weight_decay: decoupled decay on Delta W (anchor coefficient 1 - lr * wd) and on other parameters.
+        max_grad_norm: clip the full gradient (captured G of every layer plus other parameters' .grad) to this
+            norm inside the optimizer; 0 disables.  Disable the trainer's own clipping: it never sees G.
+        jitter: added to the diagonal of every r x r system.
+        capture: ``"auto"`` (stream at K = 0, rows otherwise), ``"rows"`` or ``"stream"``.
+        row_budget: rows mode: error when a layer captures more rows than this in one step.
+        seed: seeds the momentum subspace M_A per layer (identical on every rank).
+        strict: a layer with a gradient but no captured activations is an error (else one warning, skipped).
+        process_group: the group to average rank-local data over (default: the world, when initialised).
+"""
+
+
+class PSILoRA(_ProjectedSubspaceOptimizer):
+    __doc__ = (
+        """PSI-LoRA: proximal subspace iteration with a low-rank heavy-ball momentum.
+
+    Per LoRA layer: ``Delta W <- LoRSum_r(Delta W - lr ((1 - dampening) c G + momentum * M))`` and
+    ``M <- LoRSum_{r_m}(momentum * M + (1 - dampening) c G)``.  Other trainable parameters: SGD with momentum.
+    Build it with :func:`create_psi_lora_optimizer` or ``loraopt.create_optimizer("psi-lora", model, lr=...)``.
+"""
+        + _ARGS_DOC
+        + """        momentum, dampening: heavy-ball coefficients (torch.optim.SGD convention).
+    """
+    )
+
+    _factory_name = "create_psi_lora_optimizer"
+
+    def __init__(
+        self,
+        params: Optional[Iterable] = None,
+        *,
+        model: nn.Module,
+        lr: float,
+        inner_iters: int = 1,
+        lmbd: float = 1e-2,
+        lmbd_momentum: Optional[float] = None,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        rank_mult: float = 1.0,
+        weight_decay: float = 0.0,
+        max_grad_norm: float = 0.0,
+        jitter: float = 1e-6,
+        reference_compat: bool = False,
+        capture: str = "auto",
+        row_budget: Optional[int] = 1 << 20,
+        seed: int = 0,
+        strict: bool = True,
+        process_group: Optional[Any] = None,
+    ):
+        check_nonnegative("lr", lr)
+        check_int("inner_iters", inner_iters, 0)
+        check_nonnegative("lmbd", lmbd)
+        lmbd_momentum = lmbd if lmbd_momentum is None else lmbd_momentum
+        check_nonnegative("lmbd_momentum", lmbd_momentum)
+        check_range("momentum", momentum, 0.0, 1.0)
+        check_range("dampening", dampening, 0.0, 1.0)
+        check_positive("rank_mult", rank_mult)
+        check_nonnegative("weight_decay", weight_decay)
+        check_nonnegative("max_grad_norm", max_grad_norm)
+        check_nonnegative("jitter", jitter)
+        defaults = dict(
+            lr=lr, inner_iters=inner_iters, lmbd=lmbd, lmbd_momentum=lmbd_momentum, momentum=momentum,
+            dampening=dampening, rank_mult=rank_mult, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+            jitter=jitter, reference_compat=reference_compat,
+        )
+        super().__init__(
+            params, model, defaults, capture=capture, row_budget=row_budget, seed=seed, strict=strict,
+            process_group=process_group,
+        )
+
+    def _coefficients(self, group):
+        return 1.0 - group["dampening"], group["momentum"]
+
+    def _init_other_state(self, group, param):
+        if group["momentum"] > 0:
+            self.state[param]["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def _update_other(self, group, param, grad):
+        state = self.state[param]
+        lr, mu = group["lr"], group["momentum"]
+        if group["weight_decay"]:
+            param.mul_(1.0 - lr * group["weight_decay"])
+        if mu > 0:
+            buf = state["momentum_buffer"]
+            if state["step"] == 0:
+                buf.copy_(grad)  # torch.optim.SGD convention: the first buffer is the gradient itself
+            else:
+                buf.mul_(mu).add_(grad, alpha=1.0 - group["dampening"])
+            grad = buf
+        param.add_(grad.to(param.dtype), alpha=-lr)
+        state["step"] += 1
+
+
+class ScaledPSILoRA(_ProjectedSubspaceOptimizer):
+    __doc__ = (
+        """Scaled PSI-LoRA: LoRSum in a diagonal, fractional-power K-FAC or Shampoo metric.
+
+    Per LoRA layer: ``v_in, v_out <- EMA_beta2(stat(X, S))``, ``P = (v + damping)^power``, then the weighted LoRSum
+    of ``Delta W - lr P_out^-1 ((1 - beta1) c G + beta1 M) P_in^-1`` and ``M <- LoRSum(beta1 M + (1 - beta1) c G)``.
+    At K = 0 (default) this is damped diagonal K-FAC with power p applied to each factor.  Other trainable
+    parameters: Adam (bias-corrected, decoupled weight decay) with their group's lr.
+    Build it with :func:`create_scaled_psi_lora_optimizer`.
+"""
+        + _ARGS_DOC
+        + """        betas: (beta1, beta2): momentum EMA and metric EMA (no bias correction).
+        damping, power: P = (v + damping) ** power.
+        metric: ``"kfac"`` (EMA of squared input / output rows) or ``"shampoo"`` (diag(G^T G), diag(G G^T)).
+        loss_reduction: ``"mean"`` or ``"sum"``: how the loss reduces over rows (undoes 1/N inside S for the metric).
+        adam_betas, adam_eps: Adam for the other parameters.
+        reference_compat: freeze M at 0, as the reference code effectively does at K = 0 (to reproduce it).
+    """
+    )
+
+    _factory_name = "create_scaled_psi_lora_optimizer"
+    _scaled = True
+
+    def __init__(
+        self,
+        params: Optional[Iterable] = None,
+        *,
+        model: nn.Module,
+        lr: float,
+        inner_iters: int = 0,
+        lmbd: float = 1e-2,
+        lmbd_momentum: Optional[float] = None,
+        betas: Tuple[float, float] = (0.9, 0.99),
+        damping: float = 1e-5,
+        power: float = 0.5,
+        metric: str = "kfac",
+        loss_reduction: str = "mean",
+        rank_mult: float = 1.0,
+        weight_decay: float = 0.0,
+        max_grad_norm: float = 1.0,
+        adam_betas: Tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
+        jitter: float = 1e-6,
+        reference_compat: bool = False,
+        capture: str = "auto",
+        row_budget: Optional[int] = 1 << 20,
+        seed: int = 0,
+        strict: bool = True,
+        process_group: Optional[Any] = None,
+    ):
+        check_nonnegative("lr", lr)
+        check_int("inner_iters", inner_iters, 0)
+        check_nonnegative("lmbd", lmbd)
+        lmbd_momentum = lmbd if lmbd_momentum is None else lmbd_momentum
+        check_nonnegative("lmbd_momentum", lmbd_momentum)
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        check_range("betas[0]", betas[0], 0.0, 1.0)
+        check_range("betas[1]", betas[1], 0.0, 1.0)
+        check_positive("damping", damping)
+        check_range("power", power, 0.0, 1.0, high_inclusive=True)
+        if metric not in ("kfac", "shampoo"):
+            raise ValueError(f"metric must be 'kfac' or 'shampoo', got {metric!r}")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        check_positive("rank_mult", rank_mult)
+        check_nonnegative("weight_decay", weight_decay)
+        check_nonnegative("max_grad_norm", max_grad_norm)
+        check_range("adam_betas[0]", adam_betas[0], 0.0, 1.0)
+        check_range("adam_betas[1]", adam_betas[1], 0.0, 1.0)
+        check_positive("adam_eps", adam_eps)
+        check_nonnegative("jitter", jitter)
+        defaults = dict(
+            lr=lr, inner_iters=inner_iters, lmbd=lmbd, lmbd_momentum=lmbd_momentum, betas=tuple(betas),
+            damping=damping, power=power, metric=metric, loss_reduction=loss_reduction, rank_mult=rank_mult,
+            weight_decay=weight_decay, max_grad_norm=max_grad_norm, adam_betas=tuple(adam_betas), adam_eps=adam_eps,
+            jitter=jitter, reference_compat=reference_compat,
+        )
+        self._loss_reduction = loss_reduction
+        super().__init__(
+            params, model, defaults, capture=capture, row_budget=row_budget, seed=seed, strict=strict,
+            process_group=process_group,
+        )
+
+    def _coefficients(self, group):
+        beta1 = group["betas"][0]
+        return 1.0 - beta1, beta1
+
+    def _lam(self, group):
+        return max(group["lr"] * group["lmbd"], _SCALED_LAM_FLOOR)
+
+    def _mean_loss(self, obs):
+        return self._loss_reduction == "mean"
+
+    def _init_metric_state(self, layer):
+        self.state[layer.A]["metric_in"] = torch.ones(layer.d_in, device=layer.A.device)
+        self.state[layer.B]["metric_out"] = torch.ones(layer.d_out, device=layer.B.device)
+
+    def _metric(self, group, layer, red):
+        beta2 = group["betas"][1]
+        state_a, state_b = self.state[layer.A], self.state[layer.B]
+        n = red["n_rows"]
+        if group["metric"] == "kfac":
+            stat_in, stat_out = red["x_sq"] / n, red["s_sq"] / n
+        else:
+            stat_in, stat_out = red["shampoo_in"], red["shampoo_out"]
+        v_in = state_a["metric_in"] * beta2 + stat_in * (1.0 - beta2)
+        v_out = state_b["metric_out"] * beta2 + stat_out * (1.0 - beta2)
+        self._pending_metric = (v_in, v_out)
+        return (v_in + group["damping"]).pow(group["power"]), (v_out + group["damping"]).pow(group["power"])
+
+    def _commit_metric(self, layer, ok):
+        v_in, v_out = self._pending_metric
+        self._pending_metric = None
+        state_a, state_b = self.state[layer.A], self.state[layer.B]
+        ok = ok & torch.isfinite(v_in).all() & torch.isfinite(v_out).all()
+        state_a["metric_in"] = torch.where(ok, v_in, state_a["metric_in"])
+        state_b["metric_out"] = torch.where(ok, v_out, state_b["metric_out"])
+
+    def _init_other_state(self, group, param):
+        self.state[param]["exp_avg"] = torch.zeros_like(param, dtype=torch.float32)
+        self.state[param]["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32)
+
+    def _update_other(self, group, param, grad):
+        state = self.state[param]
+        beta1, beta2 = group["adam_betas"]
+        lr = group["lr"]
+        state["step"] += 1
+        step = float(state["step"])  # a CPU tensor, as in torch.optim.Adam: no device sync
+        grad = grad.float()
+        state["exp_avg"].lerp_(grad, 1.0 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        if group["weight_decay"]:
+            param.mul_(1.0 - lr * group["weight_decay"])
+        bias1 = 1.0 - beta1**step
+        bias2 = 1.0 - beta2**step
+        denom = (state["exp_avg_sq"] / bias2).sqrt_().add_(group["adam_eps"])
+        update = state["exp_avg"] / denom * (lr / bias1)
+        param.sub_(update.to(param.dtype))
+
+
+# ------------------------------------------------------------------------------------------------- factories
+
+
+def _groups(model: nn.Module, lora_overrides: Dict[str, Any], other_overrides: Dict[str, Any]) -> List[Dict[str, Any]]:
+    split = split_lora_parameters(model)
+    if not split.layers:
+        raise NoLoRALayersError(
+            "no trainable LoRA layer found: wrap the model with peft.get_peft_model(model, LoraConfig(...)) first"
+        )
+    lora = split.lora_named_parameters()
+    groups = [dict(params=[p for _, p in lora], param_names=[n for n, _ in lora], **lora_overrides)]
+    if split.other:
+        groups.append(
+            dict(params=[p for _, p in split.other], param_names=[n for n, _ in split.other], **other_overrides)
+        )
+    return groups
+
+
+def _drop_none(d: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def create_psi_lora_optimizer(
+    model: nn.Module,
+    *,
+    lr: float,
+    inner_iters: int = 1,
+    lmbd: float = 1e-2,
+    momentum: float = 0.0,
+    other_lr: Optional[float] = None,
+    other_momentum: Optional[float] = None,
+    other_weight_decay: Optional[float] = None,
+    **kwargs: Any,
+) -> PSILoRA:
+    """PSI-LoRA (arXiv 2602.16456; reference code github.com/zeligism/PSI-LoRA) over a PEFT LoRA model.
+
+    Two parameter groups: ``lora`` (paired factors) and ``other`` (every other trainable parameter, SGD with
+    momentum at ``other_lr`` / ``other_momentum``, defaulting to ``lr`` / ``momentum``).  Remaining keyword
+    arguments are :class:`PSILoRA` arguments.
+    """
+    groups = _groups(
+        model, {}, _drop_none(dict(lr=other_lr, momentum=other_momentum, weight_decay=other_weight_decay))
+    )
+    return PSILoRA(groups, model=model, lr=lr, inner_iters=inner_iters, lmbd=lmbd, momentum=momentum, **kwargs)
+
+
+def create_scaled_psi_lora_optimizer(
+    model: nn.Module,
+    *,
+    lr: float,
+    other_lr: float = 1e-4,
+    other_weight_decay: Optional[float] = None,
+    **kwargs: Any,
+) -> ScaledPSILoRA:
+    """Scaled PSI-LoRA (arXiv 2602.16456; reference code github.com/zeligism/PSI-LoRA) over a PEFT LoRA model.
+
+    Two parameter groups: ``lora`` and ``other`` (Adam at ``other_lr``; a scheduler scales both groups, so the
+    other parameters follow the LoRA schedule).  Remaining keyword arguments are :class:`ScaledPSILoRA` arguments.
+    """
+    groups = _groups(model, {}, _drop_none(dict(lr=other_lr, weight_decay=other_weight_decay)))
+    return ScaledPSILoRA(groups, model=model, lr=lr, **kwargs)
