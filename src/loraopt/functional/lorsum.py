@@ -112,9 +112,10 @@ def _a_half_step(c0, B0, A0, B, BtDelta, lam, p_in_inv, p_out, jitter):
     BtP = B.mT if p_out is None else B.mT * p_out
     rhs = BtDelta if p_in_inv is None else BtDelta * p_in_inv
     rhs = rhs + (BtP @ B0 @ A0) * c0
+    lam = lam + jitter  # the jitter acts as extra proximal weight, so it never biases A away from the anchor
     if lam:
         rhs = rhs + lam * A0
-    return spd_solve(BtP @ B, rhs, jitter=lam + jitter)
+    return spd_solve(BtP @ B, rhs, jitter=lam)
 
 
 def _b_half_step(c0, B0, A0, A, DeltaAt, lam, p_in, p_out_inv, jitter):
@@ -122,10 +123,11 @@ def _b_half_step(c0, B0, A0, A, DeltaAt, lam, p_in, p_out_inv, jitter):
     AP = A if p_in is None else A * p_in
     rhs = DeltaAt if p_out_inv is None else DeltaAt * p_out_inv.unsqueeze(-1)
     rhs = rhs + (B0 @ (A0 @ AP.mT)) * c0
+    lam = lam + jitter
     if lam:
         rhs = rhs + lam * B0
     # B G = rhs with G symmetric  <=>  G B^T = rhs^T
-    Bt, failed = spd_solve(AP @ A.mT, rhs.mT, jitter=lam + jitter)
+    Bt, failed = spd_solve(AP @ A.mT, rhs.mT, jitter=lam)
     return Bt.mT, failed
 
 
@@ -182,7 +184,8 @@ def lorsum(
         lam: proximal weight (already multiplied by the learning rate).  ``lam = 0`` with a rank-deficient
             factor leaves the systems singular up to ``jitter``.
         p_in, p_out: diagonal metric ``(d_in,)``, ``(d_out,)``, strictly positive; ``None`` means identity.
-        jitter: added to the diagonal of every r x r system (on top of ``lam``).
+        jitter: added to ``lam`` (in the systems and in the proximal pull, so the anchor stays a fixed point):
+            keeps the r x r systems positive definite when ``lam = 0`` and a factor is rank-deficient.
         all_reduce: applied to the summed projections of the ``local`` terms once per half-step.
         compute_dtype: dtype of every product and solve.
 
@@ -219,10 +222,17 @@ def lorsum(
 
 
 def svd_factors(W: Tensor, rank: int) -> Tuple[Tensor, Tensor]:
-    """Balanced factors of the truncated SVD: ``B = U_r S_r^1/2: (d_out, r)``, ``A = S_r^1/2 V_r^T: (r, d_in)``."""
+    """Balanced factors of the truncated SVD: ``B = U_r S_r^1/2: (d_out, r)``, ``A = S_r^1/2 V_r^T: (r, d_in)``.
+
+    When ``rank > min(d_out, d_in)`` the extra components are zero (the factors keep the requested shapes)."""
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
     root = S[:rank].sqrt()
-    return U[:, :rank] * root, root.unsqueeze(-1) * Vh[:rank]
+    B, A = U[:, :rank] * root, root.unsqueeze(-1) * Vh[:rank]
+    missing = rank - root.numel()
+    if missing > 0:
+        B = torch.cat([B, B.new_zeros(B.shape[0], missing)], dim=1)
+        A = torch.cat([A, A.new_zeros(missing, A.shape[1])], dim=0)
+    return B, A
 
 
 def svd_project(W: Tensor, rank: int) -> Tensor:

@@ -99,8 +99,7 @@ class DistributedContext:
 
 
 class LoRAOptimizer(Optimizer):
-    """``torch.optim.Optimizer`` with the library's checkpoint rule: floating-point state keeps the dtype it was
-    saved with (torch casts it to the parameter dtype, which would silently turn fp32 statistics of bf16 adapters
+    """``torch.optim.Optimizer`` with the library's checkpoint rule: state keeps the dtype it was saved with (torch casts it to the parameter dtype, which would silently turn fp32 statistics of bf16 adapters
     into bf16 on resume)."""
 
     def __init__(self, params: Iterable, defaults: Dict[str, Any]):
@@ -112,7 +111,8 @@ class LoRAOptimizer(Optimizer):
     @staticmethod
     def _stash_float_state(optimizer: "LoRAOptimizer", state_dict: Dict[str, Any]) -> None:
         optimizer._stashed_state = {
-            pid: {k: v for k, v in s.items() if torch.is_tensor(v) and v.is_floating_point() and k != "step"}
+            # Every tensor but `step`: torch casts integer counters to the parameter dtype as well.
+            pid: {k: v for k, v in s.items() if torch.is_tensor(v) and k != "step"}
             for pid, s in state_dict["state"].items()
         }
         optimizer._stashed_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]

@@ -277,8 +277,18 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
                 self._lora_step(group, layer, obs, reduced[id(obs)], c)
             for p in with_grad:
                 self._ensure_other_state(group, p)
-                grad = p.grad if c is None else p.grad * c
-                self._update_other(group, p, grad)
+                self._guarded_update_other(group, p, p.grad if c is None else p.grad * c)
+
+    def _guarded_update_other(self, group: Dict[str, Any], param: Tensor, grad: Tensor) -> None:
+        """Run the update, then put the parameter and its state back if anything came out non-finite."""
+        state = self.state[param]
+        # `step` (a CPU counter) is left out: reading a device flag into it would synchronise.
+        tensors = [param] + [v for k, v in state.items() if torch.is_tensor(v) and k != "step"]
+        before = [t.clone() for t in tensors]
+        self._update_other(group, param, grad)
+        ok = torch.isfinite(grad).all() & torch.isfinite(param).all()
+        for t, old in zip(tensors, before):
+            t.copy_(torch.where(ok, t, old))
 
     def _missing(self, layer: Optional[LoRALayer]) -> None:
         if layer is None:
@@ -506,11 +516,12 @@ class PSILoRA(_ProjectedSubspaceOptimizer):
 
     def _init_other_state(self, group, param):
         if group["momentum"] > 0:
-            self.state[param]["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            self.state[param]["momentum_buffer"] = torch.zeros_like(param, dtype=torch.float32)
 
     def _update_other(self, group, param, grad):
         state = self.state[param]
         lr, mu = group["lr"], group["momentum"]
+        grad = grad.float()
         if group["weight_decay"]:
             param.mul_(1.0 - lr * group["weight_decay"])
         if mu > 0:
@@ -726,3 +737,7 @@ def create_scaled_psi_lora_optimizer(
     """
     groups = _groups(model, {}, _drop_none(dict(lr=other_lr, weight_decay=other_weight_decay)))
     return ScaledPSILoRA(groups, model=model, lr=lr, **kwargs)
+
+
+create_psi_lora_optimizer.forwards_to = PSILoRA  # type: ignore[attr-defined]
+create_scaled_psi_lora_optimizer.forwards_to = ScaledPSILoRA  # type: ignore[attr-defined]

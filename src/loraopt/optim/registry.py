@@ -55,12 +55,19 @@ def load_optimizer(name: str) -> Callable[..., Optimizer]:
 
 def optimizer_hyperparameters(name: str) -> Dict[str, Any]:
     """``{hyperparameter: default}`` accepted by the factory (``inspect.Parameter.empty`` when required)."""
-    sig = inspect.signature(load_optimizer(name))
-    return {
+    factory = load_optimizer(name)
+    accepted = {
         p.name: p.default
-        for p in list(sig.parameters.values())[1:]
+        for p in list(inspect.signature(factory).parameters.values())[1:]
         if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
     }
+    # A factory that forwards **kwargs to an optimizer class declares it as `forwards_to`.
+    target = getattr(factory, "forwards_to", None)
+    if target is not None:
+        for p in inspect.signature(target.__init__).parameters.values():
+            if p.name not in ("self", "params", "model") and p.kind is p.KEYWORD_ONLY:
+                accepted.setdefault(p.name, p.default)
+    return accepted
 
 
 def create_optimizer(name: str, model: nn.Module, **hyperparameters: Any) -> Optimizer:
@@ -70,7 +77,7 @@ def create_optimizer(name: str, model: nn.Module, **hyperparameters: Any) -> Opt
     """
     factory = load_optimizer(name)
     sig = inspect.signature(factory)
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()) and not hasattr(factory, "forwards_to")
     if not takes_any:
         accepted = optimizer_hyperparameters(name)
         unknown = sorted(set(hyperparameters) - set(accepted))

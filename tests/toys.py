@@ -1,0 +1,109 @@
+"""Toy PEFT models and batches shared by the tests (the conformance matrix of specs/integration.md §9)."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+N_CLASSES = 3
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(12, 16)
+        self.fc2 = nn.Linear(16, 16)
+        self.head = nn.Linear(16, N_CLASSES)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+
+
+class PointwiseConvNet(nn.Module):
+    def __init__(self, kernel=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, kernel, padding=kernel // 2)
+        self.conv2 = nn.Conv2d(8, 8, kernel, padding=kernel // 2)
+        self.head = nn.Linear(8, N_CLASSES)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv2(torch.tanh(self.conv1(x))))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+class GPT2Style(nn.Module):
+    """GPT-2 keeps its projections as ``Conv1D`` with the weight stored (in, out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c_fc = Conv1D(16, 12)
+        self.c_proj = Conv1D(16, 16)
+        self.head = nn.Linear(16, N_CLASSES)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.c_proj(torch.tanh(self.c_fc(x)))).mean(1))
+
+
+class EmbeddingNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 12)
+        self.fc1 = nn.Linear(12, 16)
+        self.head = nn.Linear(16, N_CLASSES)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc1(self.emb(x))).mean(1))
+
+
+SUPPORTED = ("mlp", "conv", "gpt2")
+UNSUPPORTED = ("embedding", "dora", "conv3x3")
+
+
+def make_model(kind: str = "mlp", seed: int = 0, r: int = 4, **lora_kwargs) -> nn.Module:
+    torch.manual_seed(seed)
+    cfg = dict(r=r, lora_alpha=2 * r, lora_dropout=0.0, modules_to_save=["head"])
+    if kind in ("mlp", "dora"):
+        base, cfg["target_modules"] = MLP(), ["fc1", "fc2"]
+        cfg["use_dora"] = kind == "dora"
+    elif kind in ("conv", "conv3x3"):
+        base, cfg["target_modules"] = PointwiseConvNet(1 if kind == "conv" else 3), ["conv1", "conv2"]
+    elif kind == "gpt2":
+        base, cfg["target_modules"], cfg["fan_in_fan_out"] = GPT2Style(), ["c_fc", "c_proj"], True
+    elif kind == "embedding":
+        base, cfg["target_modules"] = EmbeddingNet(), ["emb", "fc1"]
+    else:
+        raise ValueError(kind)
+    cfg.update(lora_kwargs)
+    model = get_peft_model(base, LoraConfig(**cfg))
+    # PEFT initialises B = 0; give B a random start so every factor moves and every test sees non-trivial G.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                p.normal_(0, 0.1)
+    return model
+
+
+def make_batch(kind: str = "mlp", n: int = 16, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, N_CLASSES, (n,), generator=g)
+    if kind in ("mlp", "dora"):
+        x = torch.randn(n, 12, generator=g)
+    elif kind in ("conv", "conv3x3"):
+        x = torch.randn(n, 3, 4, 4, generator=g)
+    elif kind == "gpt2":
+        x = torch.randn(n, 5, 12, generator=g)
+    elif kind == "embedding":
+        x = torch.randint(0, 20, (n, 5), generator=g)
+    else:
+        raise ValueError(kind)
+    return x, y
+
+
+def loss_fn(model, x, y):
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def params_snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
