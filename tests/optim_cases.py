@@ -25,6 +25,7 @@ class Case:
     observes_outputs: bool = False  # LoKO: driven by observe(logits, targets), not by backward
     # PEFT's Riemannian preconditioner only knows 2-D factors and raises on a model whose LoRA is all conv.
     kinds: tuple = ("mlp", "conv", "gpt2")
+    observes_loss: bool = False  # LoKO-scalar: backward as usual, plus observe(loss)
 
     def build(self, model, **overrides):
         return loraopt.create_optimizer(self.name, model, **{**self.kwargs, **overrides})
@@ -33,6 +34,7 @@ class Case:
 CASES = [
     Case("adamw", "adamw", dict(lr=1e-2)),
     Case("sgd-momentum", "sgd", dict(lr=0.05, momentum=0.9)),
+    Case("adagrad", "adagrad", dict(lr=0.05)),
     Case("lora-plus", "lora-plus", dict(lr=2e-3)),
     Case("riemannian-sgd", "riemannian-sgd", dict(lr=0.05), kinds=("mlp", "gpt2")),
     Case("riemannian-adamw", "riemannian-adamw", dict(lr=2e-3), kinds=("mlp", "gpt2")),
@@ -52,7 +54,7 @@ try:  # LoKO lives in its own module; the matrix includes it when present.
 
     CASES += [
         Case("loko-softmax", "loko", dict(num_outputs=3), observes_outputs=True),
-        Case("loko-loss", "loko", dict(num_outputs=3, observation="loss")),
+        Case("loko-loss", "loko", dict(num_outputs=3, observation="loss"), observes_loss=True),
     ]
 except ImportError:  # pragma: no cover
     pass
@@ -67,13 +69,14 @@ def train_step(case: Case, model, optimizer, x, y, accumulate: int = 1):
         optimizer.observe(model(x), y)
         optimizer.step()
         return
-    chunks = zip(x.chunk(accumulate), y.chunk(accumulate))
-    last = None
-    for xm, ym in chunks:
-        last = loss_fn(model, xm, ym) / accumulate
-        last.backward()
-        if case.name == "loko":
-            optimizer.observe(last.detach() * accumulate)
+    if case.observes_loss:
+        loss = loss_fn(model, x, y)
+        optimizer.observe(loss)
+        loss.backward()
+        optimizer.step()
+        return
+    for xm, ym in zip(x.chunk(accumulate), y.chunk(accumulate)):
+        (loss_fn(model, xm, ym) / accumulate).backward()
     optimizer.step()
 
 

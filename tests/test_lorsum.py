@@ -56,21 +56,27 @@ def test_error_to_svd_decreases_with_rounds():
     assert errs[-1] < 1e-3 * errs[0]
 
 
-@pytest.mark.parametrize("c0", [1.0, 0.97])
+@pytest.mark.parametrize("c0", [1.0, 0.9])
 def test_jacobi_is_the_preconditioned_closed_form(c0):
     B0, A0, S, X = _problem()
     eta, lam = 0.3, 0.05
     G = S.T @ X
     res = lorsum((c0, B0, A0), [(-eta, S.T, X)], iters=0, lam=lam, jitter=0.0, compute_dtype=F64)
     eye = torch.eye(4, dtype=F64)
-    # The proximal Jacobi half-steps, written densely.
-    A_ref = torch.linalg.solve(B0.T @ B0 + lam * eye, lam * A0 + B0.T @ (c0 * B0 @ A0 - eta * G))
-    B_ref = torch.linalg.solve(A0 @ A0.T + lam * eye, (lam * B0 + (c0 * B0 @ A0 - eta * G) @ A0.T).T).T
+    # c0 B0 A0 = (sqrt(c0) B0)(sqrt(c0) A0): the ScaledGD / PrecGD / RPLoRA form at the rescaled anchor.
+    Bc, Ac = B0 * c0**0.5, A0 * c0**0.5
+    A_ref = Ac - eta * torch.linalg.solve(Bc.T @ Bc + lam * eye, Bc.T @ G)
+    B_ref = Bc - eta * G @ Ac.T @ torch.linalg.inv(Ac @ Ac.T + lam * eye)
     assert (res.A - A_ref).abs().max() < 1e-12
     assert (res.B - B_ref).abs().max() < 1e-12
-    if c0 == 1.0:  # ScaledGD / PrecGD / RPLoRA form
-        assert (res.A - (A0 - eta * torch.linalg.solve(B0.T @ B0 + lam * eye, B0.T @ G))).abs().max() < 1e-12
-        assert (res.B - (B0 - eta * G @ A0.T @ torch.linalg.inv(A0 @ A0.T + lam * eye))).abs().max() < 1e-12
+
+
+def test_jacobi_applies_the_anchor_coefficient_once():
+    B0, A0, _, _ = _problem()
+    zero = (1.0, torch.zeros(60, 1, dtype=F64), torch.zeros(1, 40, dtype=F64))
+    for k in (0, 1, 3):
+        res = lorsum((0.9, B0, A0), [zero], iters=k, lam=0.0, jitter=0.0, compute_dtype=F64)
+        assert _rel(res.B @ res.A, 0.9 * B0 @ A0) < 1e-12, k
 
 
 def test_jacobi_from_projections_equals_jacobi_from_terms():

@@ -12,3 +12,18 @@ from .lorsum import (
     svd_factors,
     svd_project,
 )
+from .ekf import (
+    EKFConfig,
+    EKFInfo,
+    EKFResult,
+    FullEKFResult,
+    apply_noise_floor,
+    block_noise,
+    cholesky_with_jitter,
+    diag_ekf_update,
+    floor_min_eigenvalue,
+    floor_ones_direction,
+    full_ekf_update,
+    noise_ema_update,
+    scalar_ekf_update,
+)

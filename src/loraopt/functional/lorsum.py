@@ -150,16 +150,24 @@ def lorsum_from_projections(
 
     ``BtDelta = B0^T Delta: (r, d_in)`` and ``DeltaAt = Delta A0^T: (d_out, r)``.  This is the entry point of
     the streaming mode, where the projections are accumulated during backward and ``Delta`` never exists as rows.
-    With ``c0 = 1``: ``A+ = A0 + (B0^T P_out B0 + lam I)^-1 B0^T Delta P_in^-1`` and
+    An anchor coefficient ``c0 > 0`` is folded into the factors (``sqrt(c0) B0``, ``sqrt(c0) A0``) so that it is
+    applied once, not once per half-step.  With ``c0 = 1``: ``A+ = A0 + (B0^T P_out B0 + lam I)^-1 B0^T Delta P_in^-1`` and
     ``B+ = B0 + P_out^-1 Delta A0^T (A0 P_in A0^T + lam I)^-1``.
     """
     c0, B0, A0 = anchor
     B0, A0 = B0.to(compute_dtype), A0.to(compute_dtype)
+    BtDelta, DeltaAt = BtDelta.to(compute_dtype), DeltaAt.to(compute_dtype)
+    if not (isinstance(c0, (int, float)) and c0 in (0, 1)):
+        # Both half-steps start from the anchor, so an anchor coefficient would be applied once by each (c0^2).
+        # Writing c0 B0 A0 = (sqrt(c0) B0)(sqrt(c0) A0) makes the anchor coefficient 1 and the round exact for
+        # Delta = 0; the projections on the rescaled factors are sqrt(c0) times the given ones.
+        root = torch.as_tensor(c0, dtype=compute_dtype, device=B0.device).sqrt()
+        B0, A0, BtDelta, DeltaAt, c0 = B0 * root, A0 * root, BtDelta * root, DeltaAt * root, 1.0
     p_in, p_out = _as(p_in, compute_dtype), _as(p_out, compute_dtype)
     p_in_inv = None if p_in is None else p_in.reciprocal()
     p_out_inv = None if p_out is None else p_out.reciprocal()
-    A, fa = _a_half_step(c0, B0, A0, B0, BtDelta.to(compute_dtype), lam, p_in_inv, p_out, jitter)
-    B, fb = _b_half_step(c0, B0, A0, A0, DeltaAt.to(compute_dtype), lam, p_in, p_out_inv, jitter)
+    A, fa = _a_half_step(c0, B0, A0, B0, BtDelta, lam, p_in_inv, p_out, jitter)
+    B, fb = _b_half_step(c0, B0, A0, A0, DeltaAt, lam, p_in, p_out_inv, jitter)
     return LoRSumResult(B, A, fa + fb)
 
 

@@ -20,6 +20,7 @@ from .base import named_trainable_parameters
 __all__ = [
     "create_adamw_optimizer",
     "create_sgd_optimizer",
+    "create_adagrad_optimizer",
     "create_lora_plus_optimizer",
     "create_rplora_optimizer",
     "create_riemannian_sgd_optimizer",
@@ -53,6 +54,15 @@ def create_adamw_optimizer(
     """``torch.optim.AdamW`` over every trainable parameter (the usual LoRA baseline).  ``fused=None`` lets torch
     choose; the cost benchmark passes ``fused=True`` on CUDA."""
     return torch.optim.AdamW(_named(model), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
+
+
+def create_adagrad_optimizer(
+    model: nn.Module, *, lr: float, eps: float = 1e-10, weight_decay: float = 0.0, initial_accumulator_value: float = 0.0
+) -> torch.optim.Adagrad:
+    """``torch.optim.Adagrad`` over every trainable parameter (LoKO's second baseline, arXiv 2410.11551)."""
+    return torch.optim.Adagrad(
+        _named(model), lr=lr, eps=eps, weight_decay=weight_decay, initial_accumulator_value=initial_accumulator_value
+    )
 
 
 def create_sgd_optimizer(

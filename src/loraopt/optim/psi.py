@@ -421,14 +421,26 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
         layer.A.copy_(new_A.view_as(layer.A))
         layer.B.copy_(new_B.view_as(layer.B))
         if update_m:
-            state_a["momentum_A"] = torch.where(ok, mres.A, M_A)
-            state_b["momentum_B"] = torch.where(ok, mres.B, M_B)
+            new_MB, new_MA = _balance(mres.B, mres.A)
+            state_a["momentum_A"] = torch.where(ok, new_MA, M_A)
+            state_b["momentum_B"] = torch.where(ok, new_MB, M_B)
             state_a["solve_fallbacks"] += mres.fallbacks
         state_a["solve_fallbacks"] += res.fallbacks
         state_a["skipped_steps"] += (~ok).to(torch.int64)
         state_a["step"] += 1
         state_b["step"] += 1
         self._commit_metric(layer, ok)
+
+
+def _balance(B: Tensor, A: Tensor) -> Tuple[Tensor, Tensor]:
+    """Rescale ``(B, A)`` to equal Frobenius norms, leaving ``B A`` unchanged.
+
+    Each momentum LoRSum multiplies the anchor by mu < 1 in one factor and lets the other absorb the new gradient, so
+    without this the factors drift apart geometrically (|M_A| -> 0, |M_B| -> inf) until ``M_A M_A^T`` falls below
+    the proximal weight and the solves stop tracking ``mu M + G``."""
+    nb, na = B.norm(), A.norm()
+    scale = torch.where((nb > 0) & (na > 0), (na / nb).sqrt(), torch.ones_like(nb))
+    return B * scale, A / scale
 
 
 _ARGS_DOC = r"""

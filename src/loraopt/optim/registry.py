@@ -18,6 +18,7 @@ __all__ = ["OPTIMIZERS", "load_optimizer", "create_optimizer", "optimizer_hyperp
 _FACTORY_PATHS: Dict[str, str] = {
     "adamw": "loraopt.optim.baselines:create_adamw_optimizer",
     "sgd": "loraopt.optim.baselines:create_sgd_optimizer",
+    "adagrad": "loraopt.optim.baselines:create_adagrad_optimizer",
     "lora-plus": "loraopt.optim.baselines:create_lora_plus_optimizer",
     "riemannian-sgd": "loraopt.optim.baselines:create_riemannian_sgd_optimizer",
     "riemannian-adamw": "loraopt.optim.baselines:create_riemannian_adamw_optimizer",

@@ -1,0 +1,866 @@
+"""LoKO: Low-Rank Kalman Optimizer (Abdi, Sun, Zhang, Kaski, Pan; arXiv 2410.11551).
+
+Fine-tuning as online filtering: the trainable parameters (LoRA factors, DoRA magnitudes, a trained head) are the
+state of an extended Kalman filter with a diagonal covariance, observed through the model outputs. No public
+implementation by the authors is known; this follows ``specs/loko.md``. The math lives in
+:mod:`loraopt.functional.ekf`; this module only builds the Jacobian ``H`` and innovation ``e`` from the model outputs
+and writes the results back into the parameters and the optimizer state.
+
+Usage (softmax observation, one update per batch)::
+
+    opt = create_loko_optimizer(peft_model, num_outputs=num_classes)
+    for x, y in stream:
+        logits = peft_model(x)
+        opt.observe(logits, y)      # before any backward on this graph
+        opt.step()
+
+or ``opt.step(lambda: (peft_model(x), y))``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..functional.ekf import EKFConfig, diag_ekf_update, scalar_ekf_update
+from .base import DistributedContext, LoRAOptimizer, check_nonnegative, check_positive, check_range
+
+__all__ = ["LoKO", "create_loko_optimizer", "output_jacobian"]
+
+_OBSERVATIONS = ("softmax", "regression", "loss")
+_BATCH_MODES = ("joint", "sequential")
+# p_init="score": target prior-predictive variance of the observed outputs, as a fraction of r0 (a signal-to-noise
+# ratio). 1.0 lets the first observation move the outputs by half their innovation, which over-trusts the
+# linearisation: on the digits stream (benchmarks/notes/loko.md) it diverged for one seed in three at b = 8, while
+# 0.1 was the best or tied-best P0 on both toy streams measured; 0.01 learns too slowly.
+_SCORE_SNR = 0.1
+# Hyperparameters of the one filter over all groups (one R, one S); they must agree across parameter groups.
+_FILTER_KEYS = ("num_outputs", "observation", "beta", "r0", "r_min", "jitter", "batch_mode", "reduce_simplex", "seed")
+
+
+# ------------------------------------------------------------------------------------------------- Jacobian
+
+
+def output_jacobian(
+    outputs: Tensor,
+    params: Sequence[Tensor],
+    *,
+    rows: Optional[Tensor] = None,
+    dtype: torch.dtype = torch.float32,
+    retain_graph: bool = True,
+) -> Tensor:
+    """Rows of the Jacobian of ``outputs`` w.r.t. ``params`` from a live graph, in one batched backward.
+
+    Args:
+        outputs: any shape, with an autograd graph to ``params``; it is flattened to ``(N,)``.
+        params: tensors requiring grad; their Jacobian blocks are flattened and concatenated in this order.
+        rows: ``(k,)`` int indices into the flattened outputs (default: all ``N``).
+        dtype: dtype of the result.
+        retain_graph: keep the graph (default) so the caller may still run ``backward`` on it.
+
+    Returns:
+        ``H: (k, n)`` with ``n = sum(p.numel())``; ``H[i] = d outputs.flat[rows[i]] / d params``. Parameters that do
+        not reach ``outputs`` give zero columns.
+
+    The ``k`` vector-Jacobian products with the basis vectors are run as one vmapped backward
+    (``autograd.grad(..., is_grads_batched=True)``) instead of ``k`` separate backward passes.
+    """
+    flat = outputs.reshape(-1)
+    if rows is None:
+        rows = torch.arange(flat.numel(), device=flat.device)
+    k = rows.numel()
+    basis = torch.zeros(k, flat.numel(), dtype=flat.dtype, device=flat.device)
+    basis[torch.arange(k, device=flat.device), rows.to(flat.device)] = 1
+    grads = torch.autograd.grad(
+        flat, list(params), grad_outputs=basis, retain_graph=retain_graph, allow_unused=True, is_grads_batched=True
+    )
+    # materialize_grads would give unbatched zeros for unused inputs, so missing blocks are filled here.
+    blocks = [
+        g.reshape(k, -1).to(dtype) if g is not None else torch.zeros(k, p.numel(), dtype=dtype, device=flat.device)
+        for g, p in zip(grads, params)
+    ]
+    return torch.cat(blocks, dim=1)
+
+
+# ------------------------------------------------------------------------------------------------- state
+
+
+class _Settings(NamedTuple):
+    num_outputs: Optional[int]
+    observation: str
+    beta: float
+    r0: float
+    r_min: float
+    jitter: float
+    batch_mode: str
+    reduce_simplex: bool
+    seed: int
+
+
+@dataclass
+class _Pending:
+    """An observation waiting for ``step()`` (a Python attribute, never part of ``state``)."""
+
+    params: List[Tensor]
+    H: Optional[Tensor] = None  # (b * m_obs, n) rows of the first ``b`` samples
+    e: Optional[Tensor] = None  # (b, m_obs)
+    loss: Optional[Tensor] = None  # 0-dim, observation="loss"
+    forward: Optional[Callable[[int], Tensor]] = None  # sequential mode: fresh outputs of sample i
+    targets: Optional[Tensor] = None  # sequential mode: targets of samples 1..b-1 (all b kept, indexed by i)
+    num_samples: int = 0
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except Exception:  # pragma: no cover - builds without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+# ------------------------------------------------------------------------------------------------- optimizer
+
+
+class LoKO(LoRAOptimizer):
+    r"""LoKO: diagonal-covariance extended Kalman filter over the trainable (LoRA) parameters (arXiv 2410.11551).
+
+    All parameters of all groups form one state vector :math:`\theta` with diagonal covariance :math:`p`, observed
+    through the model outputs :math:`h(x;\theta)` with noise :math:`R` (``specs/loko.md`` §2-4)::
+
+        input: theta, p (P0 draw), R = r0 I, beta, q, lr
+        for each observation (b samples, m outputs each):
+            p <- p + q                                            (predict; q = 0: static parameters)
+            e = y - h(x; theta),  H = dh/dtheta                   (one batched VJP call, (b m) x n)
+            U = H * p;  S = U H^T + I_b kron R + jitter I;  L = chol(S)
+            delta = U^T S^-1 e;               theta <- theta + lr * delta
+            p <- max(p - p^2 * colsum(H * S^-1 H), p_floor)
+            eps = e - lr H delta              (linearised post-update residual)
+            R <- beta R + (1 - beta) mean_i(eps_i eps_i^T + H_i diag(p) H_i^T);   floor R
+
+    Observations (``observation``):
+
+    * ``"softmax"`` (default): ``h = softmax(logits)``, ``y`` one-hot (or soft) targets, ``m = num_outputs``
+      classes. ``R``'s all-ones direction is floored at ``r_min``, which keeps ``S`` invertible without changing the
+      update. ``reduce_simplex=True`` observes the first ``m - 1`` classes instead (exact and cheaper; ``R`` is then
+      ``(m-1) x (m-1)``, started at the ``1``-orthogonal part of ``r0 I`` so both forms give the same updates).
+    * ``"regression"``: ``h`` = the prediction, ``y`` real-valued, ``m = num_outputs``; ``R``'s smallest
+      eigenvalue is floored at ``r_min``.
+    * ``"loss"``: the scalar-loss variant ("LoKO-scalar", §9; not the paper's method): ``h`` = the mean loss, target
+      0, ``H = .grad``; ``O(n)`` per step like AdamW. Hand the loss with ``observe(loss)`` (or return it from the
+      closure) and call ``loss.backward()`` before ``step()``.
+
+    Mini-batches (``batch_mode``):
+
+    * ``"joint"`` (default): all ``b`` samples are one stacked observation linearised at the current parameters,
+      ``S`` is ``(b m) x (b m)`` and ``R`` takes one EMA step with the mean over the samples.
+    * ``"sequential"``: ``b`` single-sample updates, each at the parameters left by the previous one (the paper's
+      batch-1 semantics). A fresh forward is needed per sample, so ``observe(outputs, targets, forward=f)`` takes
+      ``f(i) -> outputs of sample i`` (at the current parameters); with ``b = 1`` no ``forward`` is needed and
+      both modes are identical (tested).
+
+    Why joint is the default (measurements in ``benchmarks/notes/loko.md``): (1) at b = 1, the paper's protocol,
+    the modes coincide; (2) joint is the only mode that works from ``(logits, targets)`` alone, i.e. from
+    ``LoKOTrainer``, Lightning manual optimisation, a closure, and DDP (which all-gathers the rows of every rank);
+    (3) on the toy streams its online and held-out accuracy at b = 8 and 32 matched or beat sequential once P0 is
+    well scaled (constant 0.1 or ``"score"``; with the too-small default bounds sequential was ahead); (4) it is
+    cheaper per sample when the frozen base is small (0.4-0.8x of sequential on an MLP). Its cost caveat: Jacobian
+    rows taken from the batch graph cost one backward over the whole batch each, so with a deep base the joint step
+    costs ~b times sequential per sample (4x at b = 8, 19-27x at b = 32 on a 2-layer BERT). Passing
+    ``forward=lambda i: model(x[i:i+1])`` to ``observe`` builds the rows from one-sample graphs instead and brings
+    joint to the cost of sequential with the same update. The filter itself is ``O((b m)^2 n)`` in joint mode
+    against ``O(b m^2 n)`` in sequential mode.
+
+    Calling two ``observe`` before a ``step`` raises: concatenate the outputs (``torch.cat`` keeps the graphs) and
+    targets into one call to observe several micro-batches as one joint update.
+
+    Args:
+        params: parameters or named parameters or groups. Per-group values of ``lr``, ``q``, ``p_init`` and
+            ``p_floor`` act on that group's coordinates; the other hyperparameters belong to the single filter and
+            must be equal in every group.
+        num_outputs: ``m``, the number of classes (softmax) or outputs (regression); ignored (may be ``None``) for
+            ``observation="loss"``.
+        observation: ``"softmax"``, ``"regression"`` or ``"loss"``.
+        lr: scales the mean update only (1.0 is the filter's own step); with ``lr = 0`` a step changes nothing.
+        p_init: P0. ``(low, high)``: i.i.d. uniform draws from a generator seeded by ``seed`` and the parameter's
+            position (default ``(1e-4, 1e-2)``); a float: constant; ``"score"``: data-driven scale, see below.
+        beta: forgetting factor of the ``R`` EMA, in ``[0, 1]`` (1 keeps ``R = r0 I``).
+        r0: ``R_0 = r0 I``.
+        r_min: floor of ``R`` (see ``observation``).
+        q: process noise added to ``p`` before each update (0: static parameters, as in the paper).
+        jitter: relative diagonal shift ``jitter * tr(S)/k + 1e-12`` before factoring ``S`` (retried x10 up to 3
+            times; then the step is skipped).
+        p_floor: lower clamp of ``p``.
+        batch_mode: ``"joint"`` or ``"sequential"``.
+        reduce_simplex: softmax only, observe ``m - 1`` classes.
+        seed: seed of the P0 draw (identical on every rank).
+        dtype: filter math and state dtype; default fp32, or fp64 when every parameter is fp64.
+        process_group: group over which observations are gathered under ``torch.distributed`` (default: world).
+
+    ``p_init="score"`` (our design; it replaces the gradient-magnitude mapping sketched in ``specs/loko.md`` §5,
+    which gives ``p_low`` to every ``lora_A`` entry because their gradient is exactly 0 at the standard ``B = 0``
+    init): P0 is the seeded uniform draw on ``(1e-4, 1e-2)`` rescaled, at the first update that sees the parameter,
+    by one scalar ``c`` chosen so that the prior predictive variance of the observed outputs is a tenth of the
+    noise, ``mean_k (H P0 H^T)_kk = 0.1 r0``. The first observation then moves the outputs by about
+    ``0.1 / 1.1`` of its innovation, whatever the model size or parameterisation, so the overall scale of P0 comes
+    from the data instead of per-model bounds; coordinates the first observation does not see (``lora_A`` while
+    ``B = 0``) get the same scale. The first observation is not spent on calibration (no extra pass). On the two
+    toy streams of ``benchmarks/notes/loko.md`` it matched the best hand-tuned bounds; the default stays the
+    spec's uniform ``(1e-4, 1e-2)``, which was one to two decades too small there.
+
+    State (tensor-only): per parameter ``p`` (parameter shape, fp32) and ``step`` (CPU fp32 tensor); the first
+    parameter of the first group also holds ``R`` (``m x m`` fp32) and ``skipped`` (int64 count of rejected steps;
+    a warning is issued the first time). State is allocated on the first ``step()``.
+
+    Distributed: under ``torch.distributed`` with world size > 1, each rank observes its own samples and ``step()``
+    all-gathers the Jacobian rows and innovations, so every rank runs the joint update of the concatenated batch
+    (rank order) and ends with identical parameters, ``p`` and ``R``; every rank must call ``step()``. Wrapping the
+    model in DDP is optional (tested both ways): no ``backward`` is taken, so DDP's gradient all-reduce never runs
+    and the parameters stay replicated because every rank applies the same update. ``observation="loss"``
+    all-reduces (mean) the observed loss; ``.grad`` is expected to be averaged by DDP. FSDP2 (DTensor parameters)
+    raises ``NotImplementedError``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        *,
+        num_outputs: Optional[int],
+        observation: str = "softmax",
+        lr: float = 1.0,
+        p_init: Union[Tuple[float, float], float, str] = (1e-4, 1e-2),
+        beta: float = 0.95,
+        r0: float = 0.1,
+        r_min: float = 1e-4,
+        q: float = 0.0,
+        jitter: float = 1e-6,
+        p_floor: float = 1e-12,
+        batch_mode: str = "joint",
+        reduce_simplex: bool = False,
+        seed: int = 0,
+        dtype: Optional[torch.dtype] = None,
+        process_group: Optional[Any] = None,
+    ):
+        defaults = dict(
+            lr=lr,
+            q=q,
+            p_init=tuple(p_init) if isinstance(p_init, list) else p_init,
+            p_floor=p_floor,
+            num_outputs=num_outputs,
+            observation=observation,
+            beta=beta,
+            r0=r0,
+            r_min=r_min,
+            jitter=jitter,
+            batch_mode=batch_mode,
+            reduce_simplex=reduce_simplex,
+            seed=seed,
+        )
+        if dtype not in (None, torch.float32, torch.float64):
+            raise ValueError(f"dtype must be None, torch.float32 or torch.float64, got {dtype!r}")
+        super().__init__(params, defaults)
+        all_params = [p for g in self.param_groups for p in g["params"]]
+        if any(_is_dtensor(p) for p in all_params):
+            raise NotImplementedError(
+                "LoKO does not support FSDP2/DTensor parameters in this version: use DDP (or a single process)"
+            )
+        if dtype is None:
+            dtype = torch.float64 if all(p.dtype == torch.float64 for p in all_params) else torch.float32
+        self._dtype = dtype
+        self._dist = DistributedContext(process_group)
+        self._pending: Optional[_Pending] = None
+        self._warned_skip = False
+
+    # --------------------------------------------------------------------------------------------- validation
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _validate_group(group)
+        if len(self.param_groups) > 1:
+            first = self.param_groups[0]
+            for key in _FILTER_KEYS:
+                if group[key] != first[key]:
+                    raise ValueError(
+                        f"{key} must be the same in every parameter group (LoKO runs one filter over all groups), got "
+                        f"{first[key]!r} and {group[key]!r}; set it once in the constructor"
+                    )
+
+    def _settings(self) -> _Settings:
+        first = self.param_groups[0]
+        for group in self.param_groups[1:]:
+            for key in _FILTER_KEYS:
+                if group[key] != first[key]:
+                    raise ValueError(
+                        f"{key} must be the same in every parameter group (LoKO runs one filter over all groups), "
+                        f"got {first[key]!r} and {group[key]!r}"
+                    )
+        return _Settings(**{key: first[key] for key in _FILTER_KEYS})
+
+    # --------------------------------------------------------------------------------------------- state
+
+    @property
+    def anchor(self) -> Tensor:
+        """The parameter whose state holds the filter-level ``R`` and ``skipped``."""
+        return self.param_groups[0]["params"][0]
+
+    @property
+    def skipped_steps(self) -> int:
+        """Number of rejected (non-finite or unfactorable) updates so far."""
+        state = self.state.get(self.anchor, {})
+        return int(state["skipped"]) if "skipped" in state else 0
+
+    @property
+    def has_pending_observation(self) -> bool:
+        return self._pending is not None
+
+    def clear_observation(self) -> None:
+        """Drop the pending observation (``zero_grad`` does this too)."""
+        self._pending = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``Optimizer.zero_grad`` that also drops a pending observation: discarding the gradient discards the
+        observation it belongs to."""
+        self._pending = None
+        super().zero_grad(set_to_none=set_to_none)
+
+    def _obs_dim(self, s: _Settings) -> int:
+        if s.observation == "loss":
+            return 1
+        if s.observation == "softmax" and s.reduce_simplex:
+            return s.num_outputs - 1
+        return s.num_outputs
+
+    def _initial_R(self, s: _Settings, device: torch.device) -> Tensor:
+        k = self._obs_dim(s)
+        R = s.r0 * torch.eye(k, dtype=self._dtype, device=device)
+        if s.observation == "softmax" and s.reduce_simplex:
+            # The (m-1)-coordinate view of the 1-orthogonal part of r0 I_m: this start makes the reduced filter
+            # give exactly the updates of the full one (whose 1-direction never enters delta or p).
+            R = R - s.r0 / s.num_outputs
+        return R
+
+    def _init_state(self) -> None:
+        s = self._settings()
+        index = 0
+        for group in self.param_groups:
+            for param in group["params"]:
+                state = self.state[param]
+                if "p" not in state:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["p"] = self._draw_p0(group["p_init"], param, s.seed, index)
+                index += 1
+        anchor_state = self.state[self.anchor]
+        if "R" not in anchor_state:
+            anchor_state["R"] = self._initial_R(s, self.anchor.device)
+            anchor_state["skipped"] = torch.zeros((), dtype=torch.int64, device=self.anchor.device)
+
+    def _draw_p0(self, p_init: Any, param: Tensor, seed: int, index: int) -> Tensor:
+        if isinstance(p_init, (int, float)) and not isinstance(p_init, bool):
+            return torch.full(param.shape, float(p_init), dtype=self._dtype, device=param.device)
+        low, high = (1e-4, 1e-2) if p_init == "score" else p_init
+        # One generator per parameter position: the draw does not depend on other groups' settings, on the device,
+        # or on the rank.
+        gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + index) % (2**63 - 1))
+        u = torch.rand(param.numel(), generator=gen, dtype=torch.float64)
+        p0 = (low + (high - low) * u).to(self._dtype).reshape(param.shape)
+        return p0.to(param.device)
+
+    # --------------------------------------------------------------------------------------------- observe
+
+    def _filtered(self) -> List[Tuple[Dict[str, Any], Tensor]]:
+        return [(g, p) for g in self.param_groups for p in g["params"] if p.requires_grad]
+
+    def observe(
+        self, outputs: Tensor, targets: Optional[Tensor] = None, *, forward: Optional[Callable[[int], Tensor]] = None
+    ) -> None:
+        """Record the observation of one batch; the next ``step()`` applies it.
+
+        * softmax: ``observe(logits, targets)`` with ``logits: (..., m)`` from a live graph and ``targets`` class
+          indices ``(...)`` or probabilities ``(..., m)``. Leading dims are flattened into samples.
+        * regression: ``observe(predictions, targets)``, both ``(..., m)`` (or ``(b,)`` when ``m = 1``).
+        * loss: ``observe(loss)`` with the (mean) loss; ``.grad`` must be filled by ``loss.backward()`` before
+          ``step()``.
+
+        Must run before any ``backward`` that frees the graph (the graph is kept for later backwards).
+
+        ``forward`` (optional; required by sequential mode when the batch has more than one sample):
+        ``forward(i)`` returns the outputs of sample ``i`` alone, recomputed at the current parameters, e.g.
+        ``lambda i: model(x[i:i+1])``. When given, the Jacobian rows come from these one-sample graphs instead of
+        the batch graph: rows taken from a batch graph cost one backward over the whole batch each, so for deep
+        models and b > 1 the per-sample route is much cheaper (``benchmarks/notes/loko.md``). In joint mode it
+        gives the same update (same parameters) up to rounding; the batch ``outputs`` then only supply the shapes.
+        """
+        if self._pending is not None:
+            raise ValueError(
+                "observe() was already called for this step: call step() between observations (to observe several "
+                "micro-batches as one joint update, torch.cat their outputs and targets into one observe() call)"
+            )
+        s = self._settings()
+        params = [p for _, p in self._filtered()]
+        if not params:
+            raise ValueError("LoKO has no parameter with requires_grad=True to filter")
+        if s.observation == "loss":
+            if targets is not None or forward is not None:
+                raise ValueError("observation='loss' takes only the loss: call observe(loss)")
+            if not torch.is_tensor(outputs) or outputs.numel() != 1:
+                raise ValueError(
+                    "observation='loss' needs the scalar (mean) loss: call observe(loss) with a 0-dim tensor"
+                )
+            self._pending = _Pending(params=params, loss=outputs.detach().reshape(()).to(self._dtype), num_samples=1)
+            return
+        if targets is None:
+            raise ValueError(
+                f"observation={s.observation!r} needs targets: call observe(outputs, targets)"
+                + (" (or build the optimizer with observation='loss' to observe a loss)"
+                   if s.observation == "softmax" else "")
+            )
+        if not torch.is_tensor(outputs) or not outputs.requires_grad:
+            raise ValueError(
+                "observe() needs the model outputs with their autograd graph: compute them with gradients enabled "
+                "and call observe() before any backward() on them (do not pass .detach()ed outputs)"
+            )
+        with torch.enable_grad():
+            h, y = self._observed(outputs, targets, s)
+            b = h.shape[0]
+            if b == 0:
+                raise ValueError("observe() got an empty batch")
+            sequential = s.batch_mode == "sequential" and b > 1
+            if sequential and forward is None:
+                raise ValueError(
+                    "batch_mode='sequential' with a batch of more than one sample needs a fresh forward per sample: "
+                    "call observe(outputs, targets, forward=lambda i: model(x[i:i+1])), observe one sample per "
+                    "step(), or use batch_mode='joint'"
+                )
+            if forward is not None and b > 1:
+                # Rows from one-sample graphs: the batch graph would cost b sample-backwards per row.
+                count = 1 if sequential else b
+                rows = [self._sample_rows(forward, i, y, params, s) for i in range(count)]
+                H = torch.cat([r[0] for r in rows])
+                e = torch.cat([r[1] for r in rows])
+            else:
+                H, e = self._rows(h, y, range(b), params, s)
+        self._pending = _Pending(
+            params=params,
+            H=H,
+            e=e,
+            forward=forward if sequential else None,
+            targets=y.detach() if sequential else None,
+            num_samples=b,
+        )
+
+    def _sample_rows(
+        self, forward: Callable[[int], Tensor], i: int, y: Tensor, params: Sequence[Tensor], s: _Settings
+    ) -> Tuple[Tensor, Tensor]:
+        """``(H_i, e_i)`` of sample ``i`` from ``forward(i)`` at the current parameters."""
+        with torch.enable_grad():
+            out = forward(i)
+            if not torch.is_tensor(out) or not out.requires_grad:
+                raise ValueError(f"forward({i}) must return the outputs of sample {i} with their autograd graph")
+            if out.numel() != s.num_outputs:
+                raise ValueError(
+                    f"forward({i}) must return the outputs of sample {i} alone ({s.num_outputs} values), got shape "
+                    f"{tuple(out.shape)}"
+                )
+            h, y_i = self._observed(out, y[i : i + 1], s)
+            return self._rows(h, y_i, [0], params, s)
+
+    def _observed(self, outputs: Tensor, targets: Tensor, s: _Settings) -> Tuple[Tensor, Tensor]:
+        """``(h, y)``: the observed function ``(N, m)`` (live graph, compute dtype) and the targets ``(N, m)``."""
+        m = s.num_outputs
+        if s.observation == "regression" and m == 1 and (outputs.dim() == 1 or outputs.shape[-1] != 1):
+            outputs = outputs.unsqueeze(-1)
+        if outputs.shape[-1] != m:
+            raise ValueError(
+                f"outputs have {outputs.shape[-1]} entries in the last dimension but num_outputs={m}: pass "
+                f"(batch, {m}) outputs or build the optimizer with num_outputs={outputs.shape[-1]}"
+            )
+        z = outputs.reshape(-1, m).to(self._dtype)
+        N = z.shape[0]
+        if s.observation == "softmax":
+            h = torch.softmax(z, dim=-1)
+            if targets.is_floating_point():
+                if targets.numel() != N * m:
+                    raise ValueError(
+                        f"float targets must be class probabilities of shape (batch, {m}); got {tuple(targets.shape)}; "
+                        "pass integer class indices instead"
+                    )
+                y = targets.reshape(N, m).to(self._dtype)
+            else:
+                if targets.numel() != N:
+                    raise ValueError(
+                        f"got {targets.numel()} targets for {N} samples: pass one class index per sample "
+                        "(drop ignored positions such as -100 before observe())"
+                    )
+                t = targets.reshape(N).long()
+                if bool(((t < 0) | (t >= m)).any()):
+                    raise ValueError(
+                        f"class targets must be in [0, {m}): drop ignored labels (e.g. -100) before observe(), or set "
+                        "num_outputs to the number of classes"
+                    )
+                y = torch.nn.functional.one_hot(t.to(z.device), m).to(self._dtype)
+        else:
+            h = z
+            if targets.numel() != N * m:
+                raise ValueError(
+                    f"regression targets must have the outputs' {N * m} entries, got shape {tuple(targets.shape)}"
+                )
+            y = targets.reshape(N, m).to(device=z.device, dtype=self._dtype)
+        return h, y.to(z.device)
+
+    def _rows(
+        self, h: Tensor, y: Tensor, samples: Iterable[int], params: Sequence[Tensor], s: _Settings
+    ) -> Tuple[Tensor, Tensor]:
+        """``H: (len(samples) * m_obs, n)`` and ``e: (len(samples), m_obs)`` for the given sample indices."""
+        m = h.shape[1]
+        m_obs = self._obs_dim(s)
+        idx = torch.as_tensor(list(samples), dtype=torch.long, device=h.device)
+        cols = torch.arange(m_obs, device=h.device)
+        rows = (idx[:, None] * m + cols[None, :]).reshape(-1)
+        H = output_jacobian(h, params, rows=rows, dtype=self._dtype)
+        e = (y.index_select(0, idx) - h.detach().index_select(0, idx))[:, :m_obs]
+        return H, e
+
+    # --------------------------------------------------------------------------------------------- step
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """Apply the pending observation (see :meth:`observe`).
+
+        ``closure``, if given, is called once under ``torch.enable_grad()`` and must return ``(outputs, targets)``
+        (softmax/regression) or the loss (observation="loss", after its ``backward``); it is observed and applied,
+        and its return value is returned.
+        """
+        result = None
+        if closure is not None:
+            with torch.enable_grad():
+                result = closure()
+            self._observe_result(result)
+        self._init_state()
+        pending, self._pending = self._pending, None
+        s = self._settings()
+        filtered = self._filtered()
+        active = [(g, p) for g, p in filtered if _lr_value(g["lr"]) != 0.0]
+        if not active:
+            return result  # lr = 0: state allocated, everything else untouched (pending observation dropped)
+        if pending is not None and [id(p) for p in pending.params] != [id(p) for _, p in filtered]:
+            raise ValueError(
+                "the trainable parameters changed between observe() and step(): observe again after changing "
+                "requires_grad"
+            )
+        if s.observation == "loss":
+            self._step_loss(pending, filtered, active, s)
+        else:
+            self._step_outputs(pending, filtered, active, s)
+        return result
+
+    def _observe_result(self, result: Any) -> None:
+        s = self._settings()
+        if s.observation == "loss":
+            if isinstance(result, (tuple, list)):
+                raise ValueError("observation='loss': the closure must return the loss (after loss.backward())")
+            if result is None:
+                raise ValueError("observation='loss': the closure must return the loss it backpropagated")
+            self.observe(result)
+            return
+        if not (isinstance(result, (tuple, list)) and len(result) == 2):
+            raise ValueError(
+                f"LoKO (observation={s.observation!r}) updates from the model outputs: the closure must return "
+                "(outputs, targets), e.g. `lambda: (model(x), y)`; to observe a scalar loss instead, build the "
+                "optimizer with observation='loss'"
+            )
+        self.observe(result[0], result[1])
+
+    def _stray_grad_error(self, filtered: Sequence[Tuple[Dict[str, Any], Tensor]], s: _Settings) -> None:
+        if any(p.grad is not None for _, p in filtered):
+            raise ValueError(
+                f"LoKO (observation={s.observation!r}) does not update from .grad: call "
+                "optimizer.observe(logits, targets) before step(), or pass a closure returning (logits, targets); "
+                "for a gradient-only loop use observation='loss' with optimizer.observe(loss)"
+            )
+
+    def _step_outputs(self, pending: Optional[_Pending], filtered, active, s: _Settings) -> None:
+        ctx = self._dist
+        n_all = sum(p.numel() for _, p in filtered)
+        m_obs = self._obs_dim(s)
+        if pending is None and not ctx.active:
+            self._stray_grad_error(filtered, s)
+            return
+        if ctx.active:
+            if s.batch_mode == "sequential":
+                raise NotImplementedError(
+                    "batch_mode='sequential' cannot run under torch.distributed (other ranks' samples cannot be "
+                    "re-forwarded): use batch_mode='joint', which gathers every rank's rows"
+                )
+            if pending is None:
+                self._stray_grad_error(filtered, s)
+                H = torch.zeros(0, n_all, dtype=self._dtype, device=self.anchor.device)
+                e = torch.zeros(0, m_obs, dtype=self._dtype, device=self.anchor.device)
+            else:
+                H, e = pending.H, pending.e
+            H, e = _all_gather_rows(ctx, H, e)
+            if e.shape[0] == 0:
+                return
+            self._update(active, filtered, H, e, s)
+            return
+        self._update(active, filtered, pending.H, pending.e, s)
+        if pending.forward is not None:
+            for i in range(1, pending.num_samples):
+                H, e = self._sample_rows(pending.forward, i, pending.targets, pending.params, s)
+                self._update(active, filtered, H, e, s)
+
+    def _step_loss(self, pending: Optional[_Pending], filtered, active, s: _Settings) -> None:
+        has_grad = any(p.grad is not None for _, p in active)
+        if pending is None:
+            if has_grad:
+                raise ValueError(
+                    "LoKO (observation='loss') needs the loss value as well as .grad: call optimizer.observe(loss) "
+                    "(the detached mean loss) before step(), or pass a closure that returns the loss"
+                )
+            return
+        if not has_grad:
+            raise ValueError("LoKO (observation='loss') updates from .grad: call loss.backward() before step()")
+        loss = self._dist.mean(pending.loss)
+        g = torch.cat(
+            [
+                (p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device)).to(self._dtype)
+                for _, p in active
+            ]
+        )
+        # For the scalar observation the "innovation" slot carries the loss value L (the innovation is -L).
+        self._update(active, active, g.unsqueeze(0), loss.reshape(1, 1), s, scalar_loss=True)
+
+    def _update(self, active, filtered, H: Tensor, e: Tensor, s: _Settings, *, scalar_loss: bool = False) -> None:
+        """Run one filter step on the ``active`` columns of ``H: (b * m_obs, n_filtered)``, ``e: (b, m_obs)``."""
+        dt = self._dtype
+        if len(active) != len(filtered):
+            keep = {id(p) for _, p in active}
+            mask = torch.cat(
+                [torch.full((p.numel(),), id(p) in keep, dtype=torch.bool) for _, p in filtered]
+            ).to(H.device)
+            H = H[:, mask]
+        b, m_obs = e.shape
+        params = [p for _, p in active]
+        states = [self.state[p] for p in params]
+        theta = torch.cat([p.detach().reshape(-1).to(dt) for p in params])
+        pvec = torch.cat([st["p"].reshape(-1).to(dt) for st in states])
+        lr = _per_coordinate(active, "lr", dt, theta.device)
+        q = _per_coordinate(active, "q", dt, theta.device)
+        p_floor = _per_coordinate(active, "p_floor", dt, theta.device)
+        anchor_state = self.state[self.anchor]
+        R = anchor_state["R"]
+
+        fresh = [i for i, (g, p) in enumerate(active) if g["p_init"] == "score" and float(self.state[p]["step"]) == 0]
+        if fresh:
+            pvec = self._score_scale(pvec, H, [p for _, p in active], set(fresh), s)
+
+        if scalar_loss:
+            floor = "eig"
+        elif s.observation == "softmax":
+            floor = "none" if s.reduce_simplex else "ones"
+        else:
+            floor = "eig"
+        cfg = EKFConfig(
+            lr=lr, q=q, beta=s.beta, r_min=s.r_min, noise_floor=floor, jitter=s.jitter,
+            jitter_abs=1e-12 if s.jitter > 0 else 0.0, p_floor=p_floor, dtype=dt,
+        )
+        if scalar_loss:
+            res = scalar_ekf_update(theta, pvec, R, H[0], e.reshape(()), cfg)
+        else:
+            res = diag_ekf_update(theta, pvec, R, H.reshape(b, m_obs, -1), e, cfg)
+
+        offset = 0
+        for p, st in zip(params, states):
+            n = p.numel()
+            p.copy_(res.theta[offset : offset + n].view_as(p))
+            st["p"].copy_(res.p[offset : offset + n].view_as(p))
+            st["step"] += 1
+            offset += n
+        R.copy_(res.R)
+        anchor_state["skipped"] += res.info.skipped.to(torch.int64)
+        if not self._warned_skip and bool(res.info.skipped):
+            self._warned_skip = True
+            warnings.warn(
+                "LoKO skipped an update (non-finite innovation, covariance or step, or S not factorable after "
+                "jitter retries); parameters, p and R were left unchanged. Check the inputs/targets, or raise r0, "
+                "r_min or jitter. `optimizer.skipped_steps` counts these (warned once).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _score_scale(self, pvec: Tensor, H: Tensor, params: List[Tensor], fresh: set, s: _Settings) -> Tensor:
+        """Rescale the fresh coordinates of ``pvec`` by ``c`` so that ``mean_k (H diag(p) H^T)_kk = 0.1 r0``."""
+        mask = torch.cat(
+            [torch.full((p.numel(),), i in fresh, dtype=torch.bool, device=pvec.device) for i, p in enumerate(params)]
+        )
+        pf = torch.where(mask, pvec, torch.zeros_like(pvec))
+        den = torch.einsum("kn,kn,n->", H, H, pf) / H.shape[0]
+        ok = torch.isfinite(den) & (den > 0)
+        c = torch.where(ok, _SCORE_SNR * s.r0 / torch.where(ok, den, torch.ones_like(den)), torch.ones_like(den))
+        return torch.where(mask, pvec * c, pvec)
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+
+def _lr_value(lr: Any) -> float:
+    return float(lr)
+
+
+def _per_coordinate(active, key: str, dtype: torch.dtype, device: torch.device) -> Union[float, Tensor]:
+    """A float when every active group agrees (the common case), else an ``(n,)`` vector."""
+    values = [float(g[key]) for g, _ in active]
+    if all(v == values[0] for v in values):
+        return values[0]
+    return torch.cat(
+        [torch.full((p.numel(),), float(g[key]), dtype=dtype, device=device) for g, p in active]
+    )
+
+
+def _validate_group(group: Dict[str, Any]) -> None:
+    if group["observation"] not in _OBSERVATIONS:
+        raise ValueError(f"observation must be one of {_OBSERVATIONS}, got {group['observation']!r}")
+    m = group["num_outputs"]
+    if group["observation"] != "loss":
+        low = 2 if group["observation"] == "softmax" else 1
+        if isinstance(m, bool) or not isinstance(m, int) or m < low:
+            raise ValueError(
+                f"num_outputs must be an integer >= {low} for observation={group['observation']!r} (the number of "
+                f"{'classes' if low == 2 else 'outputs'}), got {m!r}"
+            )
+    if group["batch_mode"] not in _BATCH_MODES:
+        raise ValueError(f"batch_mode must be 'joint' or 'sequential', got {group['batch_mode']!r}")
+    if group["reduce_simplex"] and group["observation"] != "softmax":
+        raise ValueError("reduce_simplex=True only applies to observation='softmax'")
+    check_nonnegative("lr", float(group["lr"]))
+    check_nonnegative("q", group["q"])
+    check_range("beta", group["beta"], 0.0, 1.0, high_inclusive=True)
+    check_positive("r0", group["r0"])
+    check_positive("r_min", group["r_min"])
+    check_nonnegative("jitter", group["jitter"])
+    check_positive("p_floor", group["p_floor"])
+    seed = group["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    p_init = group["p_init"]
+    if isinstance(p_init, str):
+        if p_init != "score":
+            raise ValueError(f"p_init must be (low, high), a positive float or 'score', got {p_init!r}")
+    elif isinstance(p_init, (int, float)) and not isinstance(p_init, bool):
+        check_positive("p_init", p_init)
+    elif isinstance(p_init, tuple) and len(p_init) == 2:
+        low, high = p_init
+        check_positive("p_init low", low)
+        check_positive("p_init high", high)
+        if low > high:
+            raise ValueError(f"p_init bounds must satisfy low <= high, got {p_init!r}")
+    else:
+        raise ValueError(f"p_init must be (low, high), a positive float or 'score', got {p_init!r}")
+
+
+def _all_gather_rows(ctx: DistributedContext, H: Tensor, e: Tensor) -> Tuple[Tensor, Tensor]:
+    """Concatenate every rank's ``H: (b_r m, n)`` and ``e: (b_r, m)`` in rank order (ranks may differ in ``b_r``)."""
+    world = ctx.world_size
+    b = torch.tensor([e.shape[0]], dtype=torch.int64, device=H.device)
+    counts = [torch.zeros_like(b) for _ in range(world)]
+    dist.all_gather(counts, b, group=ctx.group)
+    counts = [int(c) for c in counts]
+    b_max = max(counts)
+    m = e.shape[1]
+    n = H.shape[1]
+    # Rows and innovations travel in one buffer so the gather is a single collective.
+    buf = torch.zeros(b_max, m, n + 1, dtype=H.dtype, device=H.device)
+    buf[: e.shape[0], :, :n] = H.reshape(e.shape[0], m, n)
+    buf[: e.shape[0], :, n] = e
+    bufs = [torch.empty_like(buf) for _ in range(world)]
+    dist.all_gather(bufs, buf, group=ctx.group)
+    full = torch.cat([chunk[:c] for chunk, c in zip(bufs, counts)])
+    return full[:, :, :n].reshape(-1, n), full[:, :, n]
+
+
+# ------------------------------------------------------------------------------------------------- factory
+
+
+def _is_lora_name(name: str) -> bool:
+    return any(tag in name for tag in (".lora_A.", ".lora_B.", "lora_embedding_A", "lora_embedding_B",
+                                       "lora_magnitude_vector"))
+
+
+def create_loko_optimizer(
+    model: nn.Module,
+    *,
+    num_outputs: Optional[int],
+    observation: str = "softmax",
+    lr: float = 1.0,
+    other_lr: Optional[float] = None,
+    p_init: Union[Tuple[float, float], float, str] = (1e-4, 1e-2),
+    beta: float = 0.95,
+    r0: float = 0.1,
+    r_min: float = 1e-4,
+    q: float = 0.0,
+    jitter: float = 1e-6,
+    p_floor: float = 1e-12,
+    batch_mode: str = "joint",
+    reduce_simplex: bool = False,
+    seed: int = 0,
+    dtype: Optional[torch.dtype] = None,
+    process_group: Optional[Any] = None,
+) -> LoKO:
+    """Build :class:`LoKO` over every trainable parameter of a PEFT/LoRA model.
+
+    Paper: H. Abdi, M. Sun, A. Zhang, S. Kaski, W. Pan, "LoKO: Low-Rank Kalman Optimizer for Online Fine-Tuning of
+    Large Models", arXiv:2410.11551 (https://arxiv.org/abs/2410.11551). No reference repository is published by the
+    authors; this implementation follows ``specs/loko.md``.
+
+    Two named groups share one filter: ``"lora"`` (``lora_A``/``lora_B``, embedding LoRA, DoRA magnitudes) and
+    ``"other"`` (every other trainable parameter, e.g. a ``modules_to_save`` classifier head), with ``lr`` and
+    ``other_lr`` (default: ``lr``) scaling their mean updates. The remaining keywords are those of :class:`LoKO`.
+
+    Raises ``ValueError`` when the model has no trainable parameter or no LoRA parameter (build
+    ``LoKO(model.named_parameters(), ...)`` directly to filter arbitrary parameters), and ``NotImplementedError``
+    for FSDP/DeepSpeed-wrapped models.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"create_loko_optimizer expects an nn.Module (a PEFT model), got {type(model).__name__}")
+    wrapper = type(model).__name__
+    if wrapper in ("FullyShardedDataParallel", "DeepSpeedEngine") or hasattr(model, "zero_optimization"):
+        raise NotImplementedError(
+            f"LoKO does not support {wrapper}: parameters are sharded or flattened; use DDP or a single process"
+        )
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError(
+            "the model has no trainable parameter: apply peft.get_peft_model(model, LoraConfig(...)) first"
+        )
+    lora = [(n, p) for n, p in named if _is_lora_name(n)]
+    other = [(n, p) for n, p in named if not _is_lora_name(n)]
+    if not lora:
+        raise ValueError(
+            "no LoRA parameter found (names with .lora_A./.lora_B.): wrap the model with peft.get_peft_model, or "
+            "build LoKO(model.named_parameters(), num_outputs=...) directly to filter arbitrary parameters"
+        )
+    groups = [{"params": lora, "name": "lora", "lr": lr}]
+    if other:
+        groups.append({"params": other, "name": "other", "lr": lr if other_lr is None else other_lr})
+    return LoKO(
+        groups,
+        num_outputs=num_outputs,
+        observation=observation,
+        lr=lr,
+        p_init=p_init,
+        beta=beta,
+        r0=r0,
+        r_min=r_min,
+        q=q,
+        jitter=jitter,
+        p_floor=p_floor,
+        batch_mode=batch_mode,
+        reduce_simplex=reduce_simplex,
+        seed=seed,
+        dtype=dtype,
+        process_group=process_group,
+    )

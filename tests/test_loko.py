@@ -1,0 +1,766 @@
+"""LoKO optimizer: wiring against the pure filter, the torch.optim contract, checkpoints, errors, DDP parity."""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+import loraopt
+from loraopt.functional.ekf import EKFConfig, diag_ekf_update, scalar_ekf_update
+from loraopt.optim.loko import LoKO, create_loko_optimizer, output_jacobian
+
+F64 = torch.float64
+D_IN, HIDDEN, M = 6, 8, 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: intra-op threads only add synchronisation cost on a loaded 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class MLP(nn.Module):
+    def __init__(self, m: int = M):
+        super().__init__()
+        self.fc1 = nn.Linear(D_IN, HIDDEN)
+        self.fc2 = nn.Linear(HIDDEN, HIDDEN)
+        self.head = nn.Linear(HIDDEN, m)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+
+
+def make_model(seed: int = 0, dtype=F64, *, m: int = M, perturb_B: bool = True, dora: bool = False) -> nn.Module:
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        MLP(m), LoraConfig(target_modules=["fc1", "fc2"], r=4, modules_to_save=["head"], use_dora=dora)
+    )
+    if perturb_B:  # B = 0 makes the A-Jacobian vanish; most tests want every block exercised
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".lora_B." in name:
+                    p.normal_(0, 0.3)
+    return model.to(dtype)
+
+
+def trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def data(seed: int, b: int, m: int = M, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, D_IN, generator=g, dtype=dtype), torch.randint(m, (b,), generator=g)
+
+
+def loop_jacobian(h: torch.Tensor, params):
+    rows = []
+    flat = h.reshape(-1)
+    for k in range(flat.numel()):
+        grads = torch.autograd.grad(flat[k], params, retain_graph=True, allow_unused=True)
+        blocks = [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]
+        rows.append(torch.cat(blocks))
+    return torch.stack(rows)
+
+
+def flat(tensors):
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def state_p(opt, params):
+    return flat([opt.state[p]["p"] for p in params])
+
+
+def softmax_reference(model, opt, x, y, **cfg_kw):
+    """What one joint LoKO step must do, computed through the pure filter with a loop Jacobian."""
+    params = trainable(model)
+    h = torch.softmax(model(x), -1)
+    H = loop_jacobian(h, params)
+    e = torch.nn.functional.one_hot(y, M).to(h.dtype) - h.detach()
+    R = opt.state[opt.anchor]["R"]
+    cfg = EKFConfig(**{"noise_floor": "ones", **cfg_kw})
+    return diag_ekf_update(flat(params), state_p(opt, params), R, H.reshape(len(y), M, -1), e, cfg)
+
+
+# ------------------------------------------------------------------------------------------------- Jacobian
+
+
+def test_batched_jacobian_equals_loop_of_autograd_grad():
+    model = make_model()
+    params = trainable(model)
+    x, _ = data(1, 4)
+    h = torch.softmax(model(x), -1)
+    H = output_jacobian(h, params, dtype=F64)
+    ref = loop_jacobian(h, params)
+    assert H.shape == (4 * M, sum(p.numel() for p in params))
+    torch.testing.assert_close(H, ref, rtol=0, atol=1e-10)
+    rows = torch.tensor([1, 5, 7])
+    torch.testing.assert_close(output_jacobian(h, params, rows=rows, dtype=F64), ref[rows], rtol=0, atol=1e-10)
+
+
+def test_jacobian_of_unused_parameter_is_zero():
+    w = torch.randn(3, requires_grad=True, dtype=F64)
+    unused = torch.randn(2, requires_grad=True, dtype=F64)
+    out = torch.stack([w.sum(), (w**2).sum()])
+    H = output_jacobian(out, [w, unused], dtype=F64)
+    torch.testing.assert_close(H[:, 3:], torch.zeros(2, 2, dtype=F64))
+    torch.testing.assert_close(H[1, :3], 2 * w.detach())
+
+
+# ------------------------------------------------------------------------------------------------- wiring
+
+
+def test_step_equals_pure_filter_joint_batch():
+    model = make_model()
+    opt = create_loko_optimizer(model, num_outputs=M, lr=0.7, beta=0.9, jitter=1e-6)
+    opt.step()  # no observation: allocates state only
+    x, y = data(2, 5)
+    ref = softmax_reference(model, opt, x, y, lr=0.7, beta=0.9, r_min=1e-4, jitter=1e-6, jitter_abs=1e-12)
+    opt.observe(model(x), y)
+    opt.step()
+    params = trainable(model)
+    torch.testing.assert_close(flat(params), ref.theta, rtol=0, atol=1e-12)
+    torch.testing.assert_close(state_p(opt, params), ref.p, rtol=0, atol=1e-14)
+    torch.testing.assert_close(opt.state[opt.anchor]["R"], ref.R, rtol=0, atol=1e-14)
+    assert all(float(opt.state[p]["step"]) == 1 for p in params)
+
+
+def test_all_trainable_parameters_are_filtered_including_dora_and_head():
+    model = make_model(dora=True)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("lora_magnitude_vector" in n for n in names) and any("modules_to_save" in n for n in names)
+    opt = create_loko_optimizer(model, num_outputs=M)
+    groups = {g["name"]: g["param_names"] for g in opt.param_groups}
+    assert set(groups) == {"lora", "other"}
+    assert all("modules_to_save" in n for n in groups["other"])
+    assert any("lora_magnitude_vector" in n for n in groups["lora"])
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    x, y = data(3, 4)
+    opt.observe(model(x), y)
+    opt.step()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert not torch.equal(p, before[n]), n
+
+
+def test_standard_lora_init_first_step_leaves_A_unchanged():
+    model = make_model(perturb_B=False, dtype=torch.float32)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = create_loko_optimizer(model, num_outputs=M)
+    x, y = data(4, 2, dtype=torch.float32)
+    opt.observe(model(x), y)
+    opt.step()
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if ".lora_A." in n:
+            assert torch.equal(p, before[n]), n
+        elif ".lora_B." in n or "modules_to_save" in n:
+            assert not torch.equal(p, before[n]), n
+    # p of A is not reduced while B = 0 (its Jacobian is exactly zero)
+    ref = create_loko_optimizer(make_model(perturb_B=False, dtype=torch.float32), num_outputs=M)
+    ref.step()
+    for (n, p), q in zip(
+        [(n, p) for n, p in model.named_parameters() if p.requires_grad], [q for q in ref.state]
+    ):
+        if ".lora_A." in n:
+            assert torch.equal(opt.state[p]["p"], ref.state[q]["p"])
+
+
+def test_unnamed_parameters_and_multiple_groups_with_per_group_lr():
+    model = make_model()
+    params = trainable(model)
+    split = 2
+    opt = LoKO(
+        [{"params": params[:split], "lr": 0.5}, {"params": params[split:], "lr": 2.0}], num_outputs=M, beta=0.9
+    )
+    opt.step()
+    x, y = data(5, 3)
+    n_first = sum(p.numel() for p in params[:split])
+    n_rest = flat(params).numel() - n_first
+    lr = torch.cat([torch.full((n_first,), 0.5, dtype=F64), torch.full((n_rest,), 2.0, dtype=F64)])
+    ref = softmax_reference(model, opt, x, y, lr=lr, beta=0.9)
+    opt.observe(model(x), y)
+    opt.step()
+    torch.testing.assert_close(flat(params), ref.theta, rtol=0, atol=1e-12)
+
+
+def test_group_with_lr_zero_is_frozen_and_excluded():
+    model = make_model()
+    params = trainable(model)
+    frozen, live = params[:2], params[2:]
+    opt = LoKO([{"params": frozen, "lr": 0.0}, {"params": live}], num_outputs=M)
+    opt.step()
+    before_p = state_p(opt, frozen).clone()
+    before = flat(frozen).clone()
+    x, y = data(6, 3)
+    h = torch.softmax(model(x), -1)
+    H = loop_jacobian(h, live)
+    e = torch.nn.functional.one_hot(y, M).to(F64) - h.detach()
+    R = opt.state[opt.anchor]["R"]
+    ref = diag_ekf_update(flat(live), state_p(opt, live), R, H.reshape(3, M, -1), e, EKFConfig())
+    opt.observe(model(x), y)
+    opt.step()
+    assert torch.equal(flat(frozen), before) and torch.equal(state_p(opt, frozen), before_p)
+    torch.testing.assert_close(flat(live), ref.theta, rtol=0, atol=1e-12)
+
+
+def test_filter_level_hyperparameters_must_agree_across_groups():
+    params = trainable(make_model())
+    with pytest.raises(ValueError, match="beta must be the same in every parameter group"):
+        LoKO([{"params": params[:2]}, {"params": params[2:], "beta": 0.5}], num_outputs=M)
+
+
+def test_regression_observation_equals_pure_filter():
+    model = make_model(m=2)
+    params = trainable(model)
+    opt = create_loko_optimizer(model, num_outputs=2, observation="regression", r0=0.5)
+    opt.step()
+    x, _ = data(7, 4)
+    target = torch.randn(4, 2, dtype=F64)
+    pred = model(x)
+    H = loop_jacobian(pred, params)
+    ref = diag_ekf_update(
+        flat(params), state_p(opt, params), opt.state[opt.anchor]["R"], H.reshape(4, 2, -1), target - pred.detach(),
+        EKFConfig(noise_floor="eig"),
+    )
+    opt.observe(model(x), target)
+    opt.step()
+    torch.testing.assert_close(flat(params), ref.theta, rtol=0, atol=1e-12)
+    torch.testing.assert_close(opt.state[opt.anchor]["R"], ref.R, rtol=0, atol=1e-14)
+
+
+def test_scalar_loss_observation_equals_pure_filter():
+    model = make_model()
+    params = trainable(model)
+    opt = create_loko_optimizer(model, num_outputs=None, observation="loss", beta=0.9)
+    opt.step()
+    x, y = data(8, 4)
+    loss = nn.functional.cross_entropy(model(x), y)
+    opt.observe(loss.detach())
+    loss.backward()
+    g = flat([p.grad for p in params])
+    ref = scalar_ekf_update(
+        flat(params), state_p(opt, params), opt.state[opt.anchor]["R"], g, loss.detach(),
+        EKFConfig(beta=0.9, noise_floor="eig"),
+    )
+    opt.step()
+    torch.testing.assert_close(flat(params), ref.theta, rtol=0, atol=1e-12)
+    assert opt.state[opt.anchor]["R"].shape == (1, 1)
+
+
+def test_scalar_loss_closure():
+    model = make_model()
+    opt = create_loko_optimizer(model, num_outputs=None, observation="loss")
+    x, y = data(9, 4)
+    before = flat(trainable(model)).clone()
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    out = opt.step(closure)
+    assert torch.is_tensor(out) and out.requires_grad
+    assert not torch.equal(flat(trainable(model)), before)
+
+
+def test_closure_called_once_and_equals_observe():
+    x, y = data(10, 3)
+    m1, m2 = make_model(), make_model()
+    o1, o2 = create_loko_optimizer(m1, num_outputs=M), create_loko_optimizer(m2, num_outputs=M)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return m1(x), y
+
+    ret = o1.step(closure)
+    assert len(calls) == 1 and isinstance(ret, tuple)
+    o2.observe(m2(x), y)
+    o2.step()
+    assert torch.equal(flat(trainable(m1)), flat(trainable(m2)))
+
+
+def test_reduce_simplex_equals_full_observation():
+    x_all, y_all = data(11, 12)
+    out = {}
+    for reduce in (False, True):
+        model = make_model()
+        opt = create_loko_optimizer(model, num_outputs=M, reduce_simplex=reduce, jitter=0.0, beta=0.9)
+        for k in range(4):
+            xb, yb = x_all[3 * k : 3 * k + 3], y_all[3 * k : 3 * k + 3]
+            opt.observe(model(xb), yb)
+            opt.step()
+        out[reduce] = (flat(trainable(model)), state_p(opt, trainable(model)), opt.state[opt.anchor]["R"].shape)
+    torch.testing.assert_close(out[False][0], out[True][0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(out[False][1], out[True][1], rtol=0, atol=1e-12)
+    assert out[True][2] == (M - 1, M - 1)
+
+
+def test_soft_targets_and_leading_dims():
+    model = make_model()
+    opt = create_loko_optimizer(model, num_outputs=M)
+    x, y = data(12, 4)
+    logits = model(x.reshape(2, 2, D_IN))
+    opt.observe(logits, torch.nn.functional.one_hot(y, M).reshape(2, 2, M).to(F64))
+    opt.step()
+    ref_model = make_model()
+    ref = create_loko_optimizer(ref_model, num_outputs=M)
+    ref.observe(ref_model(x), y)
+    ref.step()
+    torch.testing.assert_close(flat(trainable(model)), flat(trainable(ref_model)), rtol=0, atol=1e-13)
+
+
+# ------------------------------------------------------------------------------------------------- batch modes
+
+
+def test_joint_b1_equals_sequential():
+    x, y = data(13, 5)
+    out = []
+    for mode in ("joint", "sequential"):
+        model = make_model()
+        opt = create_loko_optimizer(model, num_outputs=M, batch_mode=mode)
+        for i in range(5):
+            opt.observe(model(x[i : i + 1]), y[i : i + 1])
+            opt.step()
+        out.append(flat(trainable(model)))
+    assert torch.equal(out[0], out[1])
+
+
+def test_sequential_batch_equals_single_sample_steps():
+    x, y = data(14, 4)
+    ref_model = make_model()
+    ref = create_loko_optimizer(ref_model, num_outputs=M)
+    for i in range(4):
+        ref.observe(ref_model(x[i : i + 1]), y[i : i + 1])
+        ref.step()
+    model = make_model()
+    opt = create_loko_optimizer(model, num_outputs=M, batch_mode="sequential")
+    opt.observe(model(x), y, forward=lambda i: model(x[i : i + 1]))
+    opt.step()
+    torch.testing.assert_close(flat(trainable(model)), flat(trainable(ref_model)), rtol=0, atol=1e-13)
+    torch.testing.assert_close(opt.state[opt.anchor]["R"], ref.state[ref.anchor]["R"], rtol=0, atol=1e-14)
+
+
+def test_joint_rows_from_per_sample_forwards_equal_batch_rows():
+    """forward= only changes where the Jacobian rows come from (one-sample graphs), not the joint update."""
+    x, y = data(16, 4)
+    out = []
+    for use_forward in (False, True):
+        model = make_model()
+        opt = create_loko_optimizer(model, num_outputs=M)
+        kw = {"forward": lambda i: model(x[i : i + 1])} if use_forward else {}
+        for _ in range(2):
+            opt.observe(model(x), y, **kw)
+            opt.step()
+        out.append((flat(trainable(model)), opt.state[opt.anchor]["R"].clone()))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(out[0][1], out[1][1], rtol=0, atol=1e-13)
+
+
+def test_joint_and_sequential_differ_for_b_gt_1():
+    x, y = data(15, 4)
+    out = []
+    for mode in ("joint", "sequential"):
+        model = make_model()
+        opt = create_loko_optimizer(model, num_outputs=M, batch_mode=mode)
+        opt.observe(model(x), y, **({"forward": lambda i: model(x[i : i + 1])} if mode == "sequential" else {}))
+        opt.step()
+        out.append(flat(trainable(model)))
+    assert not torch.allclose(out[0], out[1])
+
+
+# ------------------------------------------------------------------------------------------------- P0
+
+
+def test_p_init_uniform_constant_and_seeded():
+    model = make_model()
+    opt = create_loko_optimizer(model, num_outputs=M, p_init=(1e-3, 2e-3), seed=3)
+    opt.step()
+    p = state_p(opt, trainable(model))
+    assert p.dtype == F64 and (p >= 1e-3).all() and (p <= 2e-3).all() and p.std() > 0
+    again = create_loko_optimizer(make_model(seed=5), num_outputs=M, p_init=(1e-3, 2e-3), seed=3)
+    again.step()
+    assert torch.equal(p, state_p(again, [q for q in again.state]))
+    other = create_loko_optimizer(make_model(), num_outputs=M, p_init=(1e-3, 2e-3), seed=4)
+    other.step()
+    assert not torch.equal(p, state_p(other, [q for q in other.state]))
+    const = create_loko_optimizer(make_model(), num_outputs=M, p_init=0.05)
+    const.step()
+    assert torch.equal(state_p(const, [q for q in const.state]), torch.full_like(p, 0.05))
+
+
+def test_p_init_score_sets_prior_predictive_variance_to_a_tenth_of_r0():
+    x, y = data(16, 3)
+    model = make_model()
+    opt = create_loko_optimizer(model, num_outputs=M, p_init="score", r0=0.2)
+    opt.step()
+    params = trainable(model)
+    u = state_p(opt, params).clone()  # before the first observation: the seeded uniform draw
+    h = torch.softmax(model(x), -1)
+    H = loop_jacobian(h, params)
+    c = 0.1 * 0.2 / (H.pow(2) @ u).mean()
+    p0 = c * u
+    assert float((H.pow(2) @ p0).mean()) == pytest.approx(0.1 * 0.2, rel=1e-12)
+    e = torch.nn.functional.one_hot(y, M).to(F64) - h.detach()
+    ref = diag_ekf_update(flat(params), p0, opt.state[opt.anchor]["R"], H.reshape(3, M, -1), e, EKFConfig())
+    opt.observe(model(x), y)
+    opt.step()
+    torch.testing.assert_close(flat(params), ref.theta, rtol=0, atol=1e-12)
+    torch.testing.assert_close(state_p(opt, params), ref.p, rtol=0, atol=1e-14)
+    # later steps are ordinary filter steps (no rescaling)
+    x2, y2 = data(17, 3)
+    ref2 = softmax_reference(model, opt, x2, y2)
+    opt.observe(model(x2), y2)
+    opt.step()
+    torch.testing.assert_close(flat(params), ref2.theta, rtol=0, atol=1e-12)
+
+
+def test_p_positive_and_nonincreasing_with_q0():
+    model = make_model()
+    opt = create_loko_optimizer(model, num_outputs=M)
+    params = trainable(model)
+    prev = None
+    for k in range(15):
+        x, y = data(100 + k, 2)
+        opt.observe(model(x), y)
+        opt.step()
+        p = state_p(opt, params).clone()
+        assert (p > 0).all()
+        if prev is not None:
+            assert (p <= prev).all()
+        prev = p
+
+
+# ------------------------------------------------------------------------------------------------- no-op steps
+
+
+def test_lr_zero_step_allocates_state_and_changes_nothing():
+    model = make_model()
+    before = flat(trainable(model)).clone()
+    opt = create_loko_optimizer(model, num_outputs=M, lr=0.0)
+    for k in range(2):
+        x, y = data(18 + k, 3)
+        opt.observe(model(x), y)
+        opt.step()
+    assert torch.equal(flat(trainable(model)), before)
+    ref = create_loko_optimizer(make_model(), num_outputs=M)
+    ref.step()
+    for p, q in zip(trainable(model), ref.state):
+        assert torch.equal(opt.state[p]["p"], ref.state[q]["p"])
+        assert float(opt.state[p]["step"]) == 0
+    torch.testing.assert_close(opt.state[opt.anchor]["R"], 0.1 * torch.eye(M, dtype=F64), rtol=0, atol=0)
+    assert int(opt.state[opt.anchor]["skipped"]) == 0
+    assert not opt.has_pending_observation
+
+
+def test_step_without_observation_is_a_noop_and_dcp_style_init_works():
+    model = make_model()
+    before = flat(trainable(model)).clone()
+    opt = create_loko_optimizer(model, num_outputs=M)
+    opt.step()
+    assert len(opt.state) == len(trainable(model))
+    snap = {k: v.clone() for k, v in opt.state[opt.anchor].items()}
+    opt.step()
+    assert torch.equal(flat(trainable(model)), before)
+    for k, v in opt.state[opt.anchor].items():
+        assert torch.equal(v, snap[k])
+    # torch.distributed.checkpoint style: zero grads everywhere, lr 0, step, restore lrs
+    fresh = create_loko_optimizer(make_model(), num_outputs=M)
+    for p in [p for g in fresh.param_groups for p in g["params"]]:
+        p.grad = torch.zeros_like(p)
+    lrs = [g["lr"] for g in fresh.param_groups]
+    for g in fresh.param_groups:
+        g["lr"] = 0.0
+    fresh.step()
+    for g, lr in zip(fresh.param_groups, lrs):
+        g["lr"] = lr
+    assert all("p" in fresh.state[p] for g in fresh.param_groups for p in g["params"])
+
+
+def test_zero_grad_drops_pending_observation():
+    model = make_model()
+    opt = create_loko_optimizer(model, num_outputs=M)
+    before = flat(trainable(model)).clone()
+    x, y = data(20, 2)
+    opt.observe(model(x), y)
+    opt.zero_grad()
+    opt.step()
+    assert torch.equal(flat(trainable(model)), before)
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+
+
+def test_state_dict_roundtrip_keeps_fp32_state_under_bf16_params():
+    model = make_model(dtype=torch.bfloat16)
+    opt = create_loko_optimizer(model, num_outputs=M)
+    x, y = data(21, 3, dtype=torch.bfloat16)
+    opt.observe(model(x), y)
+    opt.step()
+    params = trainable(model)
+    assert all(p.dtype == torch.bfloat16 for p in params)
+    assert all(opt.state[p]["p"].dtype == torch.float32 for p in params)
+    assert opt.state[opt.anchor]["R"].dtype == torch.float32
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    fresh = create_loko_optimizer(model, num_outputs=M)
+    fresh.load_state_dict(loaded)
+    for p in params:
+        for key in ("p", "step"):
+            assert fresh.state[p][key].dtype == opt.state[p][key].dtype
+            assert torch.equal(fresh.state[p][key], opt.state[p][key])
+    for key in ("R", "skipped"):
+        assert fresh.state[fresh.anchor][key].dtype == opt.state[opt.anchor][key].dtype
+        assert torch.equal(fresh.state[fresh.anchor][key], opt.state[opt.anchor][key])
+    # every state value is a tensor (weights_only / DCP friendly)
+    assert all(torch.is_tensor(v) for s in opt.state_dict()["state"].values() for v in s.values())
+
+
+def test_resume_is_bit_exact():
+    steps = [data(30 + k, 3, dtype=torch.float32) for k in range(6)]
+
+    def run(model, opt, batch):
+        for x, y in batch:
+            opt.observe(model(x), y)
+            opt.step()
+
+    full_model = make_model(dtype=torch.float32)
+    full_opt = create_loko_optimizer(full_model, num_outputs=M, p_init="score")
+    run(full_model, full_opt, steps)
+
+    model = make_model(dtype=torch.float32)
+    opt = create_loko_optimizer(model, num_outputs=M, p_init="score")
+    run(model, opt, steps[:3])
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+
+    resumed = make_model(seed=123, dtype=torch.float32)
+    resumed.load_state_dict(ckpt["model"])
+    resumed_opt = create_loko_optimizer(resumed, num_outputs=M, p_init="score")
+    resumed_opt.load_state_dict(ckpt["opt"])
+    run(resumed, resumed_opt, steps[3:])
+
+    assert torch.equal(flat(trainable(resumed)), flat(trainable(full_model)))
+    assert torch.equal(state_p(resumed_opt, trainable(resumed)), state_p(full_opt, trainable(full_model)))
+    assert torch.equal(resumed_opt.state[resumed_opt.anchor]["R"], full_opt.state[full_opt.anchor]["R"])
+
+
+# ------------------------------------------------------------------------------------------------- numerics
+
+
+def test_bf16_parameters_use_fp32_filter_math():
+    model = make_model(dtype=torch.bfloat16)
+    opt = create_loko_optimizer(model, num_outputs=M, p_init=0.5)
+    before = flat(trainable(model)).clone()
+    x, y = data(22, 3, dtype=torch.bfloat16)
+    opt.observe(model(x), y)
+    opt.step()
+    params = trainable(model)
+    assert all(p.dtype == torch.bfloat16 for p in params)
+    assert not torch.equal(flat(params), before)
+    assert torch.isfinite(flat(params).float()).all()
+
+
+def test_non_finite_observation_is_skipped_with_one_warning():
+    model = make_model()
+    opt = create_loko_optimizer(model, num_outputs=M)
+    opt.step()
+    before = flat(trainable(model)).clone()
+    p_before = state_p(opt, trainable(model)).clone()
+    x, y = data(23, 2)
+    with pytest.warns(RuntimeWarning, match="skipped an update"):
+        opt.observe(model(x) * float("nan"), y)
+        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.observe(model(x) * float("nan"), y)
+        opt.step()
+    assert opt.skipped_steps == 2
+    assert torch.equal(flat(trainable(model)), before)
+    assert torch.equal(state_p(opt, trainable(model)), p_before)
+    opt.observe(model(x), y)
+    opt.step()
+    assert opt.skipped_steps == 2 and not torch.equal(flat(trainable(model)), before)
+
+
+def test_registry_builds_loko():
+    model = make_model()
+    opt = loraopt.create_optimizer("loko", model, num_outputs=M, beta=0.9)
+    assert isinstance(opt, LoKO) and opt.param_groups[0]["beta"] == 0.9
+
+
+# ------------------------------------------------------------------------------------------------- errors
+
+
+def test_adamw_style_step_raises_with_instructions():
+    model = make_model()
+    opt = create_loko_optimizer(model, num_outputs=M)
+    x, y = data(24, 2)
+    nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match=r"observe\(logits, targets\).*closure"):
+        opt.step()
+
+
+def test_closure_returning_loss_in_softmax_mode_raises():
+    model = make_model()
+    opt = create_loko_optimizer(model, num_outputs=M)
+    x, y = data(25, 2)
+    with pytest.raises(ValueError, match=r"closure must return \(outputs, targets\)"):
+        opt.step(lambda: nn.functional.cross_entropy(model(x), y))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(beta=1.5), "beta"),
+        (dict(r0=0.0), "r0"),
+        (dict(r_min=-1.0), "r_min"),
+        (dict(q=-1.0), "q"),
+        (dict(lr=-0.1), "lr"),
+        (dict(jitter=-1.0), "jitter"),
+        (dict(p_floor=0.0), "p_floor"),
+        (dict(num_outputs=1), "num_outputs"),
+        (dict(num_outputs=None), "num_outputs"),
+        (dict(p_init=(1e-2, 1e-4)), "low <= high"),
+        (dict(p_init="fisher"), "p_init"),
+        (dict(p_init=-1.0), "p_init"),
+        (dict(batch_mode="chunked"), "batch_mode"),
+        (dict(observation="logits"), "observation"),
+        (dict(observation="regression", reduce_simplex=True), "reduce_simplex"),
+        (dict(seed=-1), "seed"),
+        (dict(dtype=torch.float16), "dtype"),
+    ],
+)
+def test_invalid_hyperparameters(kwargs, match):
+    kw = {"num_outputs": M, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        create_loko_optimizer(make_model(), **kw)
+
+
+def test_observation_errors():
+    model = make_model()
+    opt = create_loko_optimizer(model, num_outputs=M)
+    x, y = data(26, 2)
+    with pytest.raises(ValueError, match="autograd graph"):
+        opt.observe(model(x).detach(), y)
+    with pytest.raises(ValueError, match="num_outputs"):
+        opt.observe(model(x)[:, :2], y)
+    with pytest.raises(ValueError, match="drop ignored labels"):
+        opt.observe(model(x), torch.tensor([0, -100]))
+    with pytest.raises(ValueError, match="one class index per sample"):
+        opt.observe(model(x), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="needs targets"):
+        opt.observe(model(x))
+    with pytest.raises(ValueError, match="alone"):
+        opt.observe(model(x), y, forward=lambda i: model(x))
+    with pytest.raises(ValueError, match="autograd graph"):
+        opt.observe(model(x), y, forward=lambda i: model(x[i : i + 1]).detach())
+    opt.observe(model(x), y)
+    with pytest.raises(ValueError, match="already called"):
+        opt.observe(model(x), y)
+    seq = create_loko_optimizer(model, num_outputs=M, batch_mode="sequential")
+    with pytest.raises(ValueError, match="forward=lambda i"):
+        seq.observe(model(x), y)
+
+
+def test_loss_mode_errors():
+    model = make_model()
+    opt = create_loko_optimizer(model, num_outputs=None, observation="loss")
+    x, y = data(27, 2)
+    loss = nn.functional.cross_entropy(model(x), y)
+    opt.observe(loss.detach())
+    with pytest.raises(ValueError, match=r"loss.backward\(\)"):
+        opt.step()
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    with pytest.raises(ValueError, match=r"observe\(loss\)"):
+        opt.step()
+    with pytest.raises(ValueError, match="scalar"):
+        opt.observe(torch.ones(3))
+    with pytest.raises(ValueError, match="only the loss"):
+        opt.observe(loss, y)
+    with pytest.raises(ValueError, match="closure must return the loss"):
+        opt.step(lambda: (model(x), y))
+
+
+def test_factory_errors():
+    with pytest.raises(ValueError, match="no LoRA parameter"):
+        create_loko_optimizer(MLP(), num_outputs=M)
+    frozen = MLP()
+    frozen.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        create_loko_optimizer(frozen, num_outputs=M)
+    with pytest.raises(TypeError, match="nn.Module"):
+        create_loko_optimizer([torch.zeros(2)], num_outputs=M)
+    with pytest.raises(ValueError, match="does not take"):
+        loraopt.create_optimizer("loko", make_model(), num_outputs=M, momentum=0.9)
+
+
+# ------------------------------------------------------------------------------------------------- DDP
+
+
+# rank r observes these sample slices of each step's batch (unequal sizes exercise the padded gather)
+_DDP_SLICES = [(0, 3), (3, 5)]
+_DDP_STEPS = 3
+
+
+def _ddp_batches():
+    return [data(40 + k, 5, dtype=torch.float32) for k in range(_DDP_STEPS)]
+
+
+def _ddp_worker(rank: int, world: int, out_dir: str, wrap: bool) -> None:
+    torch.set_num_threads(1)
+    # File rendezvous: no TCP port that a concurrent test run could also pick.
+    init = "file://" + os.path.join(out_dir, "rendezvous")
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        model = make_model(dtype=torch.float32)
+        forward = nn.parallel.DistributedDataParallel(model) if wrap else model
+        opt = create_loko_optimizer(model, num_outputs=M, p_init="score")
+        lo, hi = _DDP_SLICES[rank]
+        for x, y in _ddp_batches():
+            opt.observe(forward(x[lo:hi]), y[lo:hi])
+            opt.step()
+        torch.save(
+            {
+                "params": flat(trainable(model)),
+                "p": state_p(opt, trainable(model)),
+                "R": opt.state[opt.anchor]["R"].clone(),
+            },
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["plain", "ddp-wrapped"])
+def test_ddp_two_process_parity_with_single_process_joint_update(tmp_path, wrap):
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path), wrap), nprocs=2, join=True)
+    model = make_model(dtype=torch.float32)
+    opt = create_loko_optimizer(model, num_outputs=M, p_init="score")
+    for x, y in _ddp_batches():
+        opt.observe(model(x), y)
+        opt.step()
+    ref = {"params": flat(trainable(model)), "p": state_p(opt, trainable(model)), "R": opt.state[opt.anchor]["R"]}
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for key in ("params", "p", "R"):
+            torch.testing.assert_close(got[key], ref[key], rtol=0, atol=1e-6, msg=f"rank {rank} {key}")
+        assert not torch.equal(got["params"], flat(trainable(make_model(dtype=torch.float32))))
