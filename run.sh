@@ -28,6 +28,11 @@ install_assets() {
         grep -E '^pip install' requirements-assets.txt | while read -r line; do
             "$PY" -m $line -q || echo "warning: could not run: $line" >&2
         done
+        # Fashion-MNIST ships as a Debian package; best effort (needs root and the Debian mirror).
+        if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
+                || echo "warning: dataset-fashion-mnist not installed (tests that need it will skip)" >&2
+        fi
         touch "$astamp"
     fi
 }
@@ -35,9 +40,9 @@ install_assets() {
 cmd=${1:-test}
 shift || true
 case "$cmd" in
-    test) exec "$PY" -m pytest -n 2 "$@" ;;
+    test) install_assets; exec "$PY" -m pytest -n 2 "$@" ;;
     slow) exec "$PY" -m pytest -m slow "$@" ;;
-    main) exec "$VENV/bin/loraopt" bench linear "$@" ;;
+    main) install_assets; exec "$VENV/bin/loraopt" bench linear "$@" ;;
     assets) install_assets ;;
     --)   exec "$VENV/bin/loraopt" "$@" ;;
     *)    echo "usage: bash run.sh {test|slow|main|assets|-- ARGS}" >&2; exit 2 ;;

@@ -213,3 +213,16 @@ def test_param_groups_follow_a_scheduler(case):
         train_step(case, model, opt, *make_batch("mlp", seed=t))
         sched.step()
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([b * 0.25 for b in base])
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.observes_outputs], ids=lambda c: c.id)
+def test_observe_then_a_closure_returning_none_applies_the_observation(case):
+    """Lightning's manual optimization: observe(logits, y), then step(closure) whose closure returns None."""
+    model = make_model("mlp")
+    opt = case.build(model)
+    before = params_snapshot(model)
+    x, y = make_batch("mlp")
+    opt.observe(model(x), y)
+    calls = []
+    opt.step(lambda: calls.append(1))
+    assert calls == [1] and not _equal_params_to(model, before)

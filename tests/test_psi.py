@@ -212,3 +212,18 @@ def test_plain_module_with_lora_factors_trains():
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
     assert nn.functional.cross_entropy(model(x), y).item() < first
+
+
+@pytest.mark.parametrize("inner_iters", [0, 1])
+def test_hooks_do_not_outlive_the_optimizer(inner_iters):
+    import gc
+
+    model = make_model("mlp")
+    opt = loraopt.create_optimizer("psi-lora", model, lr=0.1, inner_iters=inner_iters, row_budget=40)
+    capture = opt._capture
+    del opt
+    gc.collect()
+    x, y = make_batch("mlp", n=16)
+    for _ in range(5):  # 80 rows: over the row budget if anything were still recording
+        loss_fn(model, x, y).backward()
+    assert all(capture.observation(layer).n_rows == 0 for layer in capture.layers)

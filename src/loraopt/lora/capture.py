@@ -25,6 +25,8 @@ in ``stream`` mode the sum over micro-batches of per-micro-batch norms, an upper
 
 from __future__ import annotations
 
+import inspect
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -115,7 +117,8 @@ class GradientCapture:
             raise ValueError("stream mode needs `probes`")
         self.layers = list(layers)
         self.mode = mode
-        self.probes = probes
+        # A bound method (an optimizer's) is held weakly: the model's hooks must not keep the optimizer alive.
+        self._probes_ref = weakref.WeakMethod(probes) if inspect.ismethod(probes) else (lambda: probes)
         self.kfac_stats = kfac_stats
         self.shampoo_stats = shampoo_stats
         self.grad_norm = grad_norm
@@ -190,7 +193,11 @@ class GradientCapture:
             obs.x_rows.append(x_rows)
             obs.g_rows.append(g_rows)
         else:
-            left, right = self.probes(layer)
+            probes = self._probes_ref()
+            if probes is None:  # the optimizer that owned these hooks is gone
+                self.remove()
+                return
+            left, right = probes(layer)
             obs.left = _add(obs.left, (sf @ left).mT @ xf)
             obs.right = _add(obs.right, sf.mT @ (xf @ right))
             if self.grad_norm:

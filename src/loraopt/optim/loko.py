@@ -533,13 +533,17 @@ class LoKO(LoRAOptimizer):
 
         ``closure``, if given, is called once under ``torch.enable_grad()`` and must return ``(outputs, targets)``
         (softmax/regression) or the loss (observation="loss", after its ``backward``); it is observed and applied,
-        and its return value is returned.
+        and its return value is returned.  A closure returning ``None`` after an explicit :meth:`observe` (what
+        Lightning's manual optimization does) applies that observation.
         """
         result = None
         if closure is not None:
             with torch.enable_grad():
                 result = closure()
-            self._observe_result(result)
+            # Lightning's manual optimization passes a closure that returns None after the user already called
+            # observe(): the pending observation is then the one to apply.
+            if not (result is None and self._pending is not None):
+                self._observe_result(result)
         self._init_state()
         pending, self._pending = self._pending, None
         s = self._settings()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -122,6 +123,8 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
             row_budget=row_budget,
         )
         self._probe_cache: Dict[int, Tuple[Tensor, Tensor]] = {}
+        # The hooks must not outlive the optimizer: a dropped optimizer would otherwise keep recording rows.
+        weakref.finalize(self, self._capture.remove)
         if any(layer.A.dtype in (torch.bfloat16, torch.float16) for layer in self._layers):
             warnings.warn(
                 f"{type(self).__name__}: LoRA factors are {self._layers[0].A.dtype}; the optimizer computes and keeps "

@@ -10,6 +10,7 @@ production optimizer.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Iterable, Optional, Tuple
 
 import torch
@@ -70,6 +71,7 @@ class SVDLoRA(LoRAOptimizer):
         self._dtype = compute_dtype
         self._dist = DistributedContext(process_group)
         self._capture = GradientCapture(self._layers, mode="rows", row_budget=None)
+        weakref.finalize(self, self._capture.remove)  # the hooks must not outlive the optimizer
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
