@@ -1,10 +1,14 @@
 """The ``loraopt`` command.
 
+    loraopt finetune --model M --task T --optimizer NAME [options]   LoRA fine-tuning, writes a run directory
+    loraopt evaluate --adapter RUN_DIR [--data FILE]                   score a saved adapter
+    loraopt demo                                                       4 optimizers on a real model, CPU, minutes
     loraopt bench linear [options]     the synthetic linear task of the PSI-LoRA paper
     loraopt bench online [options]     online (streaming) fine-tuning with LoKO and baselines
+    loraopt bench quality --suite S    quality benchmarks on real models (sst2, lm, vision)
     loraopt optimizers                 list the registered optimizers and their hyperparameters
 
-``loraopt bench NAME --help`` shows each benchmark's options.
+``loraopt COMMAND --help`` and ``loraopt bench NAME --help`` show each command's options.
 """
 
 from __future__ import annotations
@@ -18,6 +22,13 @@ from typing import List, Optional
 BENCHMARKS = {
     "linear": "loraopt.bench.linear",
     "online": "loraopt.bench.online",
+    "quality": "loraopt.bench.quality",
+}
+# Commands whose module parses its own arguments (they take many options; argparse here would duplicate them).
+COMMANDS = {
+    "finetune": ("loraopt.bench.finetune", "finetune_main", "LoRA fine-tuning of a pretrained model"),
+    "evaluate": ("loraopt.bench.finetune", "evaluate_main", "score a saved adapter on a data file"),
+    "demo": ("loraopt.bench.finetune", "demo_main", "compare LoKO, Scaled PSI-LoRA, PSI-LoRA and AdamW in minutes"),
 }
 
 
@@ -40,9 +51,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, _, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     bench = sub.add_parser("bench", help="run a benchmark (see `loraopt bench NAME --help`)", add_help=False)
     bench.add_argument("name", nargs="?", help=f"one of: {', '.join(BENCHMARKS)}")
     sub.add_parser("optimizers", help="list the registered optimizers and their hyperparameters")
+    if argv and argv[0] in COMMANDS:
+        module, function, _ = COMMANDS[argv[0]]
+        return int(getattr(importlib.import_module(module), function)(argv[1:]) or 0)
     args, rest = parser.parse_known_args(argv)
     if args.command == "optimizers":
         return _list_optimizers()

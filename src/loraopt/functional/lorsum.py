@@ -5,7 +5,13 @@ Notation (``d_out`` x ``d_in`` matrices, rank ``r``):
 * anchor ``(c0, B0, A0)`` with ``B0: (d_out, r)``, ``A0: (r, d_in)``: the current factors.
 * terms ``(c_j, L_j, R_j)`` with ``L_j: (d_out, k_j)``, ``R_j: (k_j, d_in)`` for any inner size ``k_j``.
   A gradient is the term ``(c, S^T, X)`` with ``S: (N, d_out)``, ``X: (N, d_in)``; a low-rank momentum is
-  ``(c, M_B, M_A)``.  ``Delta = sum_j c_j L_j R_j`` is never formed.
+  ``(c, M_B, M_A)``.  ``Delta = sum_j c_j L_j R_j`` is never formed.  A term ``(c, G, None)`` is a dense
+  ``d_out x d_in`` matrix ``G``: the capture holds a gradient that way when ``G`` is smaller than its rows
+  (``d_in d_out < N (d_in + d_out)``), and the projections ``B^T G``, ``G A^T`` then cost ``r d_in d_out``.
+
+Batches: every function accepts a leading batch dimension on all matrices (``(L, d_out, r)`` etc., metrics
+``(L, d)``), so the LoRSums of L layers of one shape run as one set of batched products and batched r x r
+solves.  The per-layer call is the reference; the batched one is tested equal to it in float64.
 
 The target is ``T = c0 B0 A0 + P_out^-1 Delta P_in^-1`` (``P = I`` when no metric is given) and one LoRSum solves
 
@@ -23,6 +29,7 @@ half-step, so every rank continues with identical iterates.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -67,11 +74,11 @@ def spd_solve(gram: Tensor, rhs: Tensor, *, jitter: float) -> Tuple[Tensor, Tens
     chol, info = torch.linalg.cholesky_ex(system)
     x_chol = torch.cholesky_solve(rhs, chol)
     x_lu, _ = torch.linalg.solve_ex(system, rhs)
-    failed = info != 0
-    return torch.where(failed, x_lu, x_chol), failed.to(torch.int64)
+    failed = info != 0  # one flag per system of a batch
+    return torch.where(failed[..., None, None], x_lu, x_chol), failed.to(torch.int64)
 
 
-def _split(term: Term) -> Tuple[Coef, Tensor, Tensor, bool]:
+def _split(term: Term) -> Tuple[Coef, Tensor, Optional[Tensor], bool]:
     if len(term) == 3:
         c, left, right = term
         return c, left, right, False
@@ -98,19 +105,20 @@ def _project(terms: Sequence[Term], apply: Callable[[Tensor, Tensor], Tensor], a
 
 
 def project_left(terms: Sequence[Term], B: Tensor, all_reduce: AllReduce = None) -> Tensor:
-    """``B^T Delta = sum_j c_j (B^T L_j) R_j``: ``(r, d_in)``, cost ``O(k_j r (d_out + d_in))`` per term."""
-    return _project(terms, lambda left, right: (B.mT @ left) @ right, all_reduce)
+    """``B^T Delta = sum_j c_j (B^T L_j) R_j``: ``(r, d_in)``, cost ``O(k_j r (d_out + d_in))`` per term
+    (``r d_out d_in`` for a dense term)."""
+    return _project(terms, lambda left, right: B.mT @ left if right is None else (B.mT @ left) @ right, all_reduce)
 
 
 def project_right(terms: Sequence[Term], A: Tensor, all_reduce: AllReduce = None) -> Tensor:
     """``Delta A^T = sum_j c_j L_j (R_j A^T)``: ``(d_out, r)``."""
-    return _project(terms, lambda left, right: left @ (right @ A.mT), all_reduce)
+    return _project(terms, lambda left, right: left @ A.mT if right is None else left @ (right @ A.mT), all_reduce)
 
 
 def _a_half_step(c0, B0, A0, B, BtDelta, lam, p_in_inv, p_out, jitter):
     """A = (B^T P_out B + lam I)^-1 (lam A0 + c0 (B^T P_out B0) A0 + B^T Delta P_in^-1)."""
-    BtP = B.mT if p_out is None else B.mT * p_out
-    rhs = BtDelta if p_in_inv is None else BtDelta * p_in_inv
+    BtP = B.mT if p_out is None else B.mT * p_out.unsqueeze(-2)
+    rhs = BtDelta if p_in_inv is None else BtDelta * p_in_inv.unsqueeze(-2)
     rhs = rhs + (BtP @ B0 @ A0) * c0
     lam = lam + jitter  # the jitter acts as extra proximal weight, so it never biases A away from the anchor
     if lam:
@@ -120,7 +128,7 @@ def _a_half_step(c0, B0, A0, B, BtDelta, lam, p_in_inv, p_out, jitter):
 
 def _b_half_step(c0, B0, A0, A, DeltaAt, lam, p_in, p_out_inv, jitter):
     """B = (lam B0 + c0 B0 (A0 P_in A^T) + P_out^-1 Delta A^T) (A P_in A^T + lam I)^-1."""
-    AP = A if p_in is None else A * p_in
+    AP = A if p_in is None else A * p_in.unsqueeze(-2)
     rhs = DeltaAt if p_out_inv is None else DeltaAt * p_out_inv.unsqueeze(-1)
     rhs = rhs + (B0 @ (A0 @ AP.mT)) * c0
     lam = lam + jitter
@@ -161,7 +169,11 @@ def lorsum_from_projections(
         # Both half-steps start from the anchor, so an anchor coefficient would be applied once by each (c0^2).
         # Writing c0 B0 A0 = (sqrt(c0) B0)(sqrt(c0) A0) makes the anchor coefficient 1 and the round exact for
         # Delta = 0; the projections on the rescaled factors are sqrt(c0) times the given ones.
-        root = torch.as_tensor(c0, dtype=compute_dtype, device=B0.device).sqrt()
+        # A Python coefficient stays on the host (no host-to-device copy per call).
+        if isinstance(c0, (int, float)):
+            root = math.sqrt(c0)
+        else:
+            root = torch.as_tensor(c0, dtype=compute_dtype, device=B0.device).sqrt()
         B0, A0, BtDelta, DeltaAt, c0 = B0 * root, A0 * root, BtDelta * root, DeltaAt * root, 1.0
     p_in, p_out = _as(p_in, compute_dtype), _as(p_out, compute_dtype)
     p_in_inv = None if p_in is None else p_in.reciprocal()
@@ -187,11 +199,13 @@ def lorsum(
 
     Args:
         anchor: ``(c0, B0: (d_out, r), A0: (r, d_in))``.  The output has the anchor's rank.
-        terms: ``(c_j, L_j: (d_out, k_j), R_j: (k_j, d_in)[, local])``.
+        terms: ``(c_j, L_j: (d_out, k_j), R_j: (k_j, d_in)[, local])``, or ``(c_j, G_j: (d_out, d_in), None[, local])``
+            for a dense term.
         iters: K.  ``K >= 1``: K alternating rounds (A then B); ``K = 0``: one Jacobi round.
         lam: proximal weight (already multiplied by the learning rate).  ``lam = 0`` with a rank-deficient
             factor leaves the systems singular up to ``jitter``.
-        p_in, p_out: diagonal metric ``(d_in,)``, ``(d_out,)``, strictly positive; ``None`` means identity.
+        p_in, p_out: diagonal metric ``(d_in,)``, ``(d_out,)`` (``(L, d)`` for a batch), strictly positive;
+            ``None`` means identity.
         jitter: added to ``lam`` (in the systems and in the proximal pull, so the anchor stays a fixed point):
             keeps the r x r systems positive definite when ``lam = 0`` and a factor is rank-deficient.
         all_reduce: applied to the summed projections of the ``local`` terms once per half-step.
@@ -205,7 +219,8 @@ def lorsum(
     c0, B0, A0 = anchor
     B0, A0 = B0.to(compute_dtype), A0.to(compute_dtype)
     terms = [
-        (c, left.to(compute_dtype), right.to(compute_dtype), *rest) for c, left, right, *rest in terms
+        (c, left.to(compute_dtype), None if right is None else right.to(compute_dtype), *rest)
+        for c, left, right, *rest in terms
     ]
     if iters == 0:
         return lorsum_from_projections(
@@ -218,7 +233,7 @@ def lorsum(
     p_in_inv = None if p_in is None else p_in.reciprocal()
     p_out_inv = None if p_out is None else p_out.reciprocal()
     B = B0
-    fallbacks = torch.zeros((), dtype=torch.int64, device=B0.device)
+    fallbacks = torch.zeros(B0.shape[:-2], dtype=torch.int64, device=B0.device)
     for _ in range(iters):
         A, fa = _a_half_step(c0, B0, A0, B, project_left(terms, B, all_reduce), lam, p_in_inv, p_out, jitter)
         B, fb = _b_half_step(c0, B0, A0, A, project_right(terms, A, all_reduce), lam, p_in, p_out_inv, jitter)

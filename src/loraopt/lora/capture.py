@@ -14,9 +14,22 @@ tensor hook receives ``g = dL/d(lora_B output) = s S`` and records the pair.  Co
 Two storage modes per step:
 
 * ``rows``: keep ``(X, g)`` in the activation dtype (``N (d_in + d_out)`` values per layer); any product can be
-  computed at step time.  Needed for K >= 1 alternating rounds.
+  computed at step time.  Needed for K >= 1 alternating rounds.  With ``dense="auto"`` a layer whose dense
+  gradient is smaller than its rows (``d_in d_out <= N (d_in + d_out)``, i.e. almost always at LLM batch sizes)
+  keeps ``G = sum_m S_m^T X_m`` instead (fp32, accumulated as micro-batches arrive) and releases the rows at once:
+  the same information, a fraction of the memory, and every later product costs ``r d_in d_out`` instead of
+  ``r N (d_in + d_out)``.
 * ``stream``: fold each pair into fixed projections as it arrives (``probes``: ``[B~ | M_B]^T G`` and
-  ``G [A~ | M_A]^T``), so nothing of size N is kept.  Enough for the Jacobi (K = 0) round.
+  ``G [A~ | M_A]^T``), so nothing of size N is kept.  Enough for the Jacobi (K = 0) round.  With ``dense="auto"``
+  the projections come from the micro-batch's dense ``G_m`` (then dropped) when that is cheaper than projecting
+  the rows, which is always the case when the gradient norm or Shampoo statistics are needed (both need
+  ``G_m`` or an ``N x N`` Gram matrix).
+
+Precision of the dense product: when the rows carry 16-bit values (the frozen layer computes in bf16/fp16 and
+LoRA dropout is off: PEFT upcasts the bf16 input for fp32 adapters, and the output gradient is the upcast bf16
+gradient) the product ``g^T x`` runs in TF32 on CUDA, which is exact for such operands (their 8- or 11-bit
+significands fit TF32's, the products are exact and accumulate in fp32): the result equals the fp32 product up to
+summation order, at the tensor-core rate.  Other rows use fp32.
 
 Optional per-step statistics, computed as pairs arrive: sums of squared input/output rows (diagonal K-FAC), the
 diagonal Shampoo sums ``diag(G^T G)``, ``diag(G G^T)``, and the gradient norm (exact in ``rows`` mode at step time;
@@ -65,6 +78,7 @@ class LayerObservation:
     shampoo_in: Optional[Tensor] = None  # (d_in,)  sum over micro-batches of diag(G_m^T G_m)
     shampoo_out: Optional[Tensor] = None  # (d_out,) sum over micro-batches of diag(G_m G_m^T)
     grad_norm_bound: Optional[Tensor] = None  # sum over micro-batches of |G_m|_F (stream mode)
+    G: Optional[Tensor] = None  # (d_out, d_in) fp32 sum of S_m^T X_m: rows mode when dense is the smaller form
 
     @property
     def empty(self) -> bool:
@@ -78,6 +92,8 @@ class LayerObservation:
 
     def grad_sq_norm(self) -> Tensor:
         """``|G|_F^2`` exactly (rows mode) or the square of the per-micro-batch bound (stream mode)."""
+        if self.G is not None:
+            return self.G.square().sum()
         if self.x_rows:
             x, s = self.rows()
             return lowrank_sq_norm(s.mT, x.float())
@@ -86,6 +102,55 @@ class LayerObservation:
 
 def _add(acc: Optional[Tensor], value: Tensor) -> Tensor:
     return value if acc is None else acc.add_(value)
+
+
+# Tensor-core TF32 over fp32 SIMT, as a conservative planning ratio for choosing the dense product (H100: ~8x).
+_TF32_SPEEDUP = 6.0
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` without a dispatcher call when it is already that dtype (this runs per layer per backward)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+class _NoOp:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _TF32:
+    """Allow TF32 for the products inside the block only (restored afterwards, whatever it was)."""
+
+    def __enter__(self):
+        self.prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.prev
+        return False
+
+
+def _sixteen_bit_rows(layer: LoRALayer) -> bool:
+    """True when the rows the hooks see hold 16-bit values: the frozen layer computes in bf16/fp16 (so its input,
+    upcast for fp32 adapters, and its output gradient are 16-bit values) and LoRA dropout is off (a dropout mask
+    scaled by 1/(1-p) would leave the 16-bit grid).  Anything unrecognised answers False (fp32 products)."""
+    base = getattr(layer.module, "base_layer", None)
+    weight = getattr(base, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    dropout = getattr(layer.module, "lora_dropout", None)
+    if dropout is not None:
+        try:
+            drop = dropout[layer.adapter] if layer.adapter is not None else dropout
+        except (KeyError, TypeError):
+            return False
+        if isinstance(drop, torch.nn.Dropout):
+            return drop.p == 0
+        return isinstance(drop, torch.nn.Identity)
+    return True
 
 
 class GradientCapture:
@@ -98,6 +163,8 @@ class GradientCapture:
             matrices the gradient is projected on (read when a pair arrives, so they must only change in ``step``).
         kfac_stats, shampoo_stats, grad_norm: which per-step statistics to accumulate.
         row_budget: rows mode only: an error once a layer holds more rows than this in one step.
+        dense: ``"never"`` (keep rows / project rows, the reference) or ``"auto"`` (hold or project the dense
+            micro-batch gradient where it is the smaller or cheaper form; see the module docstring).
     """
 
     def __init__(
@@ -110,6 +177,7 @@ class GradientCapture:
         shampoo_stats: bool = False,
         grad_norm: bool = False,
         row_budget: Optional[int] = None,
+        dense: str = "never",
     ):
         if mode not in ("rows", "stream"):
             raise ValueError(f"capture mode must be 'rows' or 'stream', got {mode!r}")
@@ -123,6 +191,10 @@ class GradientCapture:
         self.shampoo_stats = shampoo_stats
         self.grad_norm = grad_norm
         self.row_budget = row_budget
+        if dense not in ("never", "auto"):
+            raise ValueError(f"dense must be 'never' or 'auto', got {dense!r}")
+        self.dense = dense
+        self._sixteen: Dict[int, bool] = {}
         self.observations: Dict[int, LayerObservation] = {layer.index: LayerObservation() for layer in self.layers}
         self._pending_input: Dict[int, Optional[Tensor]] = {}
         self._handles: List[RemovableHandle] = []
@@ -170,7 +242,12 @@ class GradientCapture:
         obs = self.observations[layer.index]
         scaling = layer.scaling
         obs.scaling = scaling
-        x_rows, g_rows = layer.to_rows(x.detach()), layer.to_rows(g.detach())
+        # Each tensor op costs tens of microseconds of host time and this runs for every layer in every backward:
+        # detach only when a graph could be recorded (create_graph), reshape only what is not already rows.
+        if torch.is_grad_enabled():
+            x, g = x.detach(), g.detach()
+        x_rows = x if x.dim() == 2 and layer.kind == "linear" else layer.to_rows(x)
+        g_rows = g if g.dim() == 2 and layer.kind == "linear" else layer.to_rows(g)
         n = x_rows.shape[0]
         if n != g_rows.shape[0]:
             raise RuntimeError(
@@ -178,36 +255,135 @@ class GradientCapture:
                 "and lora_B were not called once each per forward"
             )
         obs.n_rows += n
-        need_fp32 = self.mode == "stream" or self.kfac_stats or self.shampoo_stats or (
-            self.grad_norm and self.mode == "stream"
-        )
-        if need_fp32:
-            xf = x_rows.float()
-            sf = g_rows.float() / scaling
+        s_inv = 1.0 / scaling
         if self.mode == "rows":
-            if self.row_budget is not None and obs.n_rows > self.row_budget:
-                raise RowBudgetExceeded(
-                    f"{layer.describe()}: {obs.n_rows} rows captured in one optimizer step, more than row_budget="
-                    f"{self.row_budget}. Use inner_iters=0 (streaming Jacobi mode keeps no rows) or raise row_budget."
-                )
-            obs.x_rows.append(x_rows)
-            obs.g_rows.append(g_rows)
+            if self._dense_rows(layer, obs) and obs.G is not None and not self.shampoo_stats:
+                self._gram(layer, g_rows, x_rows, s_inv, out=obs.G)  # accumulate in place: one launch
+            elif self._dense_rows(layer, obs):
+                gm = self._gram(layer, g_rows, x_rows, s_inv)
+                if self.shampoo_stats:  # per micro-batch, before earlier rows are folded in
+                    self._shampoo_from_dense(obs, gm)
+                if obs.x_rows:  # earlier micro-batches were kept as rows: fold them in, keep one representation
+                    for xr, gr in zip(obs.x_rows, obs.g_rows):
+                        gm = gm.add_(self._gram(layer, gr, xr, s_inv))
+                    obs.x_rows.clear()
+                    obs.g_rows.clear()
+                obs.G = _add(obs.G, gm)
+            else:
+                if self.row_budget is not None and obs.n_rows > self.row_budget:
+                    raise RowBudgetExceeded(
+                        f"{layer.describe()}: {obs.n_rows} rows captured in one optimizer step, more than row_budget="
+                        f"{self.row_budget}. Use inner_iters=0 (streaming Jacobi mode keeps no rows) or raise "
+                        "row_budget."
+                    )
+                obs.x_rows.append(x_rows)
+                obs.g_rows.append(g_rows)
+                if self.shampoo_stats:
+                    self._shampoo_from_rows(obs, g_rows, x_rows, s_inv)
         else:
             probes = self._probes_ref()
             if probes is None:  # the optimizer that owned these hooks is gone
                 self.remove()
                 return
             left, right = probes(layer)
-            obs.left = _add(obs.left, (sf @ left).mT @ xf)
-            obs.right = _add(obs.right, sf.mT @ (xf @ right))
-            if self.grad_norm:
-                obs.grad_norm_bound = _add(obs.grad_norm_bound, lowrank_sq_norm(sf.mT, xf).sqrt())
+            if self._dense_stream(layer, n, left.shape[-1] + right.shape[-1]):
+                gm = self._gram(layer, g_rows, x_rows, s_inv, left.dtype)  # products in the probes' dtype
+                if obs.left is None:
+                    obs.left, obs.right = left.mT @ gm, gm @ right
+                else:
+                    obs.left.addmm_(left.mT, gm)
+                    obs.right.addmm_(gm, right)
+                if self.grad_norm:
+                    obs.grad_norm_bound = _add(obs.grad_norm_bound, torch.linalg.vector_norm(gm))
+                if self.shampoo_stats:
+                    self._shampoo_from_dense(obs, gm)
+            else:
+                xf, gf = _as(x_rows, left.dtype), _as(g_rows, left.dtype)
+                # 1/s is applied to the small products, not to the (N, d_out) rows: no row-sized copy.
+                obs.left = _add(obs.left, ((gf @ left).mT @ xf).mul_(s_inv))
+                obs.right = _add(obs.right, (gf.mT @ (xf @ right)).mul_(s_inv))
+                if self.grad_norm:
+                    obs.grad_norm_bound = _add(obs.grad_norm_bound, lowrank_sq_norm(gf.mT, xf).sqrt() * s_inv)
+                if self.shampoo_stats:
+                    self._shampoo_from_rows(obs, g_rows, x_rows, s_inv)
         if self.kfac_stats:
-            obs.x_sq = _add(obs.x_sq, xf.square().sum(0))
-            obs.s_sq = _add(obs.s_sq, sf.square().sum(0))
+            # One read of each row block (a norm reduction), instead of squaring into a row-sized temporary.
+            x_sq = torch.linalg.vector_norm(_as(x_rows, torch.float32), dim=0).square_()
+            s_sq = torch.linalg.vector_norm(_as(g_rows, torch.float32), dim=0).mul_(s_inv).square_()
+            obs.x_sq = _add(obs.x_sq, x_sq)
+            obs.s_sq = _add(obs.s_sq, s_sq)
+
+    # ------------------------------------------------------------------------------------------------ dense G
+
+    def _is_sixteen(self, layer: LoRALayer) -> bool:
+        flag = self._sixteen.get(layer.index)
+        if flag is None:
+            flag = self._sixteen[layer.index] = _sixteen_bit_rows(layer)
+        return flag
+
+    def _gram(
+        self,
+        layer: LoRALayer,
+        g_rows: Tensor,
+        x_rows: Tensor,
+        s_inv: float,
+        dtype: Optional[torch.dtype] = None,
+        out: Optional[Tensor] = None,
+    ) -> Tensor:
+        """``S_m^T X_m = g^T x / s`` in ``dtype`` (default: the rows' dtype, at least fp32), on CUDA in TF32 when
+        that is exact for the rows (see the module docstring).  With ``out``, added into it in place."""
+        if dtype is None:
+            dtype = out.dtype if out is not None else torch.promote_types(
+                torch.promote_types(g_rows.dtype, x_rows.dtype), torch.float32
+            )
+        gf, xf = _as(g_rows, dtype), _as(x_rows, dtype)
+        tf32 = (gf.is_cuda and dtype == torch.float32 and g_rows.dtype == torch.float32
+                and x_rows.dtype == torch.float32 and self._is_sixteen(layer))
+        with _TF32() if tf32 else _NoOp():
+            if out is not None:
+                return out.addmm_(gf.mT, xf, alpha=s_inv)
+            gm = gf.mT @ xf
+        return gm.mul_(s_inv) if s_inv != 1.0 else gm
+
+    def _tf32_ratio(self, layer: LoRALayer, x_rows_cuda: bool) -> float:
+        return _TF32_SPEEDUP if x_rows_cuda and self._is_sixteen(layer) else 1.0
+
+    def _dense_rows(self, layer: LoRALayer, obs: LayerObservation) -> bool:
+        """Rows mode: hold ``G`` when it is smaller than the rows held so far (this micro-batch included)."""
+        if self.dense != "auto":
+            return False
+        if obs.G is not None:
+            return True
+        return layer.d_in * layer.d_out <= obs.n_rows * (layer.d_in + layer.d_out)
+
+    def _dense_stream(self, layer: LoRALayer, n: int, k: int) -> bool:
+        """Stream mode: project the dense ``G_m`` when that costs fewer (rate-weighted) flops than projecting the
+        ``n`` rows on ``k`` probe columns, counting the norm and Shampoo statistics each route needs.
+
+        The flop model, not the size of ``G_m``, decides: choosing the dense product whenever ``G_m`` is smaller
+        than the rows made PSI-LoRA K = 0 slower on the H100 (``benchmarks/notes/cost.md``, run 3), because the
+        dense product grows with ``d_in d_out`` while the projections grow with ``k (d_in + d_out)``."""
+        if self.dense != "auto":
+            return False
+        di, do = layer.d_in, layer.d_out
+        speed = self._tf32_ratio(layer, layer.A.is_cuda)
+        dense = 2.0 * n * di * do / speed + 2.0 * k * di * do
+        rows = 4.0 * n * k * (di + do)
+        if self.grad_norm:
+            rows += 2.0 * min(n * n * (di + do), n * di * do)
         if self.shampoo_stats:
-            obs.shampoo_in = _add(obs.shampoo_in, (xf * ((sf @ sf.mT) @ xf)).sum(0))
-            obs.shampoo_out = _add(obs.shampoo_out, (sf * ((xf @ xf.mT) @ sf)).sum(0))
+            rows += 4.0 * n * n * (di + do)
+        return dense < rows
+
+    def _shampoo_from_dense(self, obs: LayerObservation, gm: Tensor) -> None:
+        sq = gm.square()
+        obs.shampoo_in = _add(obs.shampoo_in, sq.sum(0))  # diag(G_m^T G_m)
+        obs.shampoo_out = _add(obs.shampoo_out, sq.sum(1))  # diag(G_m G_m^T)
+
+    def _shampoo_from_rows(self, obs: LayerObservation, g_rows: Tensor, x_rows: Tensor, s_inv: float) -> None:
+        xf, sf = x_rows.float(), g_rows.float() * s_inv
+        obs.shampoo_in = _add(obs.shampoo_in, (xf * ((sf @ sf.mT) @ xf)).sum(0))
+        obs.shampoo_out = _add(obs.shampoo_out, (sf * ((xf @ xf.mT) @ sf)).sum(0))
 
     # ------------------------------------------------------------------------------------------------ access
 

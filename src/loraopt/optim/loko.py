@@ -274,6 +274,7 @@ class LoKO(LoRAOptimizer):
         self._dist = DistributedContext(process_group)
         self._pending: Optional[_Pending] = None
         self._warned_skip = False
+        self._skip_flags: List[Tuple[Tensor, Any]] = []  # CUDA: (pinned copy, event) of recent skip flags
 
     # --------------------------------------------------------------------------------------------- validation
 
@@ -677,23 +678,38 @@ class LoKO(LoRAOptimizer):
         else:
             res = diag_ekf_update(theta, pvec, R, H.reshape(b, m_obs, -1), e, cfg)
 
-        offset = 0
-        for p, st in zip(params, states):
-            n = p.numel()
-            p.copy_(res.theta[offset : offset + n].view_as(p))
-            st["p"].copy_(res.p[offset : offset + n].view_as(p))
-            st["step"] += 1
-            offset += n
+        # Multi-tensor copies: two copies per parameter would be two launches each (hundreds per step).
+        sizes = [p.numel() for p in params]
+        torch._foreach_copy_(params, [t.view_as(p) for t, p in zip(res.theta.split(sizes), params)])
+        torch._foreach_copy_([st["p"] for st in states], [t.view_as(p) for t, p in zip(res.p.split(sizes), params)])
+        torch._foreach_add_([st["step"] for st in states], 1.0)
         R.copy_(res.R)
         anchor_state["skipped"] += res.info.skipped.to(torch.int64)
-        if not self._warned_skip and bool(res.info.skipped):
+        self._note_skipped(res.info.skipped)
+
+    def _note_skipped(self, skipped: Tensor) -> None:
+        """Warn once about a rejected update without stalling ``step()``: on CUDA the flag is copied to pinned
+        memory and read at a later step once its copy has landed (reading it now would wait for the device)."""
+        if self._warned_skip:
+            return
+        flags = [skipped] if skipped.device.type != "cuda" else []
+        while self._skip_flags and self._skip_flags[0][1].query():
+            flags.append(self._skip_flags.pop(0)[0])
+        if skipped.device.type == "cuda":
+            pinned = torch.empty((), dtype=torch.bool, pin_memory=True)
+            pinned.copy_(skipped, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._skip_flags.append((pinned, event))
+        if any(bool(flag) for flag in flags):
             self._warned_skip = True
+            self._skip_flags.clear()
             warnings.warn(
                 "LoKO skipped an update (non-finite innovation, covariance or step, or S not factorable after "
                 "jitter retries); parameters, p and R were left unchanged. Check the inputs/targets, or raise r0, "
                 "r_min or jitter. `optimizer.skipped_steps` counts these (warned once).",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
 
     def _score_scale(self, pvec: Tensor, H: Tensor, params: List[Tensor], fresh: set, s: _Settings) -> Tensor:

@@ -73,6 +73,8 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
         seed: int,
         strict: bool,
         process_group: Optional[Any],
+        foreach: bool = True,
+        dense: str = "auto",
     ):
         if model is None or not isinstance(model, nn.Module):
             raise TypeError(
@@ -121,7 +123,9 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
             shampoo_stats="shampoo" in metrics,
             grad_norm=any(g["max_grad_norm"] > 0 for g in self.param_groups),
             row_budget=row_budget,
+            dense=dense,
         )
+        self._foreach = bool(foreach)
         self._probe_cache: Dict[int, Tuple[Tensor, Tensor]] = {}
         # The hooks must not outlive the optimizer: a dropped optimizer would otherwise keep recording rows.
         weakref.finalize(self, self._capture.remove)
@@ -275,9 +279,9 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
         reduced = self._reduce([obs for _, observed, _ in active_groups for _, obs in observed])
         clip = self._clip_coefficients(active_groups, reduced)
         for (group, observed, with_grad), c in zip(active_groups, clip):
-            for layer, obs in observed:
+            for layer, _ in observed:
                 self._ensure_layer_state(group, layer)
-                self._lora_step(group, layer, obs, reduced[id(obs)], c)
+            self._lora_steps(group, observed, reduced, c)
             for p in with_grad:
                 self._ensure_other_state(group, p)
                 self._guarded_update_other(group, p, p.grad if c is None else p.grad * c)
@@ -326,15 +330,28 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
                 d["left"], d["right"] = obs.left, obs.right
             if obs.x_sq is not None:
                 kappa = n if self._mean_loss(obs) else 1.0
-                d["x_sq"], d["s_sq"] = obs.x_sq, obs.s_sq * (kappa * kappa)
+                # Without a collective the factor stays a host number, applied later in one batched multiply.
+                if self._dist.active:
+                    d["x_sq"], d["s_sq"], d["s_sq_scale"] = obs.x_sq, obs.s_sq * (kappa * kappa), 1.0
+                else:
+                    d["x_sq"], d["s_sq"], d["s_sq_scale"] = obs.x_sq, obs.s_sq, kappa * kappa
             if obs.shampoo_in is not None:
                 kappa2 = n if self._mean_loss(obs) else 1.0 / n
-                d["shampoo_in"], d["shampoo_out"] = obs.shampoo_in * kappa2, obs.shampoo_out * kappa2
-            d["n_rows"] = torch.tensor(n, dtype=torch.float32, device=self._device_of(obs))
+                if self._dist.active:
+                    d["shampoo_in"], d["shampoo_out"] = obs.shampoo_in * kappa2, obs.shampoo_out * kappa2
+                    d["shampoo_scale"] = 1.0
+                else:
+                    d["shampoo_in"], d["shampoo_out"], d["shampoo_scale"] = obs.shampoo_in, obs.shampoo_out, kappa2
             out[id(obs)] = d
+            if not self._dist.active:
+                # A host number: a device tensor per layer would cost one host-to-device copy each.
+                d["n_rows"] = n
+                continue
+            d["n_rows"] = torch.tensor(n, dtype=torch.float32, device=self._device_of(obs))
             for key, value in d.items():
-                names.append((id(obs), key))
-                tensors.append(value.float())
+                if torch.is_tensor(value):
+                    names.append((id(obs), key))
+                    tensors.append(value.float())
         if self._dist.active and tensors:
             world = float(self._dist.world_size)
             summed = self._dist.sum_many(tensors)
@@ -344,7 +361,7 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
         return out
 
     def _device_of(self, obs: LayerObservation) -> torch.device:
-        for t in (obs.left, obs.x_sq, obs.shampoo_in):
+        for t in (obs.left, obs.G, obs.x_sq, obs.shampoo_in):
             if t is not None:
                 return t.device
         return obs.x_rows[0].device if obs.x_rows else torch.device("cpu")
@@ -355,14 +372,30 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
     def _clip_coefficients(self, active_groups, reduced) -> List[Optional[Tensor]]:
         if not any(group["max_grad_norm"] > 0 for group, _, _ in active_groups):
             return [None] * len(active_groups)
-        sq = None
+        # Squared norms of every piece, gathered in a few multi-tensor reductions rather than one chain of adds
+        # per layer (each add is a launch).
+        dense, bounds, grads, parts = [], [], [], []
         for _, observed, with_grad in active_groups:
             for _, obs in observed:
-                term = obs.grad_sq_norm()
-                sq = term if sq is None else sq + term.to(sq.device)
-            for p in with_grad:
-                term = p.grad.float().square().sum()
-                sq = term if sq is None else sq + term.to(sq.device)
+                if obs.G is not None:
+                    dense.append(obs.G)
+                elif obs.x_rows:
+                    parts.append(obs.grad_sq_norm())
+                else:
+                    bounds.append(obs.grad_norm_bound)
+            grads += [p.grad for p in with_grad]
+        device = (dense + bounds + grads + parts)[0].device
+        if dense:
+            parts.append(torch.stack(torch._foreach_norm(dense)).square().sum())
+        if bounds:
+            parts.append(torch.stack(bounds).square().sum())
+        if grads:
+            norms = [torch.linalg.vector_norm(g.float()) for g in grads if g.dtype != torch.float32]
+            fp32 = [g for g in grads if g.dtype == torch.float32]
+            if fp32:
+                norms += list(torch._foreach_norm(fp32))
+            parts.append(torch.stack([t.to(device) for t in norms]).square().sum())
+        sq = torch.stack([t.to(device) for t in parts]).sum()
         norm = self._dist.mean(sq.sqrt())
         coefs: List[Optional[Tensor]] = []
         for group, _, _ in active_groups:
@@ -407,9 +440,13 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
                     (m_coef, M_B, M_A), left[r:] * g_coef, right[:, r:] * g_coef, lam=lam_m, jitter=jitter
                 )
         else:
-            X, S = obs.rows()
-            data = (g_coef, S.mT, X, True)
-            terms = [(-lr * g_coef, S.mT, X, True)]
+            if obs.G is not None:  # the capture held G itself (smaller than its rows)
+                L_, R_ = obs.G, None
+            else:
+                X, S = obs.rows()
+                L_, R_ = S.mT, X
+            data = (g_coef, L_, R_, True)
+            terms = [(-lr * g_coef, L_, R_, True)]
             if has_m and m_coef > 0:
                 terms.append((-lr * m_coef, M_B, M_A))
             res = lorsum((c0, B, A), terms, iters=iters, lam=lam, p_in=p_in, p_out=p_out, jitter=jitter, all_reduce=reduce)
@@ -435,13 +472,147 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
         self._commit_metric(layer, ok)
 
 
+    # ------------------------------------------------------------------------------------------- batched step
+
+    def _lora_steps(self, group, observed, reduced, clip) -> None:
+        """The LoRA update of every observed layer of one group.
+
+        ``foreach`` (default): layers of one shape whose gradient is held as projections (stream) or as a dense
+        ``G`` are stacked and updated by one batched LoRSum, so the few hundred r x r solves and small products
+        of a model cost a few dozen launches instead of ~100 per layer.  Layers holding rows (few rows, K >= 1)
+        take the per-layer path: their products over N rows dominate and the rows differ in length.
+        ``foreach=False`` runs the per-layer reference for every layer."""
+        if not self._foreach:
+            for layer, obs in observed:
+                self._lora_step(group, layer, obs, reduced[id(obs)], clip)
+            return
+        buckets: Dict[tuple, list] = {}
+        for layer, obs in observed:
+            if obs.left is None and obs.G is None:
+                self._lora_step(group, layer, obs, reduced[id(obs)], clip)
+                continue
+            state_a = self.state[layer.A]
+            m_shape = tuple(state_a["momentum_A"].shape) if "momentum_A" in state_a else None
+            key = (obs.left is not None, layer.rank, layer.d_in, layer.d_out, layer.A.device, m_shape)
+            buckets.setdefault(key, []).append((layer, obs))
+        for items in buckets.values():
+            self._lora_step_batched(group, items, reduced, clip)
+
+    def _metric_batched(self, group, layers, reds) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        return None, None
+
+    def _commit_metric_batched(self, layers, ok: Tensor) -> None:
+        pass
+
+    def _lora_step_batched(self, group, items, reduced, clip) -> None:
+        """:meth:`_lora_step` for L layers of one shape at once (leading batch dimension L everywhere)."""
+        layers = [layer for layer, _ in items]
+        reds = [reduced[id(obs)] for _, obs in items]
+        lr = group["lr"]
+        g_coef, m_coef = self._coefficients(group)
+        if clip is not None:
+            g_coef = clip * g_coef
+        iters, jitter = group["inner_iters"], group["jitter"]
+        device = layers[0].A.device
+        roots = [math.sqrt(layer.scaling) for layer in layers]
+        # One Python number when the layers share their scaling (the usual case): no host-to-device copy.
+        root = roots[0] if all(v == roots[0] for v in roots) else torch.tensor(roots, device=device).view(-1, 1, 1)
+        A_params, B_params = [layer.A for layer in layers], [layer.B for layer in layers]
+        # Plain fp32 matrices (PEFT Linear with fp32 adapters) are stacked as they are: a per-layer reshape/cast
+        # would cost a dispatcher call per layer, and host time is what bounds this step.
+        plain = all(a.dim() == 2 and a.dtype == torch.float32 for a in A_params + B_params)
+        if plain:
+            A_raw, B_raw = torch.stack(A_params), torch.stack(B_params)
+        else:
+            A_raw = torch.stack([layer.a_matrix(torch.float32) for layer in layers])
+            B_raw = torch.stack([layer.b_matrix(torch.float32) for layer in layers])
+        A, B = A_raw * root, B_raw * root
+        p_in, p_out = self._metric_batched(group, layers, reds)
+        lam = self._lam(group)
+        c0 = 1.0 - lr * group["weight_decay"]
+        states_a = [self.state[layer.A] for layer in layers]
+        states_b = [self.state[layer.B] for layer in layers]
+        has_m = "momentum_A" in states_a[0]
+        M_A = torch.stack([st["momentum_A"] for st in states_a]) if has_m else None
+        M_B = torch.stack([st["momentum_B"] for st in states_b]) if has_m else None
+        update_m = has_m and m_coef > 0 and not group.get("reference_compat", False)
+        lam_m = lr * group["lmbd_momentum"]
+        reduce = self._dist.mean if self._dist.active else None
+
+        if items[0][1].left is not None:  # stream mode: Jacobi from the accumulated projections
+            r = layers[0].rank
+            left = torch.stack([red["left"] for red in reds])
+            right = torch.stack([red["right"] for red in reds])
+            BtDelta = left[:, :r] * (-lr * g_coef)
+            DeltaAt = right[..., :r] * (-lr * g_coef)
+            if has_m and m_coef > 0:
+                BtDelta = BtDelta - (lr * m_coef) * ((B.mT @ M_B) @ M_A)
+                DeltaAt = DeltaAt - (lr * m_coef) * (M_B @ (M_A @ A.mT))
+            res = lorsum_from_projections((c0, B, A), BtDelta, DeltaAt, lam=lam, p_in=p_in, p_out=p_out, jitter=jitter)
+            if update_m:
+                mres = lorsum_from_projections(
+                    (m_coef, M_B, M_A), left[:, r:] * g_coef, right[..., r:] * g_coef, lam=lam_m, jitter=jitter
+                )
+        else:  # dense G held by the capture
+            G = torch.stack([obs.G for _, obs in items])
+            terms = [(-lr * g_coef, G, None, True)]
+            if has_m and m_coef > 0:
+                terms.append((-lr * m_coef, M_B, M_A))
+            res = lorsum((c0, B, A), terms, iters=iters, lam=lam, p_in=p_in, p_out=p_out, jitter=jitter, all_reduce=reduce)
+            if update_m:
+                mres = lorsum(
+                    (m_coef, M_B, M_A), [(g_coef, G, None, True)], iters=iters, lam=lam_m, jitter=jitter,
+                    all_reduce=reduce,
+                )
+            del G
+
+        ok = _finite_per_matrix(res.A) & _finite_per_matrix(res.B)
+        if update_m:
+            ok = ok & _finite_per_matrix(mres.A) & _finite_per_matrix(mres.B)
+        okx = ok[:, None, None]
+        new_A = torch.where(okx, res.A / root, A_raw)
+        new_B = torch.where(okx, res.B / root, B_raw)
+        if plain:
+            torch._foreach_copy_(A_params, list(new_A.unbind(0)))
+            torch._foreach_copy_(B_params, list(new_B.unbind(0)))
+        else:
+            torch._foreach_copy_(A_params, [t.view_as(a) for t, a in zip(new_A.unbind(0), A_params)])
+            torch._foreach_copy_(B_params, [t.view_as(b) for t, b in zip(new_B.unbind(0), B_params)])
+        fallbacks = res.fallbacks
+        if update_m:
+            new_MB, new_MA = _balance(mres.B, mres.A)
+            torch._foreach_copy_([st["momentum_A"] for st in states_a], list(torch.where(okx, new_MA, M_A).unbind(0)))
+            torch._foreach_copy_([st["momentum_B"] for st in states_b], list(torch.where(okx, new_MB, M_B).unbind(0)))
+            fallbacks = fallbacks + mres.fallbacks
+        torch._foreach_add_([st["solve_fallbacks"] for st in states_a], list(fallbacks.unbind(0)))
+        torch._foreach_add_([st["skipped_steps"] for st in states_a], list((~ok).to(torch.int64).unbind(0)))
+        torch._foreach_add_([st["step"] for st in states_a + states_b], 1.0)
+        self._commit_metric_batched(layers, ok)
+
+
+def _finite_per_matrix(x: Tensor) -> Tensor:
+    """``(L,)``: whether each matrix of a batch ``(L, m, n)`` is finite."""
+    return torch.isfinite(x).flatten(1).all(dim=1)
+
+
+def _batch_scalar(values: List[Any], device) -> Any:
+    """Per-layer scalars (host numbers or 0-dim tensors) as one host number when equal, else an ``(L, 1)`` tensor."""
+    if all(not torch.is_tensor(v) for v in values):
+        if all(v == values[0] for v in values):
+            return values[0]
+        return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1)
+    return torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in values]).view(-1, 1)
+
+
 def _balance(B: Tensor, A: Tensor) -> Tuple[Tensor, Tensor]:
     """Rescale ``(B, A)`` to equal Frobenius norms, leaving ``B A`` unchanged.
 
     Each momentum LoRSum multiplies the anchor by mu < 1 in one factor and lets the other absorb the new gradient, so
     without this the factors drift apart geometrically (|M_A| -> 0, |M_B| -> inf) until ``M_A M_A^T`` falls below
     the proximal weight and the solves stop tracking ``mu M + G``."""
-    nb, na = B.norm(), A.norm()
+    # Per matrix of a batch (the norms keep their reduced dims so they broadcast over the batch).
+    nb = torch.linalg.vector_norm(B, dim=(-2, -1), keepdim=True)
+    na = torch.linalg.vector_norm(A, dim=(-2, -1), keepdim=True)
     scale = torch.where((nb > 0) & (na > 0), (na / nb).sqrt(), torch.ones_like(nb))
     return B * scale, A / scale
 
@@ -465,6 +636,11 @@ _ARGS_DOC = r"""
         seed: seeds the momentum subspace M_A per layer (identical on every rank).
         strict: a layer with a gradient but no captured activations is an error (else one warning, skipped).
         process_group: the group to average rank-local data over (default: the world, when initialised).
+        foreach: update all layers of one shape with batched products and batched r x r solves (the fast path,
+            default); ``False`` runs the per-layer reference loop (same math, tested equal in float64).
+        dense: ``"auto"`` holds a layer's gradient as the dense ``d_out x d_in`` matrix instead of its rows when
+            that is smaller (rows mode), and projects the dense micro-batch gradient when that is cheaper (stream
+            mode); ``"never"`` keeps the row forms.  Same math either way.
 """
 
 
@@ -504,6 +680,8 @@ class PSILoRA(_ProjectedSubspaceOptimizer):
         seed: int = 0,
         strict: bool = True,
         process_group: Optional[Any] = None,
+        foreach: bool = True,
+        dense: str = "auto",
     ):
         check_nonnegative("lr", lr)
         check_int("inner_iters", inner_iters, 0)
@@ -523,7 +701,7 @@ class PSILoRA(_ProjectedSubspaceOptimizer):
         )
         super().__init__(
             params, model, defaults, capture=capture, row_budget=row_budget, seed=seed, strict=strict,
-            process_group=process_group,
+            process_group=process_group, foreach=foreach, dense=dense,
         )
 
     def _coefficients(self, group):
@@ -599,6 +777,8 @@ class ScaledPSILoRA(_ProjectedSubspaceOptimizer):
         seed: int = 0,
         strict: bool = True,
         process_group: Optional[Any] = None,
+        foreach: bool = True,
+        dense: str = "auto",
     ):
         check_nonnegative("lr", lr)
         check_int("inner_iters", inner_iters, 0)
@@ -631,7 +811,7 @@ class ScaledPSILoRA(_ProjectedSubspaceOptimizer):
         self._loss_reduction = loss_reduction
         super().__init__(
             params, model, defaults, capture=capture, row_budget=row_budget, seed=seed, strict=strict,
-            process_group=process_group,
+            process_group=process_group, foreach=foreach, dense=dense,
         )
 
     def _coefficients(self, group):
@@ -653,13 +833,41 @@ class ScaledPSILoRA(_ProjectedSubspaceOptimizer):
         state_a, state_b = self.state[layer.A], self.state[layer.B]
         n = red["n_rows"]
         if group["metric"] == "kfac":
-            stat_in, stat_out = red["x_sq"] / n, red["s_sq"] / n
+            stat_in, stat_out = red["x_sq"] / n, red["s_sq"] * red["s_sq_scale"] / n
         else:
-            stat_in, stat_out = red["shampoo_in"], red["shampoo_out"]
+            k2 = red["shampoo_scale"]
+            stat_in, stat_out = red["shampoo_in"] * k2, red["shampoo_out"] * k2
         v_in = state_a["metric_in"] * beta2 + stat_in * (1.0 - beta2)
         v_out = state_b["metric_out"] * beta2 + stat_out * (1.0 - beta2)
         self._pending_metric = (v_in, v_out)
         return (v_in + group["damping"]).pow(group["power"]), (v_out + group["damping"]).pow(group["power"])
+
+    def _metric_batched(self, group, layers, reds):
+        beta2 = group["betas"][1]
+        old_in = torch.stack([self.state[layer.A]["metric_in"] for layer in layers])
+        old_out = torch.stack([self.state[layer.B]["metric_out"] for layer in layers])
+        if group["metric"] == "kfac":
+            n = _batch_scalar([red["n_rows"] for red in reds], old_in.device)
+            stat_in = torch.stack([red["x_sq"] for red in reds]) / n
+            k2 = _batch_scalar([red["s_sq_scale"] for red in reds], old_in.device)
+            stat_out = torch.stack([red["s_sq"] for red in reds]) * (k2 / n)
+        else:
+            k2 = _batch_scalar([red["shampoo_scale"] for red in reds], old_in.device)
+            stat_in = torch.stack([red["shampoo_in"] for red in reds]) * k2
+            stat_out = torch.stack([red["shampoo_out"] for red in reds]) * k2
+        v_in = old_in * beta2 + stat_in * (1.0 - beta2)
+        v_out = old_out * beta2 + stat_out * (1.0 - beta2)
+        self._pending_metric = (v_in, v_out, old_in, old_out)
+        return (v_in + group["damping"]).pow(group["power"]), (v_out + group["damping"]).pow(group["power"])
+
+    def _commit_metric_batched(self, layers, ok):
+        v_in, v_out, old_in, old_out = self._pending_metric
+        self._pending_metric = None
+        ok = (ok & torch.isfinite(v_in).all(-1) & torch.isfinite(v_out).all(-1))[:, None]
+        torch._foreach_copy_([self.state[l.A]["metric_in"] for l in layers], list(torch.where(ok, v_in, old_in).unbind(0)))
+        torch._foreach_copy_(
+            [self.state[l.B]["metric_out"] for l in layers], list(torch.where(ok, v_out, old_out).unbind(0))
+        )
 
     def _commit_metric(self, layer, ok):
         v_in, v_out = self._pending_metric

