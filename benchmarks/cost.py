@@ -490,6 +490,18 @@ def markdown(data: Dict[str, Any], before: Optional[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+REPORT_PREAMBLE = """\
+Produced by `benchmarks/cost.py` (reading and profile: `benchmarks/notes/cost.md`). Random-weight Llama models in bf16
+with fp32 PEFT LoRA adapters (`autocast_adapter_dtype=True`, PEFT's default) on q/k/v/o/gate/up/down, alpha = 2r, SDPA.
+`smol` = SmolLM2-135M config, 16,384 tokens per step (32 x 512 or 8 x 2048); `1b` = Llama-3.2-1B shapes, 8,192
+tokens (4 x 2048); `cls` = smol with a 10-class head, batch 1 or 8 x 512. Runs: `before` = the code before this
+work; `after` = batched step + dense capture + LoKO write-back (full grid); `run3` = plus fewer host ops per hook and step
+and a dense-whenever-smaller rule in stream mode (reverted: slower for PSI K=0); `confirm` = the final code (20 timed
+steps). e2e = forward + backward + `optimizer.step()`, CUDA events, median of the timed steps; `step` = the
+isolated `optimizer.step()` (its host time in parentheses); `step floor` = bytes / measured copy bandwidth or fp32
+flops / measured fp32 rate of what the step must touch; roofline % = floor / measured step. The smol rows are
+host-noisy (+-0.2 in ratio between runs of the same code); 1b reproduces to 1-3%."""
+
 TARGETS = [
     # (label, optimizer, metric, limit, configs: None = every LM configuration)
     ("Scaled PSI-LoRA e2e", "scaled-psi", "e2e", 1.10, None),
@@ -533,7 +545,8 @@ def targets_markdown(runs: Dict[str, Dict[str, Any]]) -> str:
     for opt in ("psi-k0", "psi-k1", "scaled-psi", "loko-scalar", "loko-10class"):
         vals = sorted({f"{r['state_bytes_per_param']:.3f}" for run in runs.values() for r in run["runs"]
                        if r["optimizer"] == opt and "error" not in r})
-        lines.append(f"| state <= 4.5 B/param | {opt} (all configs) | " + ", ".join(vals) + " |" + " |" * (len(labels) - 1))
+        lines.append(f"| state <= 4.5 B/param | {opt} (every config and run) | " + ", ".join(vals) + " |"
+                     + " |" * (len(labels) - 1))
     return "\n".join(lines)
 
 
@@ -545,8 +558,8 @@ def cmd_report(args) -> None:
             runs[label] = json.load(f)
     before = runs.get(args.before) if args.before else None
     gpu = next(iter(runs.values()))["info"].get("gpu")
-    parts = [f"# Optimizer cost on {gpu}", "", "Ratios to fused AdamW measured in the same run: median e2e step "
-             "(best step in parentheses).", "", targets_markdown(runs), ""]
+    parts = [f"# Optimizer cost on {gpu}", "", REPORT_PREAMBLE, "", "Ratios to fused AdamW measured in the same run: "
+             "median e2e step (best step in parentheses).", "", targets_markdown(runs), ""]
     for label, run in runs.items():
         if label == args.before:
             continue

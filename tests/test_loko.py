@@ -402,6 +402,27 @@ def test_p_init_uniform_constant_and_seeded():
     assert torch.equal(state_p(const, [q for q in const.state]), torch.full_like(p, 0.05))
 
 
+def test_default_p_init_depends_on_the_observation_and_explicit_values_win():
+    from loraopt.optim.loko import DEFAULT_P_INIT
+
+    assert DEFAULT_P_INIT == {"softmax": (1e-3, 1e-1), "regression": (1e-3, 1e-1), "loss": (1e-2, 1.0)}
+    for observation, m in (("softmax", M), ("regression", M), ("loss", None)):
+        model = make_model()
+        opt = create_loko_optimizer(model, num_outputs=m, observation=observation)
+        assert all(g["p_init"] == DEFAULT_P_INIT[observation] for g in opt.param_groups)
+        opt.step()
+        low, high = DEFAULT_P_INIT[observation]
+        p = state_p(opt, trainable(model))
+        assert (p >= low).all() and (p <= high).all()
+    explicit = LoKO(make_model().parameters(), num_outputs=M, p_init=[1e-5, 2e-5])
+    assert explicit.param_groups[0]["p_init"] == (1e-5, 2e-5)
+    # A group asking for the default (None) gets the observation's bounds, like the constructor.
+    model = make_model()
+    grouped = LoKO([{"params": [model.base_model.model.fc1.lora_A.default.weight], "p_init": None}],
+                   num_outputs=None, observation="loss")
+    assert grouped.param_groups[0]["p_init"] == DEFAULT_P_INIT["loss"]
+
+
 def test_p_init_score_sets_prior_predictive_variance_to_a_tenth_of_r0():
     x, y = data(16, 3)
     model = make_model()

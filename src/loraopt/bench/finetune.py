@@ -1109,6 +1109,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--data-dir", default=None, help="folder with sst2/ and tinyshakespeare/ "
                         "(default $LORAOPT_DATA_DIR or ../shared/data)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, or 1 "
+                        "when other jobs already load every core)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -1151,6 +1153,19 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     )
 
 
+def set_cpu_threads(requested: Optional[int]) -> int:
+    """Use ``requested`` torch threads; by default torch's choice, or 1 when other jobs already load every core.
+
+    On a busy machine every parallel region waits for a descheduled thread: measured on a shared 2-core machine,
+    2 threads ran EfficientNet and MiniLM steps about 10x slower than 1.
+    """
+    if requested:
+        torch.set_num_threads(requested)
+    elif hasattr(os, "getloadavg") and os.getloadavg()[0] > (os.cpu_count() or 1) - 0.5:
+        torch.set_num_threads(1)
+    return torch.get_num_threads()
+
+
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, MissingAssetError, NotImplementedError)
 
 
@@ -1170,6 +1185,7 @@ def _summary_line(metrics: Mapping[str, Any]) -> str:
 def finetune_main(argv: Optional[Sequence[str]] = None) -> int:
     parser = finetune_parser()
     args = parser.parse_args(argv)
+    set_cpu_threads(args.threads)
     try:
         config = config_from_args(args)
         command = "loraopt finetune " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[2:]))
@@ -1262,12 +1278,7 @@ def demo_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    elif hasattr(os, "getloadavg") and os.getloadavg()[0] > (os.cpu_count() or 1) - 0.5:
-        # Other jobs hold the cores: with several threads every parallel region waits for a descheduled thread
-        # (measured here: 2 threads ran EfficientNet steps ~10x slower than 1 on a busy 2-core machine).
-        torch.set_num_threads(1)
+    set_cpu_threads(args.threads)
     try:
         _ensure_demo_packages(not args.no_install)
     except (MissingAssetError, subprocess.CalledProcessError) as error:

@@ -454,6 +454,7 @@ def plot_suite(suite: SuiteSpec, methods: Mapping[str, Any], metric: str, path: 
 
     matplotlib.use("Agg")  # headless machines
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     ylabel = {"accuracy": "accuracy", "eval_loss": "validation loss"}.get(metric, metric)
@@ -486,6 +487,7 @@ def plot_suite(suite: SuiteSpec, methods: Mapping[str, Any], metric: str, path: 
                 ylabel=ylabel, title="against wall-clock")
     axes[2].set(xscale="log", xlabel="lr / best lr of the method", ylabel=f"final {ylabel}",
                 title="lr sweep (robustness)")
+    axes[2].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # labelled minor ticks collide on short grids
     for ax in axes:
         ax.grid(True, alpha=0.3)
     axes[2].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
