@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up (or reuse) .venv and run a loraopt job.  Usage:
 #   bash run.sh test        # the default test suite (what CI runs)
-#   bash run.sh main        # the main job
+#   bash run.sh main        # the main job (`loraopt demo`)
 #   bash run.sh slow        # the slow tests
 #   bash run.sh -- ARGS     # any `loraopt` command, e.g. bash run.sh -- bench linear --seeds 2
 set -euo pipefail
@@ -42,7 +42,7 @@ shift || true
 case "$cmd" in
     test) install_assets; exec "$PY" -m pytest -n 2 "$@" ;;
     slow) exec "$PY" -m pytest -m slow "$@" ;;
-    main) install_assets; exec "$VENV/bin/loraopt" bench linear "$@" ;;
+    main) install_assets; exec "$VENV/bin/loraopt" demo "$@" ;;
     assets) install_assets ;;
     --)   exec "$VENV/bin/loraopt" "$@" ;;
     *)    echo "usage: bash run.sh {test|slow|main|assets|-- ARGS}" >&2; exit 2 ;;

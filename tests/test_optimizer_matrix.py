@@ -192,7 +192,10 @@ def test_structured_optimizers_reject_unsupported_adapters(case, kind):
 @pytest.mark.parametrize("kind", UNSUPPORTED)
 def test_baselines_train_every_adapter_kind(case, kind):
     if case.name.startswith("riemannian") and kind == "conv3x3":
-        pytest.skip("PEFT's Riemannian preconditioner handles 2-D factors only and leaves conv factors as plain SGD")
+        # PEFT's preconditioner handles 2-D factors only and would train conv factors unpreconditioned.
+        with pytest.raises(ValueError, match="preconditions only linear adapters"):
+            case.build(make_model(kind))
+        return
     model = make_model(kind)
     before = params_snapshot(model)
     _run(case, kind, 2, model=model)
@@ -226,3 +229,10 @@ def test_observe_then_a_closure_returning_none_applies_the_observation(case):
     calls = []
     opt.step(lambda: calls.append(1))
     assert calls == [1] and not _equal_params_to(model, before)
+
+
+@pytest.mark.parametrize("name", ["riemannian-sgd", "riemannian-adamw"])
+def test_riemannian_refuses_conv_adapters_it_cannot_precondition(name):
+    model = make_model("conv")  # 1x1-conv adapters: 4-D lora_A / lora_B
+    with pytest.raises(ValueError, match="target_modules"):
+        loraopt.create_optimizer(name, model, lr=1e-2)

@@ -147,8 +147,24 @@ def create_rplora_optimizer(
     from peft.optimizers import create_riemannian_optimizer
 
     _require_lora(model, "Riemannian LoRA")
+    _require_linear_factors(model)
     optimizer = create_riemannian_optimizer(model, _optimizer_class(optimizer_cls), lr=lr, reg=reg, **kwargs)
     return _accept_closure(_name_groups(optimizer, model))
+
+
+def _require_linear_factors(model: nn.Module) -> None:
+    """PEFT preconditions only 2-D ``lora_A``/``lora_B`` pairs and leaves any other adapter to the plain inner
+    optimizer without saying so; a comparison would then mix two methods.  Refuse instead."""
+    other = [f"{layer.prefix} ({tuple(layer.A.shape)})" for layer in split_lora_parameters(model).layers
+             if layer.A.dim() != 2 or layer.B.dim() != 2]
+    if other:
+        shown = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
+        raise ValueError(
+            f"Riemannian LoRA (PEFT's create_riemannian_optimizer) preconditions only linear adapters with 2-D "
+            f"lora_A/lora_B, but {len(other)} adapter(s) have other shapes: {shown}. It would train them "
+            "unpreconditioned. Leave those modules out of LoraConfig(target_modules=...), or use 'psi-lora' / "
+            "'scaled-psi-lora', which handle 1x1-conv adapters."
+        )
 
 
 def create_riemannian_sgd_optimizer(
