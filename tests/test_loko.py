@@ -788,3 +788,81 @@ def test_ddp_two_process_parity_with_single_process_joint_update(tmp_path, wrap)
         for key in ("params", "p", "R"):
             torch.testing.assert_close(got[key], ref[key], rtol=0, atol=1e-6, msg=f"rank {rank} {key}")
         assert not torch.equal(got["params"], flat(trainable(make_model(dtype=torch.float32))))
+
+
+# ------------------------------------------------------------------------------------------------- exact residual
+
+
+def test_exact_residual_equals_the_linearised_one_for_a_model_linear_in_its_parameters():
+    torch.manual_seed(3)
+    linear = nn.Linear(D_IN, 2).to(F64)
+    twin = nn.Linear(D_IN, 2).to(F64)
+    twin.load_state_dict(linear.state_dict())
+    kw = dict(num_outputs=2, observation="regression", beta=0.8, p_init=0.05)
+    exact = LoKO(linear.named_parameters(), exact_residual=True, **kw)
+    approx = LoKO(twin.named_parameters(), **kw)
+    for t in range(4):
+        x, _ = data(20 + t, 3)
+        target = torch.randn(3, 2, dtype=F64)
+        exact.observe(linear(x), target, forward=lambda i, x=x: linear(x[i : i + 1]))
+        exact.step()
+        approx.observe(twin(x), target)
+        approx.step()
+    torch.testing.assert_close(flat(linear.parameters()), flat(twin.parameters()), rtol=0, atol=1e-12)
+    torch.testing.assert_close(exact.state[exact.anchor]["R"], approx.state[approx.anchor]["R"], rtol=0, atol=1e-12)
+
+
+def test_exact_residual_feeds_R_with_the_post_update_outputs():
+    from loraopt.functional.ekf import noise_ema_update
+
+    model, twin = make_model(), make_model()
+    kw = dict(num_outputs=M, beta=0.7, p_init=0.05)
+    opt = create_loko_optimizer(model, exact_residual=True, **kw)
+    ref = create_loko_optimizer(twin, **kw)
+    for o in (opt, ref):
+        o.step()  # allocate state
+    params = trainable(model)
+    x, y = data(9, 3)
+    R0 = opt.state[opt.anchor]["R"].clone()
+    H = loop_jacobian(torch.softmax(model(x), -1), params).reshape(3, M, -1)
+    opt.observe(model(x), y, forward=lambda i: model(x[i : i + 1]))
+    opt.step()
+    ref.observe(twin(x), y)
+    ref.step()
+    # The mean and covariance updates do not depend on the residual ...
+    torch.testing.assert_close(flat(params), flat(trainable(twin)), rtol=0, atol=1e-12)
+    p_new = state_p(opt, params)
+    torch.testing.assert_close(p_new, state_p(ref, trainable(twin)), rtol=0, atol=1e-14)
+    # ... R does: it takes y - softmax(f(x; theta_new)), which differs from the linearised residual.
+    with torch.no_grad():
+        eps = nn.functional.one_hot(y, M).to(F64) - torch.softmax(model(x), -1)
+    hph = torch.einsum("ikn,iln->kl", H * p_new, H) / 3
+    expected = noise_ema_update(R0, eps, hph, beta=0.7, r_min=opt.defaults["r_min"], noise_floor="ones")
+    torch.testing.assert_close(opt.state[opt.anchor]["R"], expected, rtol=0, atol=1e-12)
+    assert not torch.allclose(opt.state[opt.anchor]["R"], ref.state[ref.anchor]["R"], rtol=0, atol=1e-9)
+
+
+def test_exact_residual_sequential_batch_equals_single_sample_steps():
+    model, twin = make_model(), make_model()
+    kw = dict(num_outputs=M, exact_residual=True, batch_mode="sequential", p_init=0.05)
+    opt, ref = create_loko_optimizer(model, **kw), create_loko_optimizer(twin, **kw)
+    x, y = data(11, 3)
+    opt.observe(model(x), y, forward=lambda i: model(x[i : i + 1]))
+    opt.step()
+    for i in range(3):
+        ref.observe(twin(x[i : i + 1]), y[i : i + 1], forward=lambda j, i=i: twin(x[i : i + 1]))
+        ref.step()
+    torch.testing.assert_close(flat(trainable(model)), flat(trainable(twin)), rtol=0, atol=1e-12)
+    torch.testing.assert_close(opt.state[opt.anchor]["R"], ref.state[ref.anchor]["R"], rtol=0, atol=1e-12)
+
+
+def test_exact_residual_errors():
+    model = make_model()
+    opt = create_loko_optimizer(model, num_outputs=M, exact_residual=True)
+    x, y = data(12, 2)
+    with pytest.raises(ValueError, match="forward=lambda i"):
+        opt.observe(model(x), y)
+    with pytest.raises(ValueError, match="softmax and regression"):
+        create_loko_optimizer(model, num_outputs=None, observation="loss", exact_residual=True)
+    with pytest.raises(ValueError, match="exact_residual must be True or False"):
+        create_loko_optimizer(model, num_outputs=M, exact_residual=1)

@@ -22,7 +22,7 @@ the caller reads ``info.skipped`` when it wants to know.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import Callable, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -233,7 +233,13 @@ def _finite(*tensors: Tensor) -> Tensor:
 
 
 def diag_ekf_update(
-    theta: Tensor, p: Tensor, R: Tensor, H: Tensor, e: Tensor, cfg: EKFConfig = EKFConfig()
+    theta: Tensor,
+    p: Tensor,
+    R: Tensor,
+    H: Tensor,
+    e: Tensor,
+    cfg: EKFConfig = EKFConfig(),
+    residual: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> EKFResult:
     """One diagonal-covariance EKF step (``specs/loko.md`` §3), single sample or joint batch (§8).
 
@@ -244,6 +250,9 @@ def diag_ekf_update(
         H: ``(m, n)`` Jacobian, or ``(b, m, n)`` for a joint update of ``b`` samples linearised at ``theta``.
         e: ``(m,)`` innovation ``y - h(x; theta)``, or ``(b, m)``.
         cfg: :class:`EKFConfig`.
+        residual: optional ``residual(theta_new) -> (b, m)``, the exact post-update residual
+            ``y_i - h(x_i; theta_new)`` (one more evaluation of the model). When given it replaces the linearised
+            residual in the ``R`` update; the mean and covariance updates do not depend on it.
 
     Returns:
         :class:`EKFResult` ``(theta, p, R, info)``: ``theta + lr * P H^T S^-1 e``; the diagonal of
@@ -278,7 +287,10 @@ def diag_ekf_update(
 
     step = lr * delta
     theta_new = th + step
-    eps = (ef - Hf @ step).reshape(b, m)
+    if residual is None:
+        eps = (ef - Hf @ step).reshape(b, m)
+    else:
+        eps = residual(theta_new).to(dt).reshape(b, m)
     Hb = Hf.reshape(b, m, n)
     hph = torch.einsum("ikn,iln->kl", Hb * p_new, Hb) / b
     R_new = noise_ema_update(R0, eps, hph, beta=cfg.beta, r_min=cfg.r_min, noise_floor=cfg.noise_floor)

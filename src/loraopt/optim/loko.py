@@ -47,7 +47,9 @@ _SCORE_SNR = 0.1
 # was not measured and takes the softmax bounds.
 DEFAULT_P_INIT = {"softmax": (1e-3, 1e-1), "regression": (1e-3, 1e-1), "loss": (1e-2, 1.0)}
 # Hyperparameters of the one filter over all groups (one R, one S); they must agree across parameter groups.
-_FILTER_KEYS = ("num_outputs", "observation", "beta", "r0", "r_min", "jitter", "batch_mode", "reduce_simplex", "seed")
+_FILTER_KEYS = (
+    "num_outputs", "observation", "beta", "r0", "r_min", "jitter", "batch_mode", "reduce_simplex", "seed", "exact_residual"
+)
 
 
 # ------------------------------------------------------------------------------------------------- Jacobian
@@ -107,6 +109,7 @@ class _Settings(NamedTuple):
     batch_mode: str
     reduce_simplex: bool
     seed: int
+    exact_residual: bool
 
 
 @dataclass
@@ -117,8 +120,8 @@ class _Pending:
     H: Optional[Tensor] = None  # (b * m_obs, n) rows of the first ``b`` samples
     e: Optional[Tensor] = None  # (b, m_obs)
     loss: Optional[Tensor] = None  # 0-dim, observation="loss"
-    forward: Optional[Callable[[int], Tensor]] = None  # sequential mode: fresh outputs of sample i
-    targets: Optional[Tensor] = None  # sequential mode: targets of samples 1..b-1 (all b kept, indexed by i)
+    forward: Optional[Callable[[int], Tensor]] = None  # sequential mode / exact residual: outputs of sample i
+    targets: Optional[Tensor] = None  # sequential mode / exact residual: targets of all b samples, indexed by i
     num_samples: int = 0
 
 
@@ -207,6 +210,11 @@ class LoKO(LoRAOptimizer):
         batch_mode: ``"joint"`` or ``"sequential"``.
         reduce_simplex: softmax only, observe ``m - 1`` classes.
         seed: seed of the P0 draw (identical on every rank).
+        exact_residual: use the exact post-update residual ``y - h(x; theta_new)`` in the ``R`` update instead of
+            the linearised ``e - lr H delta`` (``specs/loko.md`` §4). It costs one more forward per sample, so
+            ``observe`` then needs ``forward=lambda i: model(x[i:i+1])``; softmax and regression observations only,
+            single process. The mean and covariance updates are the same either way; only ``R`` (and therefore
+            later steps) differ, and for a model linear in its parameters the two residuals coincide.
         dtype: filter math and state dtype; default fp32, or fp64 when every parameter is fp64.
         process_group: group over which observations are gathered under ``torch.distributed`` (default: world).
 
@@ -268,6 +276,7 @@ class LoKO(LoRAOptimizer):
         batch_mode: str = "joint",
         reduce_simplex: bool = False,
         seed: int = 0,
+        exact_residual: bool = False,
         dtype: Optional[torch.dtype] = None,
         process_group: Optional[Any] = None,
     ):
@@ -285,6 +294,7 @@ class LoKO(LoRAOptimizer):
             batch_mode=batch_mode,
             reduce_simplex=reduce_simplex,
             seed=seed,
+            exact_residual=exact_residual,
         )
         if dtype not in (None, torch.float32, torch.float64):
             raise ValueError(f"dtype must be None, torch.float32 or torch.float64, got {dtype!r}")
@@ -458,6 +468,12 @@ class LoKO(LoRAOptimizer):
             if b == 0:
                 raise ValueError("observe() got an empty batch")
             sequential = s.batch_mode == "sequential" and b > 1
+            if s.exact_residual and forward is None:
+                raise ValueError(
+                    "exact_residual=True re-evaluates the outputs after the update: call "
+                    "observe(outputs, targets, forward=lambda i: model(x[i:i+1])) (or build the optimizer with "
+                    "exact_residual=False, the linearised residual)"
+                )
             if sequential and forward is None:
                 raise ValueError(
                     "batch_mode='sequential' with a batch of more than one sample needs a fresh forward per sample: "
@@ -472,12 +488,13 @@ class LoKO(LoRAOptimizer):
                 e = torch.cat([r[1] for r in rows])
             else:
                 H, e = self._rows(h, y, range(b), params, s)
+        keep = sequential or s.exact_residual
         self._pending = _Pending(
             params=params,
             H=H,
             e=e,
-            forward=forward if sequential else None,
-            targets=y.detach() if sequential else None,
+            forward=forward if keep else None,
+            targets=y.detach() if keep else None,
             num_samples=b,
         )
 
@@ -623,6 +640,11 @@ class LoKO(LoRAOptimizer):
             self._stray_grad_error(filtered, s)
             return
         if ctx.active:
+            if s.exact_residual:
+                raise NotImplementedError(
+                    "exact_residual=True cannot run under torch.distributed (other ranks' samples cannot be "
+                    "re-evaluated here): use exact_residual=False"
+                )
             if s.batch_mode == "sequential":
                 raise NotImplementedError(
                     "batch_mode='sequential' cannot run under torch.distributed (other ranks' samples cannot be "
@@ -639,11 +661,14 @@ class LoKO(LoRAOptimizer):
                 return
             self._update(active, filtered, H, e, s)
             return
-        self._update(active, filtered, pending.H, pending.e, s)
-        if pending.forward is not None:
+        sequential = s.batch_mode == "sequential"
+        first = [0] if sequential else list(range(pending.num_samples))
+        exact = (pending.forward, pending.targets) if s.exact_residual else None
+        self._update(active, filtered, pending.H, pending.e, s, exact=exact and (*exact, first))
+        if sequential and pending.forward is not None:
             for i in range(1, pending.num_samples):
                 H, e = self._sample_rows(pending.forward, i, pending.targets, pending.params, s)
-                self._update(active, filtered, H, e, s)
+                self._update(active, filtered, H, e, s, exact=exact and (*exact, [i]))
 
     def _step_loss(self, pending: Optional[_Pending], filtered, active, s: _Settings) -> None:
         has_grad = any(p.grad is not None for _, p in active)
@@ -666,8 +691,14 @@ class LoKO(LoRAOptimizer):
         # For the scalar observation the "innovation" slot carries the loss value L (the innovation is -L).
         self._update(active, active, g.unsqueeze(0), loss.reshape(1, 1), s, scalar_loss=True)
 
-    def _update(self, active, filtered, H: Tensor, e: Tensor, s: _Settings, *, scalar_loss: bool = False) -> None:
-        """Run one filter step on the ``active`` columns of ``H: (b * m_obs, n_filtered)``, ``e: (b, m_obs)``."""
+    def _update(
+        self, active, filtered, H: Tensor, e: Tensor, s: _Settings, *, scalar_loss: bool = False,
+        exact: Optional[Tuple[Callable[[int], Tensor], Tensor, List[int]]] = None,
+    ) -> None:
+        """Run one filter step on the ``active`` columns of ``H: (b * m_obs, n_filtered)``, ``e: (b, m_obs)``.
+
+        ``exact = (forward, targets, samples)``: compute ``R``'s residual from ``forward(i)`` at the updated
+        parameters for each ``i`` in ``samples`` (``exact_residual=True``)."""
         dt = self._dtype
         if len(active) != len(filtered):
             keep = {id(p) for _, p in active}
@@ -703,7 +734,8 @@ class LoKO(LoRAOptimizer):
         if scalar_loss:
             res = scalar_ekf_update(theta, pvec, R, H[0], e.reshape(()), cfg)
         else:
-            res = diag_ekf_update(theta, pvec, R, H.reshape(b, m_obs, -1), e, cfg)
+            residual = None if exact is None else self._exact_residual(params, *exact, s)
+            res = diag_ekf_update(theta, pvec, R, H.reshape(b, m_obs, -1), e, cfg, residual=residual)
 
         # Multi-tensor copies: two copies per parameter would be two launches each (hundreds per step).
         sizes = [p.numel() for p in params]
@@ -713,6 +745,25 @@ class LoKO(LoRAOptimizer):
         R.copy_(res.R)
         anchor_state["skipped"] += res.info.skipped.to(torch.int64)
         self._note_skipped(res.info.skipped)
+
+    def _exact_residual(
+        self, params: List[Tensor], forward: Callable[[int], Tensor], targets: Tensor, samples: List[int], s: _Settings
+    ) -> Callable[[Tensor], Tensor]:
+        """``theta_new -> (len(samples), m_obs)``: writes ``theta_new`` into ``params`` and re-evaluates the samples.
+        The caller writes the final parameters afterwards (``theta_new``, or the old values if the step is skipped)."""
+        m_obs = self._obs_dim(s)
+        sizes = [p.numel() for p in params]
+
+        def residual(theta_new: Tensor) -> Tensor:
+            torch._foreach_copy_(params, [t.view_as(p) for t, p in zip(theta_new.split(sizes), params)])
+            rows = []
+            with torch.no_grad():
+                for i in samples:
+                    h, y = self._observed(forward(i), targets[i : i + 1], s)
+                    rows.append((y - h)[:, :m_obs])
+            return torch.cat(rows)
+
+        return residual
 
     def _note_skipped(self, skipped: Tensor) -> None:
         """Warn once about a rejected update without stalling ``step()``: on CUDA the flag is copied to pinned
@@ -791,6 +842,13 @@ def _validate_group(group: Dict[str, Any]) -> None:
         raise ValueError(f"batch_mode must be 'joint' or 'sequential', got {group['batch_mode']!r}")
     if group["reduce_simplex"] and group["observation"] != "softmax":
         raise ValueError("reduce_simplex=True only applies to observation='softmax'")
+    if not isinstance(group["exact_residual"], bool):
+        raise ValueError(f"exact_residual must be True or False, got {group['exact_residual']!r}")
+    if group["exact_residual"] and group["observation"] == "loss":
+        raise ValueError(
+            "exact_residual=True applies to the softmax and regression observations; with observation='loss' the "
+            "residual is the loss itself (use exact_residual=False)"
+        )
     check_nonnegative("lr", float(group["lr"]))
     check_nonnegative("q", group["q"])
     check_range("beta", group["beta"], 0.0, 1.0, high_inclusive=True)
@@ -862,6 +920,7 @@ def create_loko_optimizer(
     batch_mode: str = "joint",
     reduce_simplex: bool = False,
     seed: int = 0,
+    exact_residual: bool = False,
     dtype: Optional[torch.dtype] = None,
     process_group: Optional[Any] = None,
 ) -> LoKO:
@@ -916,6 +975,7 @@ def create_loko_optimizer(
         batch_mode=batch_mode,
         reduce_simplex=reduce_simplex,
         seed=seed,
+        exact_residual=exact_residual,
         dtype=dtype,
         process_group=process_group,
     )
