@@ -236,3 +236,55 @@ def test_riemannian_refuses_conv_adapters_it_cannot_precondition(name):
     model = make_model("conv")  # 1x1-conv adapters: 4-D lora_A / lora_B
     with pytest.raises(ValueError, match="target_modules"):
         loraopt.create_optimizer(name, model, lr=1e-2)
+
+
+STRUCTURED_HP = {"psi-lora": dict(lr=1e-2), "scaled-psi-lora": dict(lr=0.1), "svdlora": dict(lr=1e-2),
+                 "loko": dict(num_outputs=4)}
+
+
+@pytest.mark.parametrize("name", sorted(STRUCTURED_HP))
+@pytest.mark.parametrize("wrapper", ["FullyShardedDataParallel", "DeepSpeedEngine"])
+def test_structured_optimizers_refuse_sharding_wrappers(name, wrapper):
+    inner = make_model("mlp")
+    sharded = type(wrapper, (torch.nn.Module,), {})()
+    sharded.module = inner
+    with pytest.raises(NotImplementedError, match="DDP or a single"):
+        loraopt.create_optimizer(name, sharded, **STRUCTURED_HP[name])
+
+
+_DTENSOR_SCRIPT = r"""
+import sys, tempfile, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import distribute_tensor, Replicate
+sys.path.insert(0, sys.argv[1])
+import loraopt
+from toys import make_model
+store = tempfile.NamedTemporaryFile(delete=False).name
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+mesh = init_device_mesh("cpu", (1,))
+model = make_model("mlp")
+for module in model.modules():
+    for key, p in list(module._parameters.items()):
+        if p is not None and p.requires_grad:
+            module._parameters[key] = torch.nn.Parameter(distribute_tensor(p.detach(), mesh, [Replicate()]))
+refused = []
+for name, hp in [("psi-lora", dict(lr=1e-2)), ("scaled-psi-lora", dict(lr=0.1)), ("loko", dict(num_outputs=4))]:
+    try:
+        loraopt.create_optimizer(name, model, **hp)
+    except NotImplementedError as error:
+        refused.append(name if "DTensor" in str(error) else f"{name}: {error}")
+print("REFUSED", ",".join(refused))
+dist.destroy_process_group()
+"""
+
+
+def test_structured_optimizers_refuse_dtensor_parameters(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, "-c", _DTENSOR_SCRIPT, tests_dir], capture_output=True, text=True,
+                         timeout=240, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "REFUSED psi-lora,scaled-psi-lora,loko" in out.stdout, out.stdout + out.stderr[-2000:]

@@ -98,12 +98,38 @@ class DistributedContext:
 # ------------------------------------------------------------------------------------------------- base class
 
 
+def is_dtensor(t: Tensor) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (FSDP2 / tensor-parallel sharded parameter)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except Exception:  # pragma: no cover - builds without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def require_unsharded_model(model: nn.Module, optimizer: str) -> None:
+    """Refuse models wrapped by FSDP (flat, sharded parameters) or DeepSpeed ZeRO: the structured optimizers need
+    each layer's whole ``lora_A`` / ``lora_B`` and its full-size statistics on every rank."""
+    wrapper = type(model).__name__
+    if wrapper in ("FullyShardedDataParallel", "DeepSpeedEngine") or hasattr(model, "zero_optimization"):
+        raise NotImplementedError(
+            f"{optimizer} does not support {wrapper}: parameters are sharded or flattened; train with DDP or a single "
+            "process, or use a baseline optimizer (adamw, lora-plus) under FSDP/DeepSpeed"
+        )
+
+
 class LoRAOptimizer(Optimizer):
     """``torch.optim.Optimizer`` with the library's checkpoint rule: state keeps the dtype it was saved with (torch casts it to the parameter dtype, which would silently turn fp32 statistics of bf16 adapters
     into bf16 on resume)."""
 
     def __init__(self, params: Iterable, defaults: Dict[str, Any]):
         super().__init__(params, defaults)
+        if any(is_dtensor(p) for g in self.param_groups for p in g["params"]):
+            # Sharded parameters would be updated from local shards of statistics that need the whole layer.
+            raise NotImplementedError(
+                f"{type(self).__name__} does not support FSDP2 / DTensor (sharded) parameters in this version: train "
+                "with DDP or a single process, or use a baseline optimizer (adamw, lora-plus) under FSDP"
+            )
         self._stashed_state: Optional[Dict[int, Dict[str, Tensor]]] = None
         self.register_load_state_dict_pre_hook(LoRAOptimizer._stash_float_state)
         self.register_load_state_dict_post_hook(LoRAOptimizer._restore_float_state)

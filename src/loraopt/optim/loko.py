@@ -28,7 +28,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..functional.ekf import EKFConfig, diag_ekf_update, scalar_ekf_update
-from .base import DistributedContext, LoRAOptimizer, check_nonnegative, check_positive, check_range
+from .base import (
+    DistributedContext,
+    LoRAOptimizer,
+    check_nonnegative,
+    check_positive,
+    check_range,
+    require_unsharded_model,
+)
 
 __all__ = ["LoKO", "DEFAULT_P_INIT", "create_loko_optimizer", "output_jacobian"]
 
@@ -123,14 +130,6 @@ class _Pending:
     forward: Optional[Callable[[int], Tensor]] = None  # sequential mode / exact residual: outputs of sample i
     targets: Optional[Tensor] = None  # sequential mode / exact residual: targets of all b samples, indexed by i
     num_samples: int = 0
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except Exception:  # pragma: no cover - builds without distributed
-        return False
-    return isinstance(t, DTensor)
 
 
 # ------------------------------------------------------------------------------------------------- optimizer
@@ -298,12 +297,8 @@ class LoKO(LoRAOptimizer):
         )
         if dtype not in (None, torch.float32, torch.float64):
             raise ValueError(f"dtype must be None, torch.float32 or torch.float64, got {dtype!r}")
-        super().__init__(params, defaults)
+        super().__init__(params, defaults)  # refuses FSDP2 / DTensor parameters
         all_params = [p for g in self.param_groups for p in g["params"]]
-        if any(_is_dtensor(p) for p in all_params):
-            raise NotImplementedError(
-                "LoKO does not support FSDP2/DTensor parameters in this version: use DDP (or a single process)"
-            )
         if dtype is None:
             dtype = torch.float64 if all(p.dtype == torch.float64 for p in all_params) else torch.float32
         self._dtype = dtype
@@ -940,11 +935,7 @@ def create_loko_optimizer(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"create_loko_optimizer expects an nn.Module (a PEFT model), got {type(model).__name__}")
-    wrapper = type(model).__name__
-    if wrapper in ("FullyShardedDataParallel", "DeepSpeedEngine") or hasattr(model, "zero_optimization"):
-        raise NotImplementedError(
-            f"LoKO does not support {wrapper}: parameters are sharded or flattened; use DDP or a single process"
-        )
+    require_unsharded_model(model, "LoKO")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError(

@@ -47,6 +47,7 @@ from .base import (
     check_positive,
     check_range,
     named_trainable_parameters,
+    require_unsharded_model,
 )
 
 __all__ = ["PSILoRA", "ScaledPSILoRA", "create_psi_lora_optimizer", "create_scaled_psi_lora_optimizer"]
@@ -903,6 +904,7 @@ class ScaledPSILoRA(_ProjectedSubspaceOptimizer):
 
 
 def _groups(model: nn.Module, lora_overrides: Dict[str, Any], other_overrides: Dict[str, Any]) -> List[Dict[str, Any]]:
+    require_unsharded_model(model, "PSI-LoRA")
     split = split_lora_parameters(model)
     if not split.layers:
         raise NoLoRALayersError(

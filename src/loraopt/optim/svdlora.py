@@ -19,7 +19,14 @@ from torch import nn
 from ..functional.lorsum import svd_factors
 from ..lora.capture import GradientCapture
 from ..lora.layers import NoLoRALayersError, require_supported, split_lora_parameters
-from .base import DistributedContext, LoRAOptimizer, check_nonnegative, check_range, named_trainable_parameters
+from .base import (
+    DistributedContext,
+    LoRAOptimizer,
+    check_nonnegative,
+    check_range,
+    named_trainable_parameters,
+    require_unsharded_model,
+)
 
 __all__ = ["SVDLoRA", "create_svdlora_optimizer"]
 
@@ -153,6 +160,7 @@ def create_svdlora_optimizer(
     compute_dtype: torch.dtype = torch.float32,
 ) -> SVDLoRA:
     """SVDLoRA oracle (arXiv 2602.16456, §1): dense step + truncated SVD, for small models and tests."""
+    require_unsharded_model(model, "SVDLoRA")
     return SVDLoRA(
         model=model, lr=lr, base=base, momentum=momentum, betas=betas, eps=eps, weight_decay=weight_decay,
         compute_dtype=compute_dtype,
