@@ -677,12 +677,8 @@ class LoKO(LoRAOptimizer):
         if not has_grad:
             raise ValueError("LoKO (observation='loss') updates from .grad: call loss.backward() before step()")
         loss = self._dist.mean(pending.loss)
-        g = torch.cat(
-            [
-                (p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device)).to(self._dtype)
-                for _, p in active
-            ]
-        )
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in active]
+        g = _flatten(grads, self._dtype)
         # For the scalar observation the "innovation" slot carries the loss value L (the innovation is -L).
         self._update(active, active, g.unsqueeze(0), loss.reshape(1, 1), s, scalar_loss=True)
 
@@ -704,8 +700,8 @@ class LoKO(LoRAOptimizer):
         b, m_obs = e.shape
         params = [p for _, p in active]
         states = [self.state[p] for p in params]
-        theta = torch.cat([p.detach().reshape(-1).to(dt) for p in params])
-        pvec = torch.cat([st["p"].reshape(-1).to(dt) for st in states])
+        theta = _flatten(params, dt)
+        pvec = _flatten([st["p"] for st in states], dt)
         lr = _per_coordinate(active, "lr", dt, theta.device)
         q = _per_coordinate(active, "q", dt, theta.device)
         p_floor = _per_coordinate(active, "p_floor", dt, theta.device)
@@ -732,10 +728,10 @@ class LoKO(LoRAOptimizer):
             residual = None if exact is None else self._exact_residual(params, *exact, s)
             res = diag_ekf_update(theta, pvec, R, H.reshape(b, m_obs, -1), e, cfg, residual=residual)
 
-        # Multi-tensor copies: two copies per parameter would be two launches each (hundreds per step).
-        sizes = [p.numel() for p in params]
-        torch._foreach_copy_(params, [t.view_as(p) for t, p in zip(res.theta.split(sizes), params)])
-        torch._foreach_copy_([st["p"] for st in states], [t.view_as(p) for t, p in zip(res.p.split(sizes), params)])
+        # Multi-tensor copies from views of the flat results: per-parameter copies or reshapes would cost one
+        # dispatcher call (and a launch) each, hundreds per step, and this step is host-bound on GPUs.
+        torch._foreach_copy_(params, _unflatten(res.theta, params))
+        torch._foreach_copy_([st["p"] for st in states], _unflatten(res.p, params))
         torch._foreach_add_([st["step"] for st in states], 1.0)
         R.copy_(res.R)
         anchor_state["skipped"] += res.info.skipped.to(torch.int64)
@@ -802,6 +798,17 @@ class LoKO(LoRAOptimizer):
 
 def _lr_value(lr: Any) -> float:
     return float(lr)
+
+
+def _flatten(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """``(sum numel,)``: the tensors concatenated in order, in ``dtype`` (one C++ call instead of a reshape and a cast
+    per tensor; called under ``no_grad``)."""
+    return torch._C._nn.flatten_dense_tensors(list(tensors)).to(dtype)
+
+
+def _unflatten(flat: Tensor, like: Sequence[Tensor]) -> List[Tensor]:
+    """Views of ``flat`` shaped like ``like`` (the inverse of :func:`_flatten`)."""
+    return list(torch._C._nn.unflatten_dense_tensors(flat, list(like)))
 
 
 def _per_coordinate(active, key: str, dtype: torch.dtype, device: torch.device) -> Union[float, Tensor]:
