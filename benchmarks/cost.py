@@ -28,13 +28,10 @@ import gc
 import json
 import math
 import os
-import re
 import statistics
-import sys
 import time
 import traceback
-from contextlib import nullcontext
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 

@@ -19,12 +19,7 @@ SEED_KEYS = {"seed", "prequential_acc", "window_acc", "final_acc", "online_acc",
              "samples_to_90pct", "phase_acc"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _check_stream_file(path, samples, seeds, methods):

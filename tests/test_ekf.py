@@ -24,14 +24,7 @@ F64 = torch.float64
 EXACT = dict(jitter=0.0, jitter_abs=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests run thousands of tiny steps; intra-op threads only add synchronisation cost (10x on a loaded
-    2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -35,12 +35,7 @@ FAST = ["--steps", "6", "--batch-size", "8", "--eval-every", "3", "--max-length"
 LRS = {"adamw": "1e-2", "psi-lora": "0.1", "scaled-psi-lora": "0.2", "loko": "1.0"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tokenizer(folder: Path):

@@ -12,8 +12,6 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
     LlamaConfig,
     LlamaForCausalLM,
     Trainer,
@@ -34,30 +32,19 @@ from loraopt.integrations.hf import (
 )
 from loraopt.optim.loko import LoKO
 from loraopt.optim.psi import PSILoRA, ScaledPSILoRA
+from toys import tiny_bert_classifier
 
 VOCAB, SEQ_LEN, NUM_LABELS = 64, 8, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add synchronisation cost on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------- fixtures
 
 
 def tiny_bert(seed: int = 0):
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=32, num_labels=NUM_LABELS, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], lora_dropout=0.0, task_type="SEQ_CLS")
-    return get_peft_model(BertForSequenceClassification(config), lora)
+    return tiny_bert_classifier(seed, vocab=VOCAB, num_labels=NUM_LABELS)
 
 
 def tiny_llama(seed: int = 0):

@@ -10,31 +10,19 @@ import torch
 
 L = pytest.importorskip("lightning.pytorch")
 
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
 import loraopt  # noqa: E402
 from loraopt.integrations.lightning import LightningClippingWarningCallback, loko_step  # noqa: E402
+from toys import tiny_bert_classifier  # noqa: E402
 
 VOCAB, SEQ_LEN, NUM_LABELS = 64, 8, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_bert(seed: int = 0):
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=32, num_labels=NUM_LABELS, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], lora_dropout=0.0, task_type="SEQ_CLS")
-    return get_peft_model(BertForSequenceClassification(config), lora)
+    return tiny_bert_classifier(seed, vocab=VOCAB, num_labels=NUM_LABELS)
 
 
 def loader(batch_size: int = 4, n: int = 32):

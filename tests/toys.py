@@ -107,3 +107,17 @@ def loss_fn(model, x, y):
 
 def params_snapshot(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def tiny_bert_classifier(seed: int = 0, *, vocab: int = 64, num_labels: int = 3) -> nn.Module:
+    """A randomly initialised 2-layer, 32-wide BERT classifier with LoRA r = 4 on query/value (Trainer and Lightning
+    tests)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=32, num_labels=num_labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], lora_dropout=0.0, task_type="SEQ_CLS")
+    return get_peft_model(BertForSequenceClassification(config), lora)

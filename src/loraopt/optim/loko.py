@@ -657,13 +657,16 @@ class LoKO(LoRAOptimizer):
             self._update(active, filtered, H, e, s)
             return
         sequential = s.batch_mode == "sequential"
-        first = [0] if sequential else list(range(pending.num_samples))
-        exact = (pending.forward, pending.targets) if s.exact_residual else None
-        self._update(active, filtered, pending.H, pending.e, s, exact=exact and (*exact, first))
+
+        def exact(samples: List[int]):
+            return (pending.forward, pending.targets, samples) if s.exact_residual else None
+
+        self._update(active, filtered, pending.H, pending.e, s,
+                     exact=exact([0] if sequential else list(range(pending.num_samples))))
         if sequential and pending.forward is not None:
             for i in range(1, pending.num_samples):
                 H, e = self._sample_rows(pending.forward, i, pending.targets, pending.params, s)
-                self._update(active, filtered, H, e, s, exact=exact and (*exact, [i]))
+                self._update(active, filtered, H, e, s, exact=exact([i]))
 
     def _step_loss(self, pending: Optional[_Pending], filtered, active, s: _Settings) -> None:
         has_grad = any(p.grad is not None for _, p in active)

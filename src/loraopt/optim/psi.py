@@ -427,19 +427,11 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
         reduce = self._dist.mean if self._dist.active else None
 
         if obs.left is not None:  # stream mode: Jacobi from the accumulated projections
-            r = layer.rank
-            left, right = red["left"], red["right"]
-            BtG, GAt = left[:r], right[:, :r]
-            BtDelta = BtG * (-lr * g_coef)
-            DeltaAt = GAt * (-lr * g_coef)
-            if has_m and m_coef > 0:
-                BtDelta = BtDelta - (lr * m_coef) * ((B.mT @ M_B) @ M_A)
-                DeltaAt = DeltaAt - (lr * m_coef) * (M_B @ (M_A @ A.mT))
-            res = lorsum_from_projections((c0, B, A), BtDelta, DeltaAt, lam=lam, p_in=p_in, p_out=p_out, jitter=jitter)
-            if update_m:
-                mres = lorsum_from_projections(
-                    (m_coef, M_B, M_A), left[r:] * g_coef, right[:, r:] * g_coef, lam=lam_m, jitter=jitter
-                )
+            res, mres = _stream_jacobi(
+                (c0, B, A), (M_B, M_A) if has_m else None, red["left"], red["right"], layer.rank, lr=lr,
+                g_coef=g_coef, m_coef=m_coef, update_m=update_m, lam=lam, lam_m=lam_m, p_in=p_in, p_out=p_out,
+                jitter=jitter,
+            )
         else:
             if obs.G is not None:  # the capture held G itself (smaller than its rows)
                 L_, R_ = obs.G, None
@@ -541,19 +533,11 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
         reduce = self._dist.mean if self._dist.active else None
 
         if items[0][1].left is not None:  # stream mode: Jacobi from the accumulated projections
-            r = layers[0].rank
-            left = torch.stack([red["left"] for red in reds])
-            right = torch.stack([red["right"] for red in reds])
-            BtDelta = left[:, :r] * (-lr * g_coef)
-            DeltaAt = right[..., :r] * (-lr * g_coef)
-            if has_m and m_coef > 0:
-                BtDelta = BtDelta - (lr * m_coef) * ((B.mT @ M_B) @ M_A)
-                DeltaAt = DeltaAt - (lr * m_coef) * (M_B @ (M_A @ A.mT))
-            res = lorsum_from_projections((c0, B, A), BtDelta, DeltaAt, lam=lam, p_in=p_in, p_out=p_out, jitter=jitter)
-            if update_m:
-                mres = lorsum_from_projections(
-                    (m_coef, M_B, M_A), left[:, r:] * g_coef, right[..., r:] * g_coef, lam=lam_m, jitter=jitter
-                )
+            res, mres = _stream_jacobi(
+                (c0, B, A), (M_B, M_A) if has_m else None, torch.stack([red["left"] for red in reds]),
+                torch.stack([red["right"] for red in reds]), layers[0].rank, lr=lr, g_coef=g_coef, m_coef=m_coef,
+                update_m=update_m, lam=lam, lam_m=lam_m, p_in=p_in, p_out=p_out, jitter=jitter,
+            )
         else:  # dense G held by the capture
             G = torch.stack([obs.G for _, obs in items])
             terms = [(-lr * g_coef, G, None, True)]
@@ -589,6 +573,31 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
         torch._foreach_add_([st["skipped_steps"] for st in states_a], list((~ok).to(torch.int64).unbind(0)))
         torch._foreach_add_([st["step"] for st in states_a + states_b], 1.0)
         self._commit_metric_batched(layers, ok)
+
+
+def _stream_jacobi(anchor, momentum, left: Tensor, right: Tensor, r: int, *, lr, g_coef, m_coef, update_m: bool, lam,
+                   lam_m, p_in, p_out, jitter):
+    """The K = 0 (Jacobi) LoRSum of the step and of the momentum from the streamed projections, for one layer or a
+    stack of layers (leading dimensions pass through).
+
+    ``anchor = (c0, B, A)``; ``momentum = (M_B, M_A)`` or ``None``; ``left = [B~|M_B]^T G`` (``(..., r or 2r,
+    d_in)``) and ``right = G [A~|M_A]^T`` (``(..., d_out, r or 2r)``). Returns ``(res, mres)``, ``mres`` is
+    ``None`` unless ``update_m``."""
+    c0, B, A = anchor
+    BtDelta = left[..., :r, :] * (-lr * g_coef)
+    DeltaAt = right[..., :r] * (-lr * g_coef)
+    if momentum is not None and m_coef > 0:
+        M_B, M_A = momentum
+        BtDelta = BtDelta - (lr * m_coef) * ((B.mT @ M_B) @ M_A)
+        DeltaAt = DeltaAt - (lr * m_coef) * (M_B @ (M_A @ A.mT))
+    res = lorsum_from_projections(anchor, BtDelta, DeltaAt, lam=lam, p_in=p_in, p_out=p_out, jitter=jitter)
+    mres = None
+    if update_m:
+        M_B, M_A = momentum
+        mres = lorsum_from_projections(
+            (m_coef, M_B, M_A), left[..., r:, :] * g_coef, right[..., r:] * g_coef, lam=lam_m, jitter=jitter
+        )
+    return res, mres
 
 
 def _finite_per_matrix(x: Tensor) -> Tensor:
