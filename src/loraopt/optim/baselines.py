@@ -35,11 +35,14 @@ def _named(model: nn.Module):
     return named
 
 
-def _require_lora(model: nn.Module, what: str) -> None:
-    if not split_lora_parameters(model).layers:
+def _require_lora(model: nn.Module, what: str) -> list:
+    """The model's LoRA layers; raises when there is none."""
+    layers = split_lora_parameters(model).layers
+    if not layers:
         raise NoLoRALayersError(
             f"{what} found no trainable LoRA layer: wrap the model with peft.get_peft_model(model, LoraConfig(...))"
         )
+    return layers
 
 
 def create_adamw_optimizer(
@@ -146,17 +149,15 @@ def create_rplora_optimizer(
     """
     from peft.optimizers import create_riemannian_optimizer
 
-    _require_lora(model, "Riemannian LoRA")
-    _require_linear_factors(model)
+    _require_linear_factors(_require_lora(model, "Riemannian LoRA"))
     optimizer = create_riemannian_optimizer(model, _optimizer_class(optimizer_cls), lr=lr, reg=reg, **kwargs)
     return _accept_closure(_name_groups(optimizer, model))
 
 
-def _require_linear_factors(model: nn.Module) -> None:
+def _require_linear_factors(layers: list) -> None:
     """PEFT preconditions only 2-D ``lora_A``/``lora_B`` pairs and leaves any other adapter to the plain inner
     optimizer without saying so; a comparison would then mix two methods.  Refuse instead."""
-    other = [f"{layer.prefix} ({tuple(layer.A.shape)})" for layer in split_lora_parameters(model).layers
-             if layer.A.dim() != 2 or layer.B.dim() != 2]
+    other = [f"{layer.prefix} ({tuple(layer.A.shape)})" for layer in layers if layer.A.dim() != 2 or layer.B.dim() != 2]
     if other:
         shown = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
         raise ValueError(

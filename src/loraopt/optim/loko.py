@@ -746,10 +746,9 @@ class LoKO(LoRAOptimizer):
         """``theta_new -> (len(samples), m_obs)``: writes ``theta_new`` into ``params`` and re-evaluates the samples.
         The caller writes the final parameters afterwards (``theta_new``, or the old values if the step is skipped)."""
         m_obs = self._obs_dim(s)
-        sizes = [p.numel() for p in params]
 
         def residual(theta_new: Tensor) -> Tensor:
-            torch._foreach_copy_(params, [t.view_as(p) for t, p in zip(theta_new.split(sizes), params)])
+            torch._foreach_copy_(params, _unflatten(theta_new, params))
             rows = []
             with torch.no_grad():
                 for i in samples:
