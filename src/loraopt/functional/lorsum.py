@@ -65,17 +65,29 @@ class LoRSumResult(NamedTuple):
 def spd_solve(gram: Tensor, rhs: Tensor, *, jitter: float) -> Tuple[Tensor, Tensor]:
     """Solve ``(gram + jitter*I) X = rhs`` for a symmetric positive (semi)definite ``gram: (r, r)``.
 
-    Cholesky first; where it fails, LU.  Both are evaluated and selected with ``torch.where`` so that no host
-    synchronisation is needed (an r x r solve is negligible next to the products).  Returns ``(X, failed)`` with
-    ``failed`` a 0-dim int64 tensor (1 when the fallback was used).
+    Cholesky first.  Where it fails (an ill-conditioned Gram matrix of nearly collinear factors, rounded in fp32
+    or built from bf16 weights), a second Cholesky with the jitter raised to ``1e-4`` of the system's mean
+    diagonal; the solution is then that of a slightly more damped system, which is what a proximal step wants.
+    Where that fails too (the system is indefinite, not just ill-conditioned), LU.  A non-finite input stays
+    non-finite, and the caller's finiteness guard skips the step.  Every route is evaluated and selected with
+    ``torch.where``, so no host synchronisation is needed (an r x r solve is negligible next to the products).
+    Batched over leading dimensions.
+
+    Returns ``(X, failed)``; ``failed`` (int64, one per system) is 1 where the first factorisation failed.
     """
     n = gram.shape[-1]
-    system = gram + jitter * torch.eye(n, dtype=gram.dtype, device=gram.device) if jitter else gram
+    eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
+    system = gram + jitter * eye if jitter else gram
     chol, info = torch.linalg.cholesky_ex(system)
     x_chol = torch.cholesky_solve(rhs, chol)
+    scale = system.diagonal(dim1=-2, dim2=-1).abs().mean(-1)[..., None, None]
+    escalated = system + (1e-4 * scale + torch.finfo(gram.dtype).tiny ** 0.5) * eye
+    chol2, info2 = torch.linalg.cholesky_ex(escalated)
+    x_escalated = torch.cholesky_solve(rhs, chol2)
     x_lu, _ = torch.linalg.solve_ex(system, rhs)
     failed = info != 0  # one flag per system of a batch
-    return torch.where(failed[..., None, None], x_lu, x_chol), failed.to(torch.int64)
+    x_fallback = torch.where((info2 != 0)[..., None, None], x_lu, x_escalated)
+    return torch.where(failed[..., None, None], x_fallback, x_chol), failed.to(torch.int64)
 
 
 def _split(term: Term) -> Tuple[Coef, Tensor, Optional[Tensor], bool]:

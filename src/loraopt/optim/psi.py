@@ -36,7 +36,8 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..functional.lorsum import lorsum, lorsum_from_projections
+from ..functional.metrics import stack_or_scalar
+from ..functional.psi import Gradient, MetricInput, PSIConfig, psi_step
 from ..lora.capture import GradientCapture, LayerObservation
 from ..lora.layers import LoRALayer, NoLoRALayersError, require_supported, split_lora_parameters
 from .base import (
@@ -50,7 +51,14 @@ from .base import (
     require_unsharded_model,
 )
 
-__all__ = ["PSILoRA", "ScaledPSILoRA", "create_psi_lora_optimizer", "create_scaled_psi_lora_optimizer"]
+__all__ = [
+    "PSILoRA",
+    "ProjPSILoRA",
+    "ScaledPSILoRA",
+    "create_psi_lora_optimizer",
+    "create_proj_psi_lora_optimizer",
+    "create_scaled_psi_lora_optimizer",
+]
 
 _SCALED_LAM_FLOOR = 1e-5
 
@@ -62,6 +70,7 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
 
     _factory_name = ""
     _scaled = False
+    _variant = "psi"  # functional.psi variant: "psi" (low-rank momentum) or "proj" (factor-space momentum)
 
     def __init__(
         self,
@@ -109,12 +118,16 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
         self._warned: set = set()
 
         lora_groups = [self.param_groups[i] for i in self._layers_by_group]
+        streamable = self._variant == "psi" and all(g["inner_iters"] == 0 for g in lora_groups)
         if capture == "auto":
-            capture = "stream" if all(g["inner_iters"] == 0 for g in lora_groups) else "rows"
+            capture = "stream" if streamable else "rows"
         if capture not in ("rows", "stream"):
             raise ValueError(f"capture must be 'auto', 'rows' or 'stream', got {capture!r}")
-        if capture == "stream" and any(g["inner_iters"] != 0 for g in lora_groups):
-            raise ValueError("capture='stream' keeps no rows and supports inner_iters=0 only; use capture='rows'")
+        if capture == "stream" and not streamable:
+            raise ValueError(
+                "capture='stream' keeps no rows: it supports inner_iters=0 of PSI-LoRA and Scaled PSI-LoRA only "
+                "(Proj. PSI-LoRA needs the gradient at the new factors); use capture='rows' or 'auto'"
+            )
         metrics = {g.get("metric") for g in lora_groups}
         self._capture = GradientCapture(
             self._layers,
@@ -147,13 +160,7 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
     def _lam(self, group: Dict[str, Any]) -> float:
         return group["lr"] * group["lmbd"]
 
-    def _metric(self, group, layer, stats) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-        return None, None
-
     def _init_metric_state(self, layer: LoRALayer) -> None:
-        pass
-
-    def _commit_metric(self, layer: LoRALayer, ok: Tensor) -> None:
         pass
 
     def _update_other(self, group: Dict[str, Any], param: Tensor, grad: Tensor) -> None:
@@ -195,7 +202,13 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
         state_b["step"] = torch.zeros((), dtype=torch.float32)
         state_a["skipped_steps"] = torch.zeros((), dtype=torch.int64, device=device)
         state_a["solve_fallbacks"] = torch.zeros((), dtype=torch.int64, device=device)
-        if self._uses_momentum(group):
+        if self._uses_momentum(group) and self._variant == "proj":
+            # Factor-space heavy ball: buffers and the factors they were expressed at (zero: nothing to transport).
+            state_a["momentum_buffer"] = torch.zeros(layer.rank, layer.d_in, device=device)
+            state_b["momentum_buffer"] = torch.zeros(layer.d_out, layer.rank, device=device)
+            state_a["previous_factor"] = torch.zeros(layer.rank, layer.d_in, device=device)
+            state_b["previous_factor"] = torch.zeros(layer.d_out, layer.rank, device=device)
+        elif self._uses_momentum(group):
             r_m = self._momentum_rank(group, layer)
             # Seeded by (seed, layer index), not the global RNG, so every DDP rank starts from the same subspace.
             gen = torch.Generator().manual_seed(self._seed * 1_000_003 + layer.index)
@@ -279,24 +292,52 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
             return
         reduced = self._reduce([obs for _, observed, _ in active_groups for _, obs in observed])
         clip = self._clip_coefficients(active_groups, reduced)
+        # All or nothing: every update is computed first, then written back under one device-side flag, so a
+        # non-finite value anywhere (a gradient, a solve, a head update) leaves every parameter and state as it was.
+        commits, oks, others = [], [], []
         for (group, observed, with_grad), c in zip(active_groups, clip):
             for layer, _ in observed:
                 self._ensure_layer_state(group, layer)
-            self._lora_steps(group, observed, reduced, c)
+            commits += self._lora_steps(group, observed, reduced, c)
             for p in with_grad:
                 self._ensure_other_state(group, p)
-                self._guarded_update_other(group, p, p.grad if c is None else p.grad * c)
+                others.append((group, p, p.grad if c is None else p.grad * c))
+        oks += [commit.ok for commit in commits]
+        if others:
+            oks.append(self._update_others(others))
+        ok = torch.stack([o.all() for o in oks]).all() if len(oks) > 1 else oks[0].all()
+        for commit in commits:
+            commit.write(ok)
+        self._restore_others_unless(ok)
+        self._count_step([layer for _, observed, _ in active_groups for layer, _ in observed], ok)
 
-    def _guarded_update_other(self, group: Dict[str, Any], param: Tensor, grad: Tensor) -> None:
-        """Run the update, then put the parameter and its state back if anything came out non-finite."""
-        state = self.state[param]
-        # `step` (a CPU counter) is left out: reading a device flag into it would synchronise.
-        tensors = [param] + [v for k, v in state.items() if torch.is_tensor(v) and k != "step"]
-        before = [t.clone() for t in tensors]
-        self._update_other(group, param, grad)
-        ok = torch.isfinite(grad).all() & torch.isfinite(param).all()
-        for t, old in zip(tensors, before):
-            t.copy_(torch.where(ok, t, old))
+    def _count_step(self, layers: List[LoRALayer], ok: Tensor) -> None:
+        """Count the step (and a skipped one) per observed layer without a host synchronisation."""
+        if not layers:
+            return
+        skipped = (~ok).to(torch.int64)
+        states_a = [self.state[layer.A] for layer in layers]
+        torch._foreach_add_([st["skipped_steps"] for st in states_a], [skipped] * len(layers))
+        torch._foreach_add_([st["step"] for st in states_a] + [self.state[layer.B]["step"] for layer in layers], 1.0)
+
+    def _update_others(self, others) -> Tensor:
+        """Update the non-LoRA parameters in place, keeping copies to restore; returns whether all stayed finite."""
+        self._others_before = []
+        finite = []
+        for group, param, grad in others:
+            state = self.state[param]
+            # `step` (a CPU counter) is left out: reading a device flag into it would synchronise.
+            tensors = [param] + [v for k, v in state.items() if torch.is_tensor(v) and k != "step"]
+            self._others_before.append((tensors, [t.clone() for t in tensors], state))
+            self._update_other(group, param, grad)
+            finite.append(torch.isfinite(grad).all() & torch.isfinite(param).all())
+        return torch.stack(finite)
+
+    def _restore_others_unless(self, ok: Tensor) -> None:
+        for tensors, before, state in getattr(self, "_others_before", []):
+            for t, old in zip(tensors, before):
+                t.copy_(torch.where(ok, t, old))
+        self._others_before = []
 
     def _missing(self, layer: Optional[LoRALayer]) -> None:
         if layer is None:
@@ -406,106 +447,51 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
 
     # ------------------------------------------------------------------------------------------- the LoRA step
 
-    def _lora_step(self, group, layer: LoRALayer, obs: LayerObservation, red: Dict[str, Tensor], clip) -> None:
-        lr = group["lr"]
-        g_coef, m_coef = self._coefficients(group)
-        if clip is not None:
-            g_coef = clip * g_coef
-        iters, jitter = group["inner_iters"], group["jitter"]
-        state_a, state_b = self.state[layer.A], self.state[layer.B]
-        root = math.sqrt(layer.scaling)
-        A_raw, B_raw = layer.a_matrix(torch.float32), layer.b_matrix(torch.float32)
-        A, B = A_raw * root, B_raw * root
-        p_in, p_out = self._metric(group, layer, red)
-        lam = self._lam(group)
-        c0 = 1.0 - lr * group["weight_decay"]
-        has_m = "momentum_A" in state_a
-        M_A = state_a["momentum_A"] if has_m else None
-        M_B = state_b["momentum_B"] if has_m else None
-        update_m = has_m and m_coef > 0 and not group.get("reference_compat", False)
-        lam_m = lr * group["lmbd_momentum"]
-        reduce = self._dist.mean if self._dist.active else None
+    def _lora_steps(self, group, observed, reduced, clip) -> List["_Commit"]:
+        """The LoRA update of every observed layer of one group, as pending commits.
 
-        if obs.left is not None:  # stream mode: Jacobi from the accumulated projections
-            res, mres = _stream_jacobi(
-                (c0, B, A), (M_B, M_A) if has_m else None, red["left"], red["right"], layer.rank, lr=lr,
-                g_coef=g_coef, m_coef=m_coef, update_m=update_m, lam=lam, lam_m=lam_m, p_in=p_in, p_out=p_out,
-                jitter=jitter,
-            )
-        else:
-            if obs.G is not None:  # the capture held G itself (smaller than its rows)
-                L_, R_ = obs.G, None
-            else:
-                X, S = obs.rows()
-                L_, R_ = S.mT, X
-            data = (g_coef, L_, R_, True)
-            terms = [(-lr * g_coef, L_, R_, True)]
-            if has_m and m_coef > 0:
-                terms.append((-lr * m_coef, M_B, M_A))
-            res = lorsum((c0, B, A), terms, iters=iters, lam=lam, p_in=p_in, p_out=p_out, jitter=jitter, all_reduce=reduce)
-            if update_m:
-                mres = lorsum((m_coef, M_B, M_A), [data], iters=iters, lam=lam_m, jitter=jitter, all_reduce=reduce)
-
-        ok = torch.isfinite(res.A).all() & torch.isfinite(res.B).all()
-        if update_m:
-            ok = ok & torch.isfinite(mres.A).all() & torch.isfinite(mres.B).all()
-        new_A = torch.where(ok, res.A / root, A_raw)
-        new_B = torch.where(ok, res.B / root, B_raw)
-        layer.A.copy_(new_A.view_as(layer.A))
-        layer.B.copy_(new_B.view_as(layer.B))
-        if update_m:
-            new_MB, new_MA = _balance(mres.B, mres.A)
-            state_a["momentum_A"] = torch.where(ok, new_MA, M_A)
-            state_b["momentum_B"] = torch.where(ok, new_MB, M_B)
-            state_a["solve_fallbacks"] += mres.fallbacks
-        state_a["solve_fallbacks"] += res.fallbacks
-        state_a["skipped_steps"] += (~ok).to(torch.int64)
-        state_a["step"] += 1
-        state_b["step"] += 1
-        self._commit_metric(layer, ok)
-
-
-    # ------------------------------------------------------------------------------------------- batched step
-
-    def _lora_steps(self, group, observed, reduced, clip) -> None:
-        """The LoRA update of every observed layer of one group.
-
-        ``foreach`` (default): layers of one shape whose gradient is held as projections (stream) or as a dense
-        ``G`` are stacked and updated by one batched LoRSum, so the few hundred r x r solves and small products
-        of a model cost a few dozen launches instead of ~100 per layer.  Layers holding rows (few rows, K >= 1)
-        take the per-layer path: their products over N rows dominate and the rows differ in length.
-        ``foreach=False`` runs the per-layer reference for every layer."""
-        if not self._foreach:
-            for layer, obs in observed:
-                self._lora_step(group, layer, obs, reduced[id(obs)], clip)
-            return
+        Layers are bucketed by shape and gradient form, and each bucket is one call of
+        :func:`loraopt.functional.psi.psi_step` with the layers stacked on a leading dimension: the few hundred
+        r x r solves and small products of a model then cost a few dozen launches instead of ~100 per layer.  A layer
+        holding rows (few rows, K >= 1) is a bucket of its own (rows differ in length).  ``foreach=False`` makes
+        every layer a bucket of one: the per-layer reference, tested equal in float64."""
         buckets: Dict[tuple, list] = {}
         for layer, obs in observed:
-            if obs.left is None and obs.G is None:
-                self._lora_step(group, layer, obs, reduced[id(obs)], clip)
-                continue
-            state_a = self.state[layer.A]
-            m_shape = tuple(state_a["momentum_A"].shape) if "momentum_A" in state_a else None
-            key = (obs.left is not None, layer.rank, layer.d_in, layer.d_out, layer.A.device, m_shape)
+            if not self._foreach or (obs.left is None and obs.G is None):
+                key: tuple = ("layer", layer.index)
+            else:
+                state_a = self.state[layer.A]
+                m_shape = tuple(state_a["momentum_A"].shape) if "momentum_A" in state_a else None
+                key = (obs.left is not None, layer.rank, layer.d_in, layer.d_out, layer.A.device, m_shape)
             buckets.setdefault(key, []).append((layer, obs))
-        for items in buckets.values():
-            self._lora_step_batched(group, items, reduced, clip)
+        return [self._lora_step_batched(group, items, reduced, clip) for items in buckets.values()]
 
-    def _metric_batched(self, group, layers, reds) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-        return None, None
+    def _metric_input(self, group, layers, reds) -> Optional[MetricInput]:
+        return None
 
-    def _commit_metric_batched(self, layers, ok: Tensor) -> None:
-        pass
+    def _momentum_state(self, layers) -> Optional[Tuple[List[Tensor], ...]]:
+        """Per momentum tensor of the functional step, the list of state tensors of ``layers`` (``None``: none)."""
+        states_a = [self.state[layer.A] for layer in layers]
+        states_b = [self.state[layer.B] for layer in layers]
+        if "momentum_A" in states_a[0]:
+            return [st["momentum_B"] for st in states_b], [st["momentum_A"] for st in states_a]
+        if "previous_factor" in states_a[0]:
+            return tuple(
+                [st[key] for st in states]
+                for key, states in (("momentum_buffer", states_a), ("momentum_buffer", states_b),
+                                    ("previous_factor", states_a), ("previous_factor", states_b))
+            )
+        return None
 
-    def _lora_step_batched(self, group, items, reduced, clip) -> None:
-        """:meth:`_lora_step` for L layers of one shape at once (leading batch dimension L everywhere)."""
+    def _lora_step_batched(self, group, items, reduced, clip) -> "_Commit":
+        """Gather the stacked factors, gradient, momentum and metric of one bucket, run the functional step, and
+        return what to write back."""
         layers = [layer for layer, _ in items]
         reds = [reduced[id(obs)] for _, obs in items]
         lr = group["lr"]
         g_coef, m_coef = self._coefficients(group)
         if clip is not None:
             g_coef = clip * g_coef
-        iters, jitter = group["inner_iters"], group["jitter"]
         device = layers[0].A.device
         roots = [math.sqrt(layer.scaling) for layer in layers]
         # One Python number when the layers share their scaling (the usual case): no host-to-device copy.
@@ -519,112 +505,54 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
         else:
             A_raw = torch.stack([layer.a_matrix(torch.float32) for layer in layers])
             B_raw = torch.stack([layer.b_matrix(torch.float32) for layer in layers])
-        A, B = A_raw * root, B_raw * root
-        p_in, p_out = self._metric_batched(group, layers, reds)
-        lam = self._lam(group)
-        c0 = 1.0 - lr * group["weight_decay"]
-        states_a = [self.state[layer.A] for layer in layers]
-        states_b = [self.state[layer.B] for layer in layers]
-        has_m = "momentum_A" in states_a[0]
-        M_A = torch.stack([st["momentum_A"] for st in states_a]) if has_m else None
-        M_B = torch.stack([st["momentum_B"] for st in states_b]) if has_m else None
-        update_m = has_m and m_coef > 0 and not group.get("reference_compat", False)
-        lam_m = lr * group["lmbd_momentum"]
-        reduce = self._dist.mean if self._dist.active else None
-
-        if items[0][1].left is not None:  # stream mode: Jacobi from the accumulated projections
-            res, mres = _stream_jacobi(
-                (c0, B, A), (M_B, M_A) if has_m else None, torch.stack([red["left"] for red in reds]),
-                torch.stack([red["right"] for red in reds]), layers[0].rank, lr=lr, g_coef=g_coef, m_coef=m_coef,
-                update_m=update_m, lam=lam, lam_m=lam_m, p_in=p_in, p_out=p_out, jitter=jitter,
-            )
-        else:  # dense G held by the capture
-            G = torch.stack([obs.G for _, obs in items])
-            terms = [(-lr * g_coef, G, None, True)]
-            if has_m and m_coef > 0:
-                terms.append((-lr * m_coef, M_B, M_A))
-            res = lorsum((c0, B, A), terms, iters=iters, lam=lam, p_in=p_in, p_out=p_out, jitter=jitter, all_reduce=reduce)
-            if update_m:
-                mres = lorsum(
-                    (m_coef, M_B, M_A), [(g_coef, G, None, True)], iters=iters, lam=lam_m, jitter=jitter,
-                    all_reduce=reduce,
-                )
-            del G
-
-        ok = _finite_per_matrix(res.A) & _finite_per_matrix(res.B)
-        if update_m:
-            ok = ok & _finite_per_matrix(mres.A) & _finite_per_matrix(mres.B)
-        okx = ok[:, None, None]
-        new_A = torch.where(okx, res.A / root, A_raw)
-        new_B = torch.where(okx, res.B / root, B_raw)
-        if plain:
-            torch._foreach_copy_(A_params, list(new_A.unbind(0)))
-            torch._foreach_copy_(B_params, list(new_B.unbind(0)))
-        else:
-            torch._foreach_copy_(A_params, [t.view_as(a) for t, a in zip(new_A.unbind(0), A_params)])
-            torch._foreach_copy_(B_params, [t.view_as(b) for t, b in zip(new_B.unbind(0), B_params)])
-        fallbacks = res.fallbacks
-        if update_m:
-            new_MB, new_MA = _balance(mres.B, mres.A)
-            torch._foreach_copy_([st["momentum_A"] for st in states_a], list(torch.where(okx, new_MA, M_A).unbind(0)))
-            torch._foreach_copy_([st["momentum_B"] for st in states_b], list(torch.where(okx, new_MB, M_B).unbind(0)))
-            fallbacks = fallbacks + mres.fallbacks
-        torch._foreach_add_([st["solve_fallbacks"] for st in states_a], list(fallbacks.unbind(0)))
-        torch._foreach_add_([st["skipped_steps"] for st in states_a], list((~ok).to(torch.int64).unbind(0)))
-        torch._foreach_add_([st["step"] for st in states_a + states_b], 1.0)
-        self._commit_metric_batched(layers, ok)
-
-
-def _stream_jacobi(anchor, momentum, left: Tensor, right: Tensor, r: int, *, lr, g_coef, m_coef, update_m: bool, lam,
-                   lam_m, p_in, p_out, jitter):
-    """The K = 0 (Jacobi) LoRSum of the step and of the momentum from the streamed projections, for one layer or a
-    stack of layers (leading dimensions pass through).
-
-    ``anchor = (c0, B, A)``; ``momentum = (M_B, M_A)`` or ``None``; ``left = [B~|M_B]^T G`` (``(..., r or 2r,
-    d_in)``) and ``right = G [A~|M_A]^T`` (``(..., d_out, r or 2r)``). Returns ``(res, mres)``, ``mres`` is
-    ``None`` unless ``update_m``."""
-    c0, B, A = anchor
-    BtDelta = left[..., :r, :] * (-lr * g_coef)
-    DeltaAt = right[..., :r] * (-lr * g_coef)
-    if momentum is not None and m_coef > 0:
-        M_B, M_A = momentum
-        BtDelta = BtDelta - (lr * m_coef) * ((B.mT @ M_B) @ M_A)
-        DeltaAt = DeltaAt - (lr * m_coef) * (M_B @ (M_A @ A.mT))
-    res = lorsum_from_projections(anchor, BtDelta, DeltaAt, lam=lam, p_in=p_in, p_out=p_out, jitter=jitter)
-    mres = None
-    if update_m:
-        M_B, M_A = momentum
-        mres = lorsum_from_projections(
-            (m_coef, M_B, M_A), left[..., r:, :] * g_coef, right[..., r:] * g_coef, lam=lam_m, jitter=jitter
+        first = items[0][1]
+        if first.left is not None:
+            grad = Gradient(torch.stack([red["left"] for red in reds]), torch.stack([red["right"] for red in reds]),
+                            projected=True)
+        elif first.G is not None:
+            grad = Gradient(torch.stack([obs.G for _, obs in items]), None)
+        else:  # rows: a bucket of one
+            X, S = first.rows()
+            grad = Gradient(S.mT.unsqueeze(0), X.unsqueeze(0))
+        momentum_lists = self._momentum_state(layers)
+        momentum = None if momentum_lists is None else tuple(torch.stack(ts) for ts in momentum_lists)
+        metric = self._metric_input(group, layers, reds)
+        config = PSIConfig(
+            variant=self._variant, iters=group["inner_iters"], jitter=group["jitter"],
+            momentum_balance=group.get("momentum_balance", "svd"), reference_compat=group.get("reference_compat", False),
         )
-    return res, mres
+        result = psi_step(
+            A_raw * root, B_raw * root, grad, lr=lr, grad_coef=g_coef, momentum_coef=m_coef, lam=self._lam(group),
+            lam_momentum=lr * group["lmbd_momentum"], anchor_coef=1.0 - lr * group["weight_decay"],
+            momentum=momentum, metric=metric, config=config,
+            all_reduce=self._dist.mean if self._dist.active else None,
+        )
+        targets: List[Tuple[List[Tensor], Tensor, Tensor]] = [
+            (A_params, result.A / root, A_raw), (B_params, result.B / root, B_raw),
+        ]
+        if momentum_lists is not None:
+            targets += [(ts, new, old) for ts, new, old in zip(momentum_lists, result.momentum, momentum)]
+        if metric is not None:
+            targets += [
+                ([self.state[layer.A]["metric_in"] for layer in layers], result.metric[0], metric.v_in),
+                ([self.state[layer.B]["metric_out"] for layer in layers], result.metric[1], metric.v_out),
+            ]
+        torch._foreach_add_([self.state[layer.A]["solve_fallbacks"] for layer in layers],
+                            list(result.fallbacks.unbind(0)))
+        return _Commit(targets, result.ok)
 
 
-def _finite_per_matrix(x: Tensor) -> Tensor:
-    """``(L,)``: whether each matrix of a batch ``(L, m, n)`` is finite."""
-    return torch.isfinite(x).flatten(1).all(dim=1)
+class _Commit:
+    """New values for a bucket's parameters and state, written back once the whole step is known to be finite."""
 
+    def __init__(self, targets: List[Tuple[List[Tensor], Tensor, Tensor]], ok: Tensor):
+        self.targets, self.ok = targets, ok
 
-def _batch_scalar(values: List[Any], device) -> Any:
-    """Per-layer scalars (host numbers or 0-dim tensors) as one host number when equal, else an ``(L, 1)`` tensor."""
-    if all(not torch.is_tensor(v) for v in values):
-        if all(v == values[0] for v in values):
-            return values[0]
-        return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1)
-    return torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in values]).view(-1, 1)
-
-
-def _balance(B: Tensor, A: Tensor) -> Tuple[Tensor, Tensor]:
-    """Rescale ``(B, A)`` to equal Frobenius norms, leaving ``B A`` unchanged.
-
-    Each momentum LoRSum multiplies the anchor by mu < 1 in one factor and lets the other absorb the new gradient, so
-    without this the factors drift apart geometrically (|M_A| -> 0, |M_B| -> inf) until ``M_A M_A^T`` falls below
-    the proximal weight and the solves stop tracking ``mu M + G``."""
-    # Per matrix of a batch (the norms keep their reduced dims so they broadcast over the batch).
-    nb = torch.linalg.vector_norm(B, dim=(-2, -1), keepdim=True)
-    na = torch.linalg.vector_norm(A, dim=(-2, -1), keepdim=True)
-    scale = torch.where((nb > 0) & (na > 0), (na / nb).sqrt(), torch.ones_like(nb))
-    return B * scale, A / scale
+    def write(self, ok: Tensor) -> None:
+        """Copy the new values (where ``ok``; the old ones elsewhere) into the parameters and state tensors."""
+        for destinations, new, old in self.targets:
+            value = torch.where(ok, new, old)
+            torch._foreach_copy_(destinations, [v.view_as(d) for v, d in zip(value.unbind(0), destinations)])
 
 
 _ARGS_DOC = r"""
@@ -641,6 +569,12 @@ _ARGS_DOC = r"""
         max_grad_norm: clip the full gradient (captured G of every layer plus other parameters' .grad) to this
             norm inside the optimizer; 0 disables.  Disable the trainer's own clipping: it never sees G.
         jitter: added to the diagonal of every r x r system.
+        momentum_balance: ``"svd"`` (default) keeps the low-rank momentum in balanced SVD form after each update
+            (``M_B = U sqrt(S)``, ``M_A = sqrt(S) V^T``; the product is unchanged), which keeps its solves well
+            conditioned; ``"norm"`` only equalises the factor norms; ``"none"`` is the reference code.
+        reference_compat: reproduce the reference code where it differs from the paper, which is only at K = 0
+            (its unscaled LoRSum is a no-op there: plain PSI-LoRA does not move and no momentum updates).  For
+            comparisons with published runs; it changes nothing at K >= 1.
         capture: ``"auto"`` (stream at K = 0, rows otherwise), ``"rows"`` or ``"stream"``.
         row_budget: rows mode: error when a layer captures more rows than this in one step.
         seed: seeds the momentum subspace M_A per layer (identical on every rank).
@@ -684,6 +618,7 @@ class PSILoRA(_ProjectedSubspaceOptimizer):
         weight_decay: float = 0.0,
         max_grad_norm: float = 0.0,
         jitter: float = 1e-6,
+        momentum_balance: str = "svd",
         reference_compat: bool = False,
         capture: str = "auto",
         row_budget: Optional[int] = 1 << 20,
@@ -704,10 +639,11 @@ class PSILoRA(_ProjectedSubspaceOptimizer):
         check_nonnegative("weight_decay", weight_decay)
         check_nonnegative("max_grad_norm", max_grad_norm)
         check_nonnegative("jitter", jitter)
+        _check_balance(momentum_balance)
         defaults = dict(
             lr=lr, inner_iters=inner_iters, lmbd=lmbd, lmbd_momentum=lmbd_momentum, momentum=momentum,
             dampening=dampening, rank_mult=rank_mult, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-            jitter=jitter, reference_compat=reference_compat,
+            jitter=jitter, momentum_balance=momentum_balance, reference_compat=reference_compat,
         )
         super().__init__(
             params, model, defaults, capture=capture, row_budget=row_budget, seed=seed, strict=strict,
@@ -738,6 +674,30 @@ class PSILoRA(_ProjectedSubspaceOptimizer):
         state["step"] += 1
 
 
+class ProjPSILoRA(PSILoRA):
+    __doc__ = (
+        """Proj. PSI-LoRA: a momentum-free LoRSum step with heavy-ball momentum kept in factor space.
+
+    Per LoRA layer: ``Delta W <- LoRSum_r(Delta W - lr (1 - dampening) c G)``; then, at the new factors, the
+    preconditioned factor gradients ``g_A = (B^T B + lam I)^-1 B^T G``, ``g_B = G A^T (A A^T + lam I)^-1``, the old
+    buffers transported to the new factors (``T_A = (B^T B + lam I)^-1 B^T B_prev buf_A``, likewise ``T_B``),
+    ``buf <- momentum T + (1 - dampening) c g`` and ``A -= lr momentum T_A``, ``B -= lr momentum T_B``
+    (specs/psi-lora.md §3b; the variant the paper's authors ran on GLUE).  The momentum costs two factor-shaped
+    buffers per factor and no extra LoRSum.  Other trainable parameters: SGD with momentum.
+    Build it with :func:`create_proj_psi_lora_optimizer` or ``loraopt.create_optimizer("proj-psi-lora", model)``.
+"""
+        + _ARGS_DOC
+        + """        momentum, dampening: heavy-ball coefficients (torch.optim.SGD convention).
+        (``rank_mult``, ``lmbd_momentum`` and ``momentum_balance`` do not apply: the buffers have the factors'
+        shapes.)  The gradient is held as rows or as the dense ``G`` (never streamed), since it is projected on
+        the new factors.
+    """
+    )
+
+    _factory_name = "create_proj_psi_lora_optimizer"
+    _variant = "proj"
+
+
 class ScaledPSILoRA(_ProjectedSubspaceOptimizer):
     __doc__ = (
         """Scaled PSI-LoRA: LoRSum in a diagonal, fractional-power K-FAC or Shampoo metric.
@@ -754,7 +714,7 @@ class ScaledPSILoRA(_ProjectedSubspaceOptimizer):
         metric: ``"kfac"`` (EMA of squared input / output rows) or ``"shampoo"`` (diag(G^T G), diag(G G^T)).
         loss_reduction: ``"mean"`` or ``"sum"``: how the loss reduces over rows (undoes 1/N inside S for the metric).
         adam_betas, adam_eps: Adam for the other parameters.
-        reference_compat: freeze M at 0, as the reference code effectively does at K = 0 (to reproduce it).
+        bias_correction: use the metric EMA with its unit start removed (``(v - beta2^t) / (1 - beta2^t)``).
     """
     )
 
@@ -780,7 +740,9 @@ class ScaledPSILoRA(_ProjectedSubspaceOptimizer):
         max_grad_norm: float = 1.0,
         adam_betas: Tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
+        bias_correction: bool = False,
         jitter: float = 1e-6,
+        momentum_balance: str = "svd",
         reference_compat: bool = False,
         capture: str = "auto",
         row_budget: Optional[int] = 1 << 20,
@@ -812,11 +774,12 @@ class ScaledPSILoRA(_ProjectedSubspaceOptimizer):
         check_range("adam_betas[1]", adam_betas[1], 0.0, 1.0)
         check_positive("adam_eps", adam_eps)
         check_nonnegative("jitter", jitter)
+        _check_balance(momentum_balance)
         defaults = dict(
             lr=lr, inner_iters=inner_iters, lmbd=lmbd, lmbd_momentum=lmbd_momentum, betas=tuple(betas),
             damping=damping, power=power, metric=metric, loss_reduction=loss_reduction, rank_mult=rank_mult,
             weight_decay=weight_decay, max_grad_norm=max_grad_norm, adam_betas=tuple(adam_betas), adam_eps=adam_eps,
-            jitter=jitter, reference_compat=reference_compat,
+            bias_correction=bool(bias_correction), jitter=jitter, momentum_balance=momentum_balance, reference_compat=reference_compat,
         )
         self._loss_reduction = loss_reduction
         super().__init__(
@@ -838,54 +801,25 @@ class ScaledPSILoRA(_ProjectedSubspaceOptimizer):
         self.state[layer.A]["metric_in"] = torch.ones(layer.d_in, device=layer.A.device)
         self.state[layer.B]["metric_out"] = torch.ones(layer.d_out, device=layer.B.device)
 
-    def _metric(self, group, layer, red):
+    def _metric_input(self, group, layers, reds) -> MetricInput:
+        """The stacked metric EMAs and this step's statistics (``(L, d_in)``, ``(L, d_out)``)."""
         beta2 = group["betas"][1]
-        state_a, state_b = self.state[layer.A], self.state[layer.B]
-        n = red["n_rows"]
+        device = layers[0].A.device
+        v_in = torch.stack([self.state[layer.A]["metric_in"] for layer in layers])
+        v_out = torch.stack([self.state[layer.B]["metric_out"] for layer in layers])
         if group["metric"] == "kfac":
-            stat_in, stat_out = red["x_sq"] / n, red["s_sq"] * red["s_sq_scale"] / n
-        else:
-            k2 = red["shampoo_scale"]
-            stat_in, stat_out = red["shampoo_in"] * k2, red["shampoo_out"] * k2
-        v_in = state_a["metric_in"] * beta2 + stat_in * (1.0 - beta2)
-        v_out = state_b["metric_out"] * beta2 + stat_out * (1.0 - beta2)
-        self._pending_metric = (v_in, v_out)
-        return (v_in + group["damping"]).pow(group["power"]), (v_out + group["damping"]).pow(group["power"])
-
-    def _metric_batched(self, group, layers, reds):
-        beta2 = group["betas"][1]
-        old_in = torch.stack([self.state[layer.A]["metric_in"] for layer in layers])
-        old_out = torch.stack([self.state[layer.B]["metric_out"] for layer in layers])
-        if group["metric"] == "kfac":
-            n = _batch_scalar([red["n_rows"] for red in reds], old_in.device)
+            n = stack_or_scalar([red["n_rows"] for red in reds], device)
             stat_in = torch.stack([red["x_sq"] for red in reds]) / n
-            k2 = _batch_scalar([red["s_sq_scale"] for red in reds], old_in.device)
+            k2 = stack_or_scalar([red["s_sq_scale"] for red in reds], device)
             stat_out = torch.stack([red["s_sq"] for red in reds]) * (k2 / n)
         else:
-            k2 = _batch_scalar([red["shampoo_scale"] for red in reds], old_in.device)
+            k2 = stack_or_scalar([red["shampoo_scale"] for red in reds], device)
             stat_in = torch.stack([red["shampoo_in"] for red in reds]) * k2
             stat_out = torch.stack([red["shampoo_out"] for red in reds]) * k2
-        v_in = old_in * beta2 + stat_in * (1.0 - beta2)
-        v_out = old_out * beta2 + stat_out * (1.0 - beta2)
-        self._pending_metric = (v_in, v_out, old_in, old_out)
-        return (v_in + group["damping"]).pow(group["power"]), (v_out + group["damping"]).pow(group["power"])
-
-    def _commit_metric_batched(self, layers, ok):
-        v_in, v_out, old_in, old_out = self._pending_metric
-        self._pending_metric = None
-        ok = (ok & torch.isfinite(v_in).all(-1) & torch.isfinite(v_out).all(-1))[:, None]
-        torch._foreach_copy_([self.state[l.A]["metric_in"] for l in layers], list(torch.where(ok, v_in, old_in).unbind(0)))
-        torch._foreach_copy_(
-            [self.state[l.B]["metric_out"] for l in layers], list(torch.where(ok, v_out, old_out).unbind(0))
-        )
-
-    def _commit_metric(self, layer, ok):
-        v_in, v_out = self._pending_metric
-        self._pending_metric = None
-        state_a, state_b = self.state[layer.A], self.state[layer.B]
-        ok = ok & torch.isfinite(v_in).all() & torch.isfinite(v_out).all()
-        state_a["metric_in"] = torch.where(ok, v_in, state_a["metric_in"])
-        state_b["metric_out"] = torch.where(ok, v_out, state_b["metric_out"])
+        # The step counter is a CPU tensor: its value is a host number (no device sync).
+        step = float(self.state[layers[0].A]["step"]) + 1.0
+        return MetricInput(v_in, v_out, stat_in, stat_out, beta2=beta2, damping=group["damping"],
+                           power=group["power"], step=step, bias_correction=group.get("bias_correction", False))
 
     def _init_other_state(self, group, param):
         self.state[param]["exp_avg"] = torch.zeros_like(param, dtype=torch.float32)
@@ -973,5 +907,34 @@ def create_scaled_psi_lora_optimizer(
     return ScaledPSILoRA(groups, model=model, lr=lr, **kwargs)
 
 
+def create_proj_psi_lora_optimizer(
+    model: nn.Module,
+    *,
+    lr: float,
+    inner_iters: int = 1,
+    lmbd: float = 1e-2,
+    momentum: float = 0.9,
+    other_lr: Optional[float] = None,
+    other_momentum: Optional[float] = None,
+    other_weight_decay: Optional[float] = None,
+    **kwargs: Any,
+) -> ProjPSILoRA:
+    """Proj. PSI-LoRA (arXiv 2602.16456, factor-space momentum) over a PEFT LoRA model.
+
+    Parameter groups as :func:`create_psi_lora_optimizer`.  Remaining keyword arguments are :class:`ProjPSILoRA`
+    arguments.
+    """
+    groups = _groups(
+        model, {}, _drop_none(dict(lr=other_lr, momentum=other_momentum, weight_decay=other_weight_decay))
+    )
+    return ProjPSILoRA(groups, model=model, lr=lr, inner_iters=inner_iters, lmbd=lmbd, momentum=momentum, **kwargs)
+
+
 create_psi_lora_optimizer.forwards_to = PSILoRA  # type: ignore[attr-defined]
+create_proj_psi_lora_optimizer.forwards_to = ProjPSILoRA  # type: ignore[attr-defined]
 create_scaled_psi_lora_optimizer.forwards_to = ScaledPSILoRA  # type: ignore[attr-defined]
+
+
+def _check_balance(value: str) -> None:
+    if value not in ("svd", "norm", "none"):
+        raise ValueError(f"momentum_balance must be 'svd', 'norm' or 'none', got {value!r}")

@@ -1,0 +1,76 @@
+"""The diagonal Kronecker metric of Scaled PSI-LoRA: statistics -> EMA -> damped fractional power.
+
+Per layer the metric is ``P_in = (v_in + damping)^power`` on the input side (``(d_in,)``) and
+``P_out = (v_out + damping)^power`` on the output side (``(d_out,)``), where ``v`` is an exponential moving average
+of one of two per-step statistics of the captured rows ``X: (N, d_in)`` and output gradients ``S: (N, d_out)``:
+
+* K-FAC diagonal: ``mean_rows(X * X)`` and ``mean_rows((kappa S) * (kappa S))``, with ``kappa`` undoing the
+  ``1/N`` of a mean-reduced loss inside ``S``;
+* Shampoo diagonal: ``diag(G^T G)`` and ``diag(G G^T)`` for ``G = S^T X``, times ``kappa'``.
+
+Every function accepts a leading batch dimension (``(L, d)``), one row per layer.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["metric_ema", "debias", "metric_preconditioner", "metric_step", "stack_or_scalar"]
+
+Scalar = Union[float, Tensor]
+
+
+def metric_ema(v: Tensor, stat: Tensor, beta2: float) -> Tensor:
+    """``beta2 v + (1 - beta2) stat``: the running ``v`` starts at one and is stored as is (reference behaviour)."""
+    return v * beta2 + stat * (1.0 - beta2)
+
+
+def debias(v: Tensor, beta2: float, step: Scalar) -> Tensor:
+    """The EMA with its unit initialisation removed: ``(v - beta2^t) / (1 - beta2^t)`` (``t >= 1``)."""
+    decay = beta2 ** step
+    return (v - decay) / (1.0 - decay)
+
+
+def metric_preconditioner(v: Tensor, damping: float, power: float) -> Tensor:
+    """``(v + damping)^power`` elementwise."""
+    return (v + damping).pow(power)
+
+
+def metric_step(
+    v_in: Tensor,
+    v_out: Tensor,
+    stat_in: Tensor,
+    stat_out: Tensor,
+    *,
+    beta2: float,
+    damping: float,
+    power: float,
+    step: Scalar = 1,
+    bias_correction: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One metric update: ``(new v_in, new v_out, P_in, P_out)``; shapes ``(..., d_in)``, ``(..., d_out)``.
+
+    With ``bias_correction`` the preconditioner uses :func:`debias` of the EMA at ``step`` (1 for the first
+    update; a host number or a broadcastable tensor): the unit start is removed exactly, so the metric is the
+    average of the statistics seen so far instead of being pulled towards one for the first ~1/(1 - beta2) steps.
+    The stored EMA is the same either way.
+    """
+    new_in, new_out = metric_ema(v_in, stat_in, beta2), metric_ema(v_out, stat_out, beta2)
+    used_in, used_out = new_in, new_out
+    if bias_correction:
+        used_in, used_out = debias(new_in, beta2, step), debias(new_out, beta2, step)
+        # Statistics are non-negative; a rounding error must not make the damped base negative.
+        used_in, used_out = used_in.clamp_min(0.0), used_out.clamp_min(0.0)
+    return new_in, new_out, metric_preconditioner(used_in, damping, power), metric_preconditioner(used_out, damping, power)
+
+
+def stack_or_scalar(values, device) -> Union[float, Tensor]:
+    """Per-layer scalars as one host number when they agree, else an ``(L, 1)`` fp32 tensor (no host sync)."""
+    if all(not torch.is_tensor(v) for v in values):
+        if all(v == values[0] for v in values):
+            return values[0]
+        return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1)
+    return torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in values]).view(-1, 1)

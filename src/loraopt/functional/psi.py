@@ -1,0 +1,309 @@
+"""One step of the PSI-LoRA family for a batch of LoRA layers of one shape: the single source of the update rule.
+
+Shapes (``L`` layers stacked on a leading dimension; one layer is a batch of one):
+
+* ``A: (L, r, d_in)``, ``B: (L, d_out, r)``: the *effective* factors (``sqrt(s)`` times PEFT's, so ``B A = Delta W``),
+  in the compute dtype (fp32, or fp64 in tests).
+* the captured gradient ``G = S^T X`` of each layer, in one of three equivalent forms (:class:`Gradient`): its rows,
+  the dense ``(L, d_out, d_in)`` matrix, or (K = 0 streaming) its projections on the anchor and momentum factors.
+* momentum state: ``(M_B: (L, d_out, r_m), M_A: (L, r_m, d_in))`` (low-rank momentum) or
+  ``(buf_A, buf_B, prev_A, prev_B)`` of the factor shapes (factor-space momentum of Proj. PSI-LoRA).
+* metric state (Scaled PSI-LoRA): ``v_in: (L, d_in)``, ``v_out: (L, d_out)`` and this step's statistics.
+
+Variants (``specs/psi-lora.md`` §3, §3b, §4), with ``g = grad_coef`` (``(1 - dampening) c`` or ``(1 - beta1) c``,
+``c`` the clip factor) and ``m = momentum_coef``:
+
+* ``"psi"``: ``(A, B) <- LoRSum(anchor (c0, B, A); (-lr g, G), (-lr m, M_B M_A); K, lam)`` and
+  ``(M_B, M_A) <- LoRSum(anchor (m, M_B, M_A); (g, G); K, lam_momentum)``.  With a metric this is Scaled PSI-LoRA
+  (the weights' LoRSum is weighted by ``P_out``, ``P_in``; the momentum's is not).
+* ``"proj"``: a momentum-free LoRSum of the weights, then factor-space heavy ball at the new factors: preconditioned
+  factor gradients ``g_A = (B^T B + lam I)^-1 B^T G`` and ``g_B = G A^T (A A^T + lam I)^-1``, the old buffers
+  transported by ``T_A = (B^T B + lam I)^-1 (B^T prev_B) buf_A`` and ``T_B = buf_B (prev_A A^T) (A A^T + lam I)^-1``,
+  ``buf <- m T + g g_*``, ``prev <- (A, B)``, then ``A -= lr m T_A``, ``B -= lr m T_B``.
+
+Deliberate differences from the reference code, each switchable:
+
+* ``momentum_balance="svd"`` (default) rewrites the low-rank momentum after each update in balanced SVD form,
+  ``M_B = U sqrt(S)``, ``M_A = sqrt(S) V^T`` (two thin QRs and an r_m x r_m SVD; the product ``M_B M_A`` is
+  unchanged).  Without it the momentum LoRSum shrinks one factor by ``mu`` per step while the other absorbs the
+  gradient: the factors drift apart, ``M_A M_A^T`` becomes ill-conditioned and the next solves amplify rounding
+  until the step blows up (``benchmarks/notes/psi.md``).  ``"norm"`` only equalises the two Frobenius norms;
+  ``"none"`` is the reference.
+* ``reference_compat=True`` reproduces the reference where it differs from the paper, which is only at K = 0: its
+  unscaled LoRSum is a no-op there (plain PSI-LoRA never moves, the momentum never updates, the first step of
+  Proj. PSI-LoRA does nothing).  At K >= 1 the switch changes nothing.
+
+No hooks, no optimizer state, no host synchronisation: the result carries per-layer ``ok`` flags (every output
+finite) and the outputs of a failed layer are its inputs, so the caller can write everything back unconditionally.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .lorsum import lorsum, lorsum_from_projections, project_left, project_right, spd_solve
+from .metrics import metric_step
+
+__all__ = [
+    "PSIConfig",
+    "Gradient",
+    "MetricInput",
+    "PSIStepResult",
+    "psi_step",
+    "balance_svd",
+    "balance_norm",
+]
+
+Coef = Union[float, Tensor]
+AllReduce = Optional[Callable[[Tensor], Tensor]]
+
+
+class PSIConfig(NamedTuple):
+    """The static (per parameter group) choices of the step."""
+
+    variant: str = "psi"  # "psi" (low-rank momentum; Scaled PSI-LoRA when a metric is given) or "proj"
+    iters: int = 1  # K; 0 is the Jacobi round
+    jitter: float = 1e-6
+    momentum_balance: str = "svd"  # "svd", "norm" or "none"
+    reference_compat: bool = False
+
+
+class Gradient(NamedTuple):
+    """The captured gradient of each layer.
+
+    * rows: ``left = S^T: (L, d_out, N)``, ``right = X: (L, N, d_in)``;
+    * dense: ``left = G: (L, d_out, d_in)``, ``right = None``;
+    * projections (``projected=True``, K = 0 only): ``left = [B | M_B]^T G: (L, r + r_m, d_in)`` and
+      ``right = G [A^T | M_A^T]: (L, d_out, r + r_m)``, taken at the current factors and already reduced over ranks.
+
+    Rows and dense gradients are rank-local: their projections go through ``all_reduce`` inside the step.
+    """
+
+    left: Tensor
+    right: Optional[Tensor]
+    projected: bool = False
+
+
+class MetricInput(NamedTuple):
+    """Scaled PSI-LoRA's diagonal metric: stored EMAs, this step's statistics and the hyperparameters."""
+
+    v_in: Tensor  # (L, d_in)
+    v_out: Tensor  # (L, d_out)
+    stat_in: Tensor  # (L, d_in)
+    stat_out: Tensor  # (L, d_out)
+    beta2: float
+    damping: float
+    power: float
+    step: Coef = 1  # index of this update (bias correction only)
+    bias_correction: bool = False
+
+
+class PSIStepResult(NamedTuple):
+    """New effective factors, momentum state (same structure as given), metric EMAs ``(v_in, v_out)``, and per layer
+    ``ok: (L,) bool`` and ``fallbacks: (L,) int64`` (r x r systems that needed the Cholesky fallback).  Where
+    ``ok`` is false every output equals its input."""
+
+    A: Tensor
+    B: Tensor
+    momentum: Optional[Tuple[Tensor, ...]]
+    metric: Optional[Tuple[Tensor, Tensor]]
+    ok: Tensor
+    fallbacks: Tensor
+
+
+# ---------------------------------------------------------------------------------------------- balancing
+
+
+def balance_norm(B: Tensor, A: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(B, A)`` rescaled to equal Frobenius norms per matrix of the batch; ``B A`` is unchanged."""
+    nb = torch.linalg.vector_norm(B, dim=(-2, -1), keepdim=True)
+    na = torch.linalg.vector_norm(A, dim=(-2, -1), keepdim=True)
+    scale = torch.where((nb > 0) & (na > 0), (na / nb).sqrt(), torch.ones_like(nb))
+    return B * scale, A / scale
+
+
+def balance_svd(B: Tensor, A: Tensor, *, floor: float = 1e-4) -> Tuple[Tensor, Tensor]:
+    """``(U sqrt(S), sqrt(S) V^T)`` for the SVD ``U S V^T`` of ``B A`` (``B: (..., m, k)``, ``A: (..., k, n)``),
+    from two thin QRs and a k x k SVD; the product is unchanged.
+
+    Singular values below ``floor`` times the largest are split unevenly (``M_A`` keeps ``sqrt(floor s_max)``, so
+    its rows stay a well-conditioned subspace for the next power iteration); a zero product (the initial momentum)
+    is returned as given.  When ``k`` exceeds ``m`` or ``n`` the thin QR cannot represent it: norm balancing then.
+    """
+    k = B.shape[-1]
+    if k > B.shape[-2] or k > A.shape[-1]:
+        return balance_norm(B, A)
+    Qb, Rb = torch.linalg.qr(B)
+    Qa, Ra = torch.linalg.qr(A.mT)
+    core = Rb @ Ra.mT  # B A = Qb core Qa^T
+    finite = torch.isfinite(core).flatten(-2).all(-1)
+    # The SVD raises on non-finite input: factor zeros there (the inputs are returned, and the caller's guard
+    # sees them).
+    U, S, Vh = torch.linalg.svd(torch.where(finite[..., None, None], core, torch.zeros_like(core)))
+    top = S[..., :1]
+    kept = torch.maximum(S, floor * top)
+    root = kept.sqrt()
+    new_B = (Qb @ U) * (S / root.clamp_min(torch.finfo(S.dtype).tiny)).unsqueeze(-2)
+    new_A = root.unsqueeze(-1) * (Vh @ Qa.mT)
+    usable = finite & (top[..., 0] > 0) & torch.isfinite(new_B).flatten(-2).all(-1) & torch.isfinite(new_A).flatten(-2).all(-1)
+    usable = usable[..., None, None]
+    return torch.where(usable, new_B, B), torch.where(usable, new_A, A)
+
+
+_BALANCE = {"svd": balance_svd, "norm": balance_norm, "none": lambda B, A: (B, A)}
+
+
+# ---------------------------------------------------------------------------------------------- the step
+
+
+def _finite(x: Tensor) -> Tensor:
+    """``(L,)``: whether each matrix (or vector) of the batch is finite."""
+    return torch.isfinite(x).flatten(1).all(dim=1)
+
+
+def _keep(ok: Tensor, new: Tensor, old: Tensor) -> Tensor:
+    return torch.where(ok.view((-1,) + (1,) * (new.dim() - 1)), new, old)
+
+
+def _terms(grad: Gradient, coef: Coef):
+    """The gradient as a LoRSum term (rank-local data)."""
+    return (coef, grad.left, grad.right, True)
+
+
+def psi_step(
+    A: Tensor,
+    B: Tensor,
+    grad: Gradient,
+    *,
+    lr: float,
+    grad_coef: Coef,
+    momentum_coef: float,
+    lam: float,
+    lam_momentum: float,
+    anchor_coef: float = 1.0,
+    momentum: Optional[Tuple[Tensor, ...]] = None,
+    metric: Optional[MetricInput] = None,
+    config: PSIConfig = PSIConfig(),
+    all_reduce: AllReduce = None,
+) -> PSIStepResult:
+    """One PSI-family step for ``L`` layers of one shape (see the module docstring for the rule and the shapes).
+
+    Args:
+        A, B: effective factors ``(L, r, d_in)``, ``(L, d_out, r)`` in the compute dtype.
+        grad: the captured gradient (:class:`Gradient`).
+        lr: the step on Delta W.  ``grad_coef``: ``(1 - d) c`` or ``(1 - beta1) c`` (a host number or a 0-dim
+            tensor: the clip factor is computed on the device).  ``momentum_coef``: mu or beta1.
+        lam, lam_momentum: proximal weights of the weights' and the momentum's LoRSum (lr already applied).
+        anchor_coef: ``1 - lr * weight_decay``.
+        momentum: ``(M_B, M_A)`` for ``"psi"``; ``(buf_A, buf_B, prev_A, prev_B)`` for ``"proj"``; ``None``
+            when the variant runs without momentum.
+        metric: Scaled PSI-LoRA's metric (``"psi"`` only); ``None`` means the Euclidean metric.
+        config: :class:`PSIConfig`.
+        all_reduce: averages rank-local projections (rows or dense gradients) over data-parallel ranks.
+    """
+    if config.variant not in ("psi", "proj"):
+        raise ValueError(f"variant must be 'psi' or 'proj', got {config.variant!r}")
+    if grad.projected and config.variant == "proj":
+        raise ValueError("Proj. PSI-LoRA needs G at the new factors: pass rows or the dense gradient, not projections")
+    reference_noop = config.reference_compat and config.iters == 0
+    p_in = p_out = None
+    new_metric = None
+    if metric is not None:
+        v_in, v_out, p_in, p_out = metric_step(
+            metric.v_in, metric.v_out, metric.stat_in, metric.stat_out, beta2=metric.beta2, damping=metric.damping,
+            power=metric.power, step=metric.step, bias_correction=metric.bias_correction,
+        )
+        new_metric = (v_in, v_out)
+    if config.variant == "psi":
+        new_A, new_B, new_momentum, fallbacks = _psi(
+            A, B, grad, lr=lr, g=grad_coef, m=momentum_coef, lam=lam, lam_m=lam_momentum, c0=anchor_coef,
+            momentum=momentum, p_in=p_in, p_out=p_out, config=config, reference_noop=reference_noop,
+            all_reduce=all_reduce,
+        )
+    else:
+        new_A, new_B, new_momentum, fallbacks = _proj(
+            A, B, grad, lr=lr, g=grad_coef, m=momentum_coef, lam=lam, c0=anchor_coef, momentum=momentum,
+            config=config, reference_noop=reference_noop, all_reduce=all_reduce,
+        )
+    ok = _finite(new_A) & _finite(new_B)
+    for t in (new_momentum or ()) + (new_metric or ()):
+        ok = ok & _finite(t)
+    new_A, new_B = _keep(ok, new_A, A), _keep(ok, new_B, B)
+    if new_momentum is not None:
+        new_momentum = tuple(_keep(ok, n, o) for n, o in zip(new_momentum, momentum))
+    if new_metric is not None:
+        new_metric = (_keep(ok, new_metric[0], metric.v_in), _keep(ok, new_metric[1], metric.v_out))
+    return PSIStepResult(new_A, new_B, new_momentum, new_metric, ok, fallbacks)
+
+
+def _psi(A, B, grad, *, lr, g, m, lam, lam_m, c0, momentum, p_in, p_out, config, reference_noop, all_reduce):
+    """Low-rank momentum (PSI-LoRA, Scaled PSI-LoRA): the weights' LoRSum, then the momentum's."""
+    iters, jitter = config.iters, config.jitter
+    uses_m = momentum is not None and m > 0
+    M_B, M_A = momentum if momentum is not None else (None, None)
+    zero = torch.zeros(A.shape[:-2], dtype=torch.int64, device=A.device)
+    # The reference's unscaled LoRSum is a no-op at K = 0; its scaled one (metric given) is not.
+    if reference_noop and p_in is None:
+        new_A, new_B, fallbacks = A, B, zero
+    elif grad.projected:
+        r = A.shape[-2]
+        BtDelta = grad.left[..., :r, :] * (-lr * g)
+        DeltaAt = grad.right[..., :r] * (-lr * g)
+        if uses_m:
+            BtDelta = BtDelta - (lr * m) * ((B.mT @ M_B) @ M_A)
+            DeltaAt = DeltaAt - (lr * m) * (M_B @ (M_A @ A.mT))
+        res = lorsum_from_projections((c0, B, A), BtDelta, DeltaAt, lam=lam, p_in=p_in, p_out=p_out, jitter=jitter,
+                                      compute_dtype=A.dtype)
+        new_A, new_B, fallbacks = res.A, res.B, res.fallbacks
+    else:
+        terms = [_terms(grad, -lr * g)]
+        if uses_m:
+            terms.append((-lr * m, M_B, M_A))
+        res = lorsum((c0, B, A), terms, iters=iters, lam=lam, p_in=p_in, p_out=p_out, jitter=jitter,
+                     all_reduce=all_reduce, compute_dtype=A.dtype)
+        new_A, new_B, fallbacks = res.A, res.B, res.fallbacks
+    if not uses_m or reference_noop:
+        return new_A, new_B, (None if momentum is None else tuple(momentum)), fallbacks
+    if grad.projected:
+        r = A.shape[-2]
+        mres = lorsum_from_projections((m, M_B, M_A), grad.left[..., r:, :] * g, grad.right[..., r:] * g,
+                                       lam=lam_m, jitter=jitter, compute_dtype=A.dtype)
+    else:
+        mres = lorsum((m, M_B, M_A), [_terms(grad, g)], iters=iters, lam=lam_m, jitter=jitter, all_reduce=all_reduce,
+                      compute_dtype=A.dtype)
+    new_MB, new_MA = _BALANCE[config.momentum_balance](mres.B, mres.A)
+    return new_A, new_B, (new_MB, new_MA), fallbacks + mres.fallbacks
+
+
+def _proj(A, B, grad, *, lr, g, m, lam, c0, momentum, config, reference_noop, all_reduce):
+    """Factor-space momentum (Proj. PSI-LoRA): a momentum-free LoRSum, then transported heavy ball."""
+    if reference_noop:
+        new_A, new_B = A, B
+        fallbacks = torch.zeros(A.shape[:-2], dtype=torch.int64, device=A.device)
+    else:
+        res = lorsum((c0, B, A), [_terms(grad, -lr * g)], iters=config.iters, lam=lam, jitter=config.jitter,
+                     all_reduce=all_reduce, compute_dtype=A.dtype)
+        new_A, new_B, fallbacks = res.A, res.B, res.fallbacks
+    if momentum is None:
+        return new_A, new_B, None, fallbacks
+    buf_A, buf_B, prev_A, prev_B = momentum
+    reg = lam + config.jitter
+    BtG = project_left([_terms(grad, 1.0)], new_B, all_reduce)  # (r, d_in)
+    GAt = project_right([_terms(grad, 1.0)], new_A, all_reduce)  # (d_out, r)
+    r = new_A.shape[-2]
+    # One solve per side for the new gradient and the transported buffer: (B^T B + reg I)^-1 [B^T G | (B^T prev_B) buf_A]
+    left, fa = spd_solve(new_B.mT @ new_B, torch.cat([BtG, (new_B.mT @ prev_B) @ buf_A], dim=-1), jitter=reg)
+    right, fb = spd_solve(new_A @ new_A.mT, torch.cat([GAt, buf_B @ (prev_A @ new_A.mT)], dim=-2).mT, jitter=reg)
+    d_in = new_A.shape[-1]
+    g_A, T_A = left[..., :d_in], left[..., d_in:]
+    right = right.mT
+    g_B, T_B = right[..., : new_B.shape[-2], :], right[..., new_B.shape[-2] :, :]
+    del r
+    new_buf_A = T_A * m + g_A * g
+    new_buf_B = T_B * m + g_B * g
+    out_A = new_A - (lr * m) * T_A
+    out_B = new_B - (lr * m) * T_B
+    return out_A, out_B, (new_buf_A, new_buf_B, new_A, new_B), fallbacks + fa + fb
