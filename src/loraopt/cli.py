@@ -7,8 +7,11 @@
     loraopt bench online [options]     online (streaming) fine-tuning with LoKO and baselines
     loraopt bench quality --suite S    quality benchmarks on real models (sst2, lm, vision)
     loraopt optimizers                 list the registered optimizers and their hyperparameters
+    loraopt --version                  the installed version
 
 ``loraopt COMMAND --help`` and ``loraopt bench NAME --help`` show each command's options.
+Exit status: 0 success, 2 bad input (a one-line error on stderr; nothing written), 3 a fine-tuning run diverged
+(see ``loraopt finetune --help``).
 """
 
 from __future__ import annotations
@@ -16,13 +19,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import os
 import sys
 from typing import List, Optional
 
 BENCHMARKS = {
-    "linear": "loraopt.bench.linear",
-    "online": "loraopt.bench.online",
-    "quality": "loraopt.bench.quality",
+    "linear": ("loraopt.bench.linear", "the synthetic linear task of the PSI-LoRA paper (CPU, seconds to minutes)"),
+    "online": ("loraopt.bench.online", "online (streaming) fine-tuning: LoKO against tuned baselines"),
+    "quality": ("loraopt.bench.quality", "quality suites on real models: --suite sst2 | lm | vision"),
 }
 # Commands whose module parses its own arguments (they take many options; argparse here would duplicate them).
 COMMANDS = {
@@ -30,6 +34,20 @@ COMMANDS = {
     "evaluate": ("loraopt.bench.finetune", "evaluate_main", "score a saved adapter on a data file"),
     "demo": ("loraopt.bench.finetune", "demo_main", "compare LoKO, Scaled PSI-LoRA, PSI-LoRA and AdamW in minutes"),
 }
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away (`... | head`)
+
+
+def version() -> str:
+    """The installed distribution's version; the package's own when it runs from a source tree."""
+    try:
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as distribution_version
+
+        return distribution_version("loraopt")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
 
 
 def _list_optimizers() -> int:
@@ -44,32 +62,71 @@ def _list_optimizers() -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _bench_help() -> str:
+    width = max(len(name) for name in BENCHMARKS)
+    rows = "\n".join(f"  {name:{width}s}  {text}" for name, (_, text) in BENCHMARKS.items())
+    return (f"usage: loraopt bench NAME [options]\n\nRun a benchmark. NAME is one of:\n{rows}\n\n"
+            "`loraopt bench NAME --help` lists NAME's options; results and commands: benchmarks/README.md\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loraopt", description="Optimizers for LoRA fine-tuning: benchmarks and tools.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__,
     )
+    parser.add_argument("--version", action="version", version=f"loraopt {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, _, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
-    bench = sub.add_parser("bench", help="run a benchmark (see `loraopt bench NAME --help`)", add_help=False)
+    bench = sub.add_parser("bench", help="run a benchmark (`loraopt bench --help` lists them)", add_help=False)
     bench.add_argument("name", nargs="?", help=f"one of: {', '.join(BENCHMARKS)}")
     sub.add_parser("optimizers", help="list the registered optimizers and their hyperparameters")
+    return parser
+
+
+def _run(argv: List[str]) -> int:
     if argv and argv[0] in COMMANDS:
         module, function, _ = COMMANDS[argv[0]]
         return int(getattr(importlib.import_module(module), function)(argv[1:]) or 0)
-    args, rest = parser.parse_known_args(argv)
+    if argv and argv[0] == "bench":
+        rest = argv[1:]
+        if not rest or rest[0] in ("-h", "--help"):
+            print(_bench_help(), end="", file=sys.stdout if rest else sys.stderr)
+            return 0 if rest else 2
+        name = rest[0]
+        if name not in BENCHMARKS:
+            print(f"loraopt bench: error: unknown benchmark {name!r}; choose one of: {', '.join(BENCHMARKS)} "
+                  "(`loraopt bench --help`)", file=sys.stderr)
+            return 2
+        module = importlib.import_module(BENCHMARKS[name][0])
+        return int(module.main(rest[1:]) or 0)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "optimizers":
         return _list_optimizers()
-    if args.command == "bench":
-        if args.name not in BENCHMARKS:
-            print(f"loraopt bench: choose one of: {', '.join(BENCHMARKS)}", file=sys.stderr)
-            return 2
-        module = importlib.import_module(BENCHMARKS[args.name])
-        return int(module.main(rest) or 0)
     parser.print_help()
-    return 0 if not argv else 2
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        try:
+            status = _run(argv)
+        except SystemExit:  # argparse's --help, --version and usage errors
+            sys.stdout.flush()
+            raise
+        sys.stdout.flush()  # inside the try: a closed pipe must not surface at interpreter exit
+        return status
+    except BrokenPipeError:
+        # The reader (e.g. `| head`) has gone: stop quietly. Point stdout at /dev/null so the interpreter's final
+        # flush does not raise again.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -36,6 +36,7 @@ __all__ = [
     "project_root",
     "resolve_data_dir",
     "read_label_text_tsv",
+    "check_class_labels",
     "load_sst2",
     "read_text_file",
     "load_tinyshakespeare",
@@ -79,6 +80,7 @@ class LabelledTexts:
     texts: list[str]
     labels: torch.Tensor
     source: str = ""
+    line_numbers: list[int] | None = None  # each example's line in its file (error messages point there)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -89,7 +91,8 @@ class LabelledTexts:
 
     def subset(self, indices: Sequence[int] | torch.Tensor) -> "LabelledTexts":
         idx = torch.as_tensor(indices, dtype=torch.long)
-        return LabelledTexts([self.texts[i] for i in idx.tolist()], self.labels[idx], self.source)
+        lines = None if self.line_numbers is None else [self.line_numbers[i] for i in idx.tolist()]
+        return LabelledTexts([self.texts[i] for i in idx.tolist()], self.labels[idx], self.source, lines)
 
 
 @dataclass
@@ -200,6 +203,71 @@ def _parse_label(field_text: str) -> int | None:
         return None
 
 
+def _utf8_lines(handle: Any, path: Path):
+    """The lines of a text handle, with a decoding error turned into a message that names the file and line."""
+    line_number = 0
+    try:
+        for line_number, line in enumerate(handle, start=1):
+            yield line
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}:{line_number + 1}: not UTF-8 text ({error.reason} at byte {error.start} of that "
+                         "read); save the file as UTF-8") from None
+
+
+def _label_summary(labels: torch.Tensor, line_numbers: Sequence[int] | None, label: int) -> str:
+    where = (labels == label).nonzero().flatten().tolist()
+    text = f"label {label}: {len(where)} example(s)"
+    if line_numbers is not None:
+        lines = [line_numbers[i] for i in where[:5]]
+        text += f", line {', '.join(map(str, lines))}" + (" ..." if len(where) > 5 else "")
+    return text
+
+
+def check_class_labels(
+    labels: torch.Tensor,
+    source: str,
+    *,
+    line_numbers: Sequence[int] | None = None,
+    num_classes: int | None = None,
+) -> int:
+    """Check classification labels and return the number of classes K.
+
+    Labels must be the integers 0, 1, ..., K-1 with K >= 2 and every class present (a single class would make a
+    one-output head, i.e. regression; a gap such as {0, 1, 7} is almost always a typo and would silently train an
+    8-class head). ``num_classes`` (a task with a known class count, e.g. SST-2 = 2) also bounds the labels.
+    Raises ValueError saying which labels are wrong and where.
+    """
+    labels = torch.as_tensor(labels).flatten()
+    if labels.numel() == 0:
+        raise ValueError(f"{source}: no examples")
+    present = sorted(int(v) for v in labels.unique().tolist())
+    if present[0] < 0:
+        raise ValueError(f"{source}: {_label_summary(labels, line_numbers, present[0])} is negative; labels must be "
+                         "0, 1, ..., K-1")
+    if num_classes is not None and present[-1] >= num_classes:
+        wrong = [v for v in present if v >= num_classes]
+        raise ValueError(
+            f"{source}: this task has {num_classes} classes (labels 0..{num_classes - 1}) but found "
+            + "; ".join(_label_summary(labels, line_numbers, v) for v in wrong) + ". Fix the label column."
+        )
+    if len(present) < 2:
+        raise ValueError(
+            f"{source}: every example has label {present[0]}; classification needs at least two classes (0 and 1 "
+            "for a binary task). Check the label column, or pass a file with examples of each class."
+        )
+    missing = sorted(set(range(present[-1] + 1)) - set(present))
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        above = [v for v in present if v > missing[0]]
+        counts = "; ".join(_label_summary(labels, line_numbers, v) for v in above[:3])
+        raise ValueError(
+            f"{source}: labels must be 0, 1, ..., K-1 with every class present, but label(s) {shown} never occur "
+            f"while higher ones do ({counts}). A typo in the label column? Fix those rows or renumber the classes "
+            "from 0 without gaps."
+        )
+    return present[-1] + 1
+
+
 def read_label_text_tsv(
     path: str | os.PathLike,
     *,
@@ -217,8 +285,9 @@ def read_label_text_tsv(
         raise FileNotFoundError(f"No such TSV file: {path}")
     texts: list[str] = []
     labels: list[int] = []
+    line_numbers: list[int] = []
     with open(path, encoding="utf-8", newline="") as handle:
-        for line_number, raw_line in enumerate(handle, start=1):
+        for line_number, raw_line in enumerate(_utf8_lines(handle, path), start=1):
             line = raw_line.rstrip("\r\n")
             if line_number == 1:
                 line = line.lstrip("\ufeff")
@@ -249,9 +318,10 @@ def read_label_text_tsv(
                 raise ValueError(f"{path}:{line_number}: empty text after the label; expected 'label<TAB>text'")
             labels.append(label)
             texts.append(text)
+            line_numbers.append(line_number)
     if not texts:
         raise ValueError(f"{path}: no data rows; expected lines of 'label<TAB>text'")
-    data = LabelledTexts(texts, torch.tensor(labels, dtype=torch.long), str(path))
+    data = LabelledTexts(texts, torch.tensor(labels, dtype=torch.long), str(path), line_numbers)
     indices = _seeded_subset_indices(len(data), limit, seed)
     return data if indices is None else data.subset(indices)
 
@@ -271,7 +341,8 @@ def load_sst2(
     data = read_label_text_tsv(root / relative, header=True, limit=limit, seed=seed)
     unexpected = sorted(set(data.labels.unique().tolist()) - {0, 1})
     if unexpected:
-        raise ValueError(f"{root / relative}: SST-2 labels must be 0 or 1, found {unexpected}")
+        details = "; ".join(_label_summary(data.labels, data.line_numbers, v) for v in unexpected)
+        raise ValueError(f"{root / relative}: SST-2 labels must be 0 or 1, found {details}")
     return data
 
 
@@ -283,7 +354,11 @@ def read_text_file(path: str | os.PathLike) -> str:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No such text file: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); a causal-LM corpus "
+                         "must be a UTF-8 text file") from None
     if not text.strip():
         raise ValueError(f"{path} is empty; a causal-LM corpus needs text")
     return text

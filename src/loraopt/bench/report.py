@@ -1,14 +1,111 @@
-"""Small reporting helpers shared by the benchmarks: mean ± std curves on a log scale and markdown tables."""
+"""Small reporting helpers shared by the benchmarks: mean ± std curves on a log scale, markdown tables, and
+output files written atomically (a reader never sees half a file; a failed write leaves the old file in place)."""
 
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ["CurveBand", "plot_curve_bands", "markdown_table", "format_number"]
+__all__ = [
+    "CurveBand",
+    "plot_curve_bands",
+    "markdown_table",
+    "format_number",
+    "OutputPathError",
+    "check_output_dir",
+    "check_output_file",
+    "write_atomic",
+    "save_figure_atomic",
+]
+
+
+class OutputPathError(ValueError):
+    """An output path that cannot be written: a file where a folder is needed (or the reverse), a read-only or
+    missing location. A user error, reported in one line before any work is done."""
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _probe_writable(folder: Path, what: str, target: Path) -> None:
+    """Create and remove a file in ``folder``: the only test that works for every kind of refusal (permissions,
+    read-only mounts, ACLs, root on a read-only file system)."""
+    try:
+        handle, name = tempfile.mkstemp(prefix=".loraopt-write-test-", dir=folder)
+        os.close(handle)
+        os.unlink(name)
+    except OSError as error:
+        raise OutputPathError(f"{what} {target}: cannot write in {folder} ({error.strerror or error}); choose a "
+                              "writable location") from None
+
+
+def check_output_dir(path: Union[str, Path], what: str = "output folder") -> Path:
+    """Check, without creating anything, that ``path`` is or can become a writable folder; returns it.
+
+    Raises OutputPathError naming the problem: ``path`` is a file, a parent is a file, or the first existing
+    folder on the way is not writable.
+    """
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise OutputPathError(f"{what} {path} is a file, not a folder; pass the path of a folder (it is created if "
+                              "missing)")
+    anchor = _nearest_existing(path)
+    if not anchor.is_dir():
+        raise OutputPathError(f"{what} {path}: {anchor} is a file, so no folder can be created under it")
+    _probe_writable(anchor, what, path)
+    return path
+
+
+def check_output_file(path: Union[str, Path], what: str = "output file") -> Path:
+    """Check, without creating anything, that the file ``path`` can be written (atomically, through its folder)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise OutputPathError(f"{what} {path} is a folder; pass a file path such as {path / 'scores.json'}")
+    if not path.name:
+        raise OutputPathError(f"{what} {str(path)!r} has no file name")
+    check_output_dir(path.parent, what=f"{what} {path}: folder")
+    return path
+
+
+def write_atomic(path: Union[str, Path], data: Union[str, bytes]) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``: readers see the
+    old file or the new one, never a partial one. Creates the parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(payload)
+            stream.flush()
+            os.fsync(stream.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions open() would
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_figure_atomic(fig: Any, path: Union[str, Path], **savefig_kwargs: Any) -> Path:
+    """``fig.savefig`` through :func:`write_atomic` (the format comes from ``path``'s suffix, default PNG)."""
+    import io
+
+    path = Path(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=(path.suffix.lstrip(".") or "png").lower(), **savefig_kwargs)
+    return write_atomic(path, buffer.getvalue())
 
 
 class CurveBand(NamedTuple):
@@ -73,7 +170,7 @@ def plot_curve_bands(
     # Outside the axes: with many curves any inside position hides some of them.
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure_atomic(fig, path, dpi=120)
     plt.close(fig)
     return path
 
