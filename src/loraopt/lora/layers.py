@@ -9,6 +9,7 @@ It never changes a model.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Iterable, List, Optional, Sequence, Tuple
 
@@ -53,7 +54,7 @@ class LoRALayer:
 
     @property
     def d_in(self) -> int:
-        return self.A[0].numel()
+        return math.prod(self.A.shape[1:])
 
     @property
     def d_out(self) -> int:
@@ -141,6 +142,16 @@ def _classify(module: nn.Module, adapter: Optional[str], a_module: nn.Module, b_
     return "unsupported", f"lora_A/lora_B of type {type(a_module).__name__}/{type(b_module).__name__}"
 
 
+def _require_rank(a_name: str, A: Tensor, b_name: str, B: Tensor) -> None:
+    """A rank-0 adapter has empty factors: nothing to train, and every r x r system of the optimizers is empty."""
+    if A.dim() == 0 or A.shape[0] == 0 or B.dim() < 2 or B.shape[1] == 0:
+        raise ValueError(
+            f"LoRA factors {a_name!r} {tuple(A.shape)} and {b_name!r} {tuple(B.shape)} have rank 0: the adapter has "
+            "nothing to train. Give it a rank r >= 1 (LoraConfig(r=...), rank_pattern) or leave the module out of "
+            "target_modules"
+        )
+
+
 def split_lora_parameters(model: nn.Module, named_parameters: Optional[Iterable] = None) -> LoRAParameterSplit:
     """Pair every trainable ``...lora_A...`` parameter with its ``...lora_B...`` partner by name.
 
@@ -169,6 +180,7 @@ def split_lora_parameters(model: nn.Module, named_parameters: Optional[Iterable]
             if a_mark == _A_MARK and leaf != "weight":
                 continue  # e.g. a lora_A bias: an ordinary parameter
             module = model.get_submodule(prefix)
+            _require_rank(name, param, b_name, trainable[b_name])
             if a_mark == _A_MARK:
                 a_container, b_container = module.lora_A, module.lora_B
                 a_module = a_container[adapter] if adapter is not None else a_container

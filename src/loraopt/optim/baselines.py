@@ -2,20 +2,43 @@
 
 LoRA+ and the Riemannian optimizer are PEFT's own (``peft.optimizers``), wrapped rather than re-implemented, so that
 comparisons are against the real thing.  The wrappers only add what the library contract needs: named parameter
-groups, a closure-accepting ``step`` (Lightning always passes one) and uniform factory signatures.
+groups, a closure-accepting ``step`` (Lightning always passes one), uniform factory signatures, and the library's
+reliability rules (the guard below):
+
+* hyperparameters are validated by the factories (a NaN, infinite or negative lr is refused with the argument's name);
+* a step is all-or-nothing: a NaN/inf gradient or lr skips the whole step (parameters and state unchanged), counts
+  it in ``optimizer.skipped_steps`` and warns (rate-limited); a negative lr at step time raises.  The check costs
+  one host synchronisation per step; set ``optimizer.skip_nonfinite = False`` to leave torch's behaviour (NaN
+  propagates) and save it;
+* ``load_state_dict`` refuses state from another optimizer, another model (other ranks), of the wrong shape or with
+  NaN/inf values, and leaves the optimizer unchanged (``loraopt.optim.base.CheckedStateDict``);
+* LoRA factors added through ``add_param_group``: LoRA+ warns once (they take the lr you pass, not
+  ``lr * loraplus_lr_ratio``), the Riemannian optimizer raises (its preconditioner only knows the pairs it was
+  built with).
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Optional, Tuple, Type
+import warnings
+from typing import Any, Callable, Dict, FrozenSet, Iterable, Optional, Tuple, Type
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
 from ..lora.layers import NoLoRALayersError, split_lora_parameters
-from .base import named_trainable_parameters
+from .base import (
+    CheckedStateDict,
+    SkippedStepCounter,
+    _group_label,
+    check_betas,
+    check_group_hyperparameters,
+    check_nonnegative,
+    check_positive,
+    check_range,
+    named_trainable_parameters,
+)
 
 __all__ = [
     "create_adamw_optimizer",
@@ -28,15 +51,146 @@ __all__ = [
 ]
 
 
+# ------------------------------------------------------------------------------------------------- the guard
+
+# Group keys torch fills in itself when a checkpoint lacks them (older torch versions did not save them).
+_TORCH_FLAGS = frozenset(
+    {"foreach", "maximize", "capturable", "differentiable", "fused", "amsgrad", "decoupled_weight_decay", "nesterov"}
+)
+# Per-parameter state of torch's SGD / Adam / AdamW / Adagrad that has the parameter's shape.
+_PARAM_SHAPED = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "sum")
+
+
+class _BaselineGuard(SkippedStepCounter, CheckedStateDict):
+    """Mixed into the torch / PEFT optimizer classes the baseline factories return (see the module docstring)."""
+
+    skip_nonfinite = True
+    _factor_ids: FrozenSet[int] = frozenset()
+    _on_factor: Optional[Callable[[Any], None]] = None
+
+    def _required_group_keys(self, group: Dict[str, Any]) -> FrozenSet[str]:
+        return frozenset(self.defaults) - _TORCH_FLAGS  # type: ignore[attr-defined]
+
+    def _expected_state_shapes(self, param, group) -> Dict[str, Tuple[int, ...]]:
+        shapes: Dict[str, Tuple[int, ...]] = {key: tuple(param.shape) for key in _PARAM_SHAPED}
+        shapes["step"] = ()
+        return shapes
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        if isinstance(param_group, dict):
+            check_group_hyperparameters(param_group, _group_label(param_group, len(self.param_groups)))
+            params = param_group.get("params")
+            params = [params] if torch.is_tensor(params) else list(params or [])
+            param_group = {**param_group, "params": params}
+            tensors = [p[1] if isinstance(p, tuple) else p for p in params]
+            if self._on_factor is not None and any(id(p) in self._factor_ids for p in tensors):
+                self._on_factor(self)
+        super().add_param_group(param_group)  # type: ignore[misc]
+
+    def _grads_finite(self) -> bool:
+        by_device: Dict[Any, list] = {}
+        for group in self.param_groups:  # type: ignore[attr-defined]
+            for p in group["params"]:
+                g = p.grad
+                if g is not None:
+                    by_device.setdefault(g.device, []).append(g.coalesce()._values() if g.is_sparse else g)
+        for grads in by_device.values():
+            norms = torch._foreach_norm(grads, float("inf"))  # max |g|: NaN/inf iff some entry is
+            if not bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
+                return False
+        return True
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            # Run first: PEFT's Riemannian optimizer rejects closures because one run *inside* the base step would
+            # overwrite the preconditioned gradients; running it before is exactly right, and Lightning needs it.
+            with torch.enable_grad():
+                loss = closure()
+        if not self._check_step_lrs():
+            return loss
+        if self.skip_nonfinite and not self._grads_finite():
+            self._record_skipped(1, "non-finite gradient")
+            return loss
+        super().step()  # type: ignore[misc]
+        return loss
+
+
+_GUARDED: Dict[type, type] = {}
+
+
+def _guarded_class(base_cls: type) -> type:
+    cls = _GUARDED.get(base_cls)
+    if cls is None:
+        qualname = f"_Guarded{base_cls.__name__}"
+        cls = type(base_cls.__name__, (_BaselineGuard, base_cls), {"__module__": __name__, "__qualname__": qualname})
+        if base_cls.__module__.startswith("torch.optim"):
+            globals()[qualname] = cls  # picklable by reference, like the torch class it extends
+        _GUARDED[base_cls] = cls
+    return cls
+
+
+def _guard(
+    optimizer: Optimizer, tag: str, *, factor_ids: Iterable[int] = (), on_factor: Optional[Callable] = None
+) -> Optimizer:
+    """Give a torch / PEFT optimizer the library's rules (see the module docstring) in place."""
+    if not isinstance(optimizer, _BaselineGuard):
+        optimizer.__class__ = _guarded_class(type(optimizer))
+    optimizer._skip_init()
+    optimizer._install_state_checks()
+    optimizer.state_tag = tag
+    optimizer._factor_ids = frozenset(factor_ids)
+    optimizer._on_factor = on_factor
+    return optimizer
+
+
+def _check_lr(lr: Any) -> None:
+    check_nonnegative("lr", lr)
+
+
+def _factor_ids(model: nn.Module) -> set:
+    marks = (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.")
+    return {id(p) for n, p in model.named_parameters() if any(m in n for m in marks)}
+
+
+def _warn_lora_plus_factor(optimizer: Any) -> None:
+    if getattr(optimizer, "_warned_factor", False):
+        return
+    optimizer._warned_factor = True
+    warnings.warn(
+        "LoRA+ gives lora_B the learning rate lr * loraplus_lr_ratio only in the groups create_lora_plus_optimizer "
+        "built; LoRA factors added through add_param_group take the lr of their group as given. Pass lr * "
+        "loraplus_lr_ratio for lora_B yourself, or rebuild the optimizer with create_lora_plus_optimizer(model, ...) "
+        "after changing the adapters (warned once).",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
+def _refuse_riemannian_factor(optimizer: Any) -> None:
+    raise ValueError(
+        "the Riemannian preconditioner only knows the lora_A/lora_B pairs the optimizer was built with; LoRA factors "
+        "added through add_param_group would be trained unpreconditioned. Rebuild the optimizer with "
+        "create_rplora_optimizer(model, ...) (or 'riemannian-sgd' / 'riemannian-adamw') after changing the adapters; "
+        "nothing was added"
+    )
+
+
 def _named(model: nn.Module):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected the model (an nn.Module, e.g. a PEFT model), got {type(model).__name__}")
     named = named_trainable_parameters(model)
     if not named:
-        raise ValueError("the model has no trainable parameter (requires_grad=True)")
+        raise ValueError(
+            "the model has no trainable parameter (requires_grad=True): wrap it with "
+            "peft.get_peft_model(model, LoraConfig(...)) or unfreeze the parameters to train"
+        )
     return named
 
 
 def _require_lora(model: nn.Module, what: str) -> list:
     """The model's LoRA layers; raises when there is none."""
+    _named(model)
     layers = split_lora_parameters(model).layers
     if not layers:
         raise NoLoRALayersError(
@@ -56,45 +210,47 @@ def create_adamw_optimizer(
 ) -> torch.optim.AdamW:
     """``torch.optim.AdamW`` over every trainable parameter (the usual LoRA baseline).  ``fused=None`` lets torch
     choose; the cost benchmark passes ``fused=True`` on CUDA."""
-    return torch.optim.AdamW(_named(model), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
+    _check_lr(lr)
+    check_betas("betas", betas)
+    check_nonnegative("eps", eps)
+    check_nonnegative("weight_decay", weight_decay)
+    optimizer = torch.optim.AdamW(_named(model), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
+    return _guard(optimizer, "adamw")
 
 
 def create_adagrad_optimizer(
     model: nn.Module, *, lr: float, eps: float = 1e-10, weight_decay: float = 0.0, initial_accumulator_value: float = 0.0
 ) -> torch.optim.Adagrad:
     """``torch.optim.Adagrad`` over every trainable parameter (LoKO's second baseline, arXiv 2410.11551)."""
-    return torch.optim.Adagrad(
+    _check_lr(lr)
+    check_nonnegative("eps", eps)
+    check_nonnegative("weight_decay", weight_decay)
+    check_nonnegative("initial_accumulator_value", initial_accumulator_value)
+    optimizer = torch.optim.Adagrad(
         _named(model), lr=lr, eps=eps, weight_decay=weight_decay, initial_accumulator_value=initial_accumulator_value
     )
+    return _guard(optimizer, "adagrad")
 
 
 def create_sgd_optimizer(
     model: nn.Module, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False
 ) -> torch.optim.SGD:
     """``torch.optim.SGD`` over every trainable parameter ("LoRA-SGD")."""
-    return torch.optim.SGD(_named(model), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    _check_lr(lr)
+    check_range("momentum", momentum, 0.0, 1.0)
+    check_nonnegative("weight_decay", weight_decay)
+    if nesterov and momentum == 0:
+        raise ValueError("nesterov=True needs momentum > 0 (e.g. momentum=0.9), or pass nesterov=False")
+    optimizer = torch.optim.SGD(_named(model), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    return _guard(optimizer, "sgd")
 
 
-def _accept_closure(optimizer: Optimizer) -> Optimizer:
-    """Let ``step(closure)`` run the closure first and then the wrapped step without it.
-
-    PEFT's Riemannian optimizer rejects closures because a closure run *inside* the base step would overwrite the
-    preconditioned gradients; running it before preconditioning is exactly right, and Lightning needs it.
-    """
-    base_cls = type(optimizer)
-
-    class ClosureFirst(base_cls):  # type: ignore[misc, valid-type]
-        def step(self, closure=None):
-            loss = None
-            if closure is not None:
-                with torch.enable_grad():
-                    loss = closure()
-            super().step()
-            return loss
-
-    ClosureFirst.__name__ = ClosureFirst.__qualname__ = base_cls.__name__
-    optimizer.__class__ = ClosureFirst
-    return optimizer
+def _check_forwarded(kwargs: Dict[str, Any]) -> None:
+    """Hyperparameters forwarded to the inner torch optimizer get the library's checks first."""
+    for key, check in (("weight_decay", check_nonnegative), ("eps", check_nonnegative), ("betas", check_betas),
+                       ("momentum", lambda n, v: check_range(n, v, 0.0, 1.0))):
+        if key in kwargs:
+            check(key, kwargs[key])
 
 
 def _name_groups(optimizer: Optimizer, model: nn.Module) -> Optimizer:
@@ -131,12 +287,20 @@ def create_lora_plus_optimizer(
     ``create_loraplus_optimizer``; extra keyword arguments go to the base optimizer (AdamW by default)."""
     from peft.optimizers import create_loraplus_optimizer
 
+    _check_lr(lr)
+    check_positive("loraplus_lr_ratio", loraplus_lr_ratio)
+    check_nonnegative("loraplus_weight_decay", loraplus_weight_decay)
+    check_nonnegative("loraplus_lr_embedding", loraplus_lr_embedding)
+    _check_forwarded(kwargs)
+    cls = _optimizer_class(optimizer_cls)
     _require_lora(model, "LoRA+")
     optimizer = create_loraplus_optimizer(
-        model, _optimizer_class(optimizer_cls), lr=lr, loraplus_lr_ratio=loraplus_lr_ratio,
+        model, cls, lr=lr, loraplus_lr_ratio=loraplus_lr_ratio,
         loraplus_weight_decay=loraplus_weight_decay, loraplus_lr_embedding=loraplus_lr_embedding, **kwargs,
     )
-    return _name_groups(optimizer, model)
+    return _guard(
+        _name_groups(optimizer, model), "lora-plus", factor_ids=_factor_ids(model), on_factor=_warn_lora_plus_factor
+    )
 
 
 def create_rplora_optimizer(
@@ -149,9 +313,16 @@ def create_rplora_optimizer(
     """
     from peft.optimizers import create_riemannian_optimizer
 
+    _check_lr(lr)
+    check_positive("reg", reg)
+    _check_forwarded(kwargs)
+    cls = _optimizer_class(optimizer_cls)
     _require_linear_factors(_require_lora(model, "Riemannian LoRA"))
-    optimizer = create_riemannian_optimizer(model, _optimizer_class(optimizer_cls), lr=lr, reg=reg, **kwargs)
-    return _accept_closure(_name_groups(optimizer, model))
+    optimizer = create_riemannian_optimizer(model, cls, lr=lr, reg=reg, **kwargs)
+    tag = f"riemannian-{cls.__name__.lower()}"
+    return _guard(
+        _name_groups(optimizer, model), tag, factor_ids=_factor_ids(model), on_factor=_refuse_riemannian_factor
+    )
 
 
 def _require_linear_factors(layers: list) -> None:

@@ -13,6 +13,8 @@ from typing import Any, Callable, Dict
 from torch import nn
 from torch.optim import Optimizer
 
+from .base import check_nonnegative, check_range
+
 __all__ = ["OPTIMIZERS", "load_optimizer", "create_optimizer", "optimizer_hyperparameters"]
 
 _FACTORY_PATHS: Dict[str, str] = {
@@ -71,12 +73,42 @@ def optimizer_hyperparameters(name: str) -> Dict[str, Any]:
     return accepted
 
 
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"create_optimizer(name, model, ...) takes the model (an nn.Module, e.g. a PEFT model), got "
+            f"{type(model).__name__}; pass the model itself, not model.parameters()"
+        )
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(
+            "the model has no trainable parameter (every requires_grad is False): wrap it with "
+            "peft.get_peft_model(model, LoraConfig(...)), or make the adapter trainable again (e.g. "
+            "model.set_adapter(name) or requires_grad_(True) on its lora_A/lora_B)"
+        )
+
+
+def _check_group_overrides(hyperparameters: Dict[str, Any]) -> None:
+    """The factories put ``other_*`` values into the second parameter group, where the optimizer classes' own
+    argument checks do not see them: check them here like the constructor arguments."""
+    for key, value in hyperparameters.items():
+        if value is None:
+            continue  # "same as the LoRA group"
+        if key == "lr" or key.endswith("_lr") or key in ("other_weight_decay", "weight_decay"):
+            check_nonnegative(key, value)
+        elif key == "other_momentum":
+            check_range(key, value, 0.0, 1.0)
+
+
 def create_optimizer(name: str, model: nn.Module, **hyperparameters: Any) -> Optimizer:
     """Build the optimizer ``name`` over the trainable parameters of ``model`` (a PEFT or plain LoRA model).
 
     Raises ``ValueError`` for an unknown name or a hyperparameter the optimizer does not take, listing the valid ones.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"create_optimizer(name, model, ...): name must be a string such as 'adamw', got {name!r}")
     factory = load_optimizer(name)
+    _check_model(model)
+    _check_group_overrides(hyperparameters)
     sig = inspect.signature(factory)
     takes_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()) and not hasattr(factory, "forwards_to")
     if not takes_any:

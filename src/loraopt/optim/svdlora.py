@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Any, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -22,13 +22,19 @@ from ..lora.layers import NoLoRALayersError, require_supported, split_lora_param
 from .base import (
     DistributedContext,
     LoRAOptimizer,
+    check_betas,
     check_nonnegative,
+    check_positive,
     check_range,
     named_trainable_parameters,
     require_unsharded_model,
 )
 
 __all__ = ["SVDLoRA", "create_svdlora_optimizer"]
+
+
+def _is_factor_name(name: str) -> bool:
+    return any(mark in name for mark in (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B."))
 
 
 class SVDLoRA(LoRAOptimizer):
@@ -41,6 +47,11 @@ class SVDLoRA(LoRAOptimizer):
             ``base="adamw"`` AdamW with ``betas`` and ``eps`` (bias-corrected, decoupled decay).
         compute_dtype: dtype of the dense step and the SVD (fp32; fp64 in tests).
     Other trainable parameters take the same base rule on their ``.grad``.
+
+    A step is all-or-nothing: when a gradient, the lr or any result is NaN/inf (or the SVD fails), no parameter
+    and no state changes and the step is counted in ``skipped_steps`` (with a rate-limited warning). A step that
+    cannot be taken for a reason the caller must fix (a second ``step()`` without a new backward, an empty batch,
+    activations not captured) raises before anything changes.
     """
 
     def __init__(
@@ -57,11 +68,20 @@ class SVDLoRA(LoRAOptimizer):
         compute_dtype: torch.dtype = torch.float32,
         process_group: Optional[Any] = None,
     ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"SVDLoRA needs the LoRA model (its layers are hooked), got {type(model).__name__}: pass model=..., or "
+                "use loraopt.create_svdlora_optimizer(model, ...)"
+            )
         check_nonnegative("lr", lr)
         if base not in ("sgd", "adamw"):
             raise ValueError(f"base must be 'sgd' or 'adamw', got {base!r}")
         check_range("momentum", momentum, 0.0, 1.0)
+        check_betas("betas", betas)
+        check_positive("eps", eps)
         check_nonnegative("weight_decay", weight_decay)
+        if compute_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype!r}")
         if params is None:
             params = named_trainable_parameters(model)
         defaults = dict(lr=lr, base=base, momentum=momentum, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
@@ -70,7 +90,10 @@ class SVDLoRA(LoRAOptimizer):
         named = [(n, p) for g in self.param_groups for n, p in zip(g["param_names"], g["params"])]
         split = split_lora_parameters(model, named)
         if not split.layers:
-            raise NoLoRALayersError("SVDLoRA found no trainable LoRA layer among the given parameters")
+            raise NoLoRALayersError(
+                "SVDLoRA found no trainable LoRA layer among the given parameters: wrap the model with "
+                "peft.get_peft_model(model, LoraConfig(...)) and pass its parameters"
+            )
         require_supported(split.layers, "SVDLoRA")
         self._layers = split.layers
         self._layer_of_a = {id(layer.A): layer for layer in self._layers}
@@ -78,7 +101,26 @@ class SVDLoRA(LoRAOptimizer):
         self._dtype = compute_dtype
         self._dist = DistributedContext(process_group)
         self._capture = GradientCapture(self._layers, mode="rows", row_budget=None)
+        # Every LoRA factor of the model, trainable or not: add_param_group refuses them (see there).
+        self._model_factor_ids = {id(p) for n, p in model.named_parameters() if _is_factor_name(n)}
+        self._consumed: Dict[int, Any] = {}  # layer index -> weak reference to the lora_A .grad of the last step
         weakref.finalize(self, self._capture.remove)  # the hooks must not outlive the optimizer
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        factor_ids = getattr(self, "_model_factor_ids", None)
+        if factor_ids is not None and isinstance(param_group, dict):
+            params = param_group.get("params")
+            params = [params] if torch.is_tensor(params) else list(params or [])
+            param_group = {**param_group, "params": params}
+            tensors = [p[1] if isinstance(p, tuple) else p for p in params]
+            if any(id(p) in factor_ids for p in tensors):
+                raise ValueError(
+                    "SVDLoRA hooks the LoRA layers it was built with; a LoRA factor added through add_param_group "
+                    "would take a plain dense step on its .grad instead of the projected step. Build a new optimizer "
+                    "over the model instead: loraopt.create_svdlora_optimizer(model, ...) (add_param_group is fine "
+                    "for parameters that are not LoRA factors)"
+                )
+        super().add_param_group(param_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
@@ -87,28 +129,83 @@ class SVDLoRA(LoRAOptimizer):
     def remove_hooks(self) -> None:
         self._capture.remove()
 
-    def _dense_update(self, group, state, grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-        """The base optimizer's step direction for ``grad`` (dense state created on first use)."""
-        if "step" not in state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
-        state["step"] += 1
+    def _expected_state_shapes(self, param: torch.Tensor, group: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
+        layer = self._layer_of_a.get(id(param))
+        shape = (layer.d_out, layer.d_in) if layer is not None else tuple(param.shape)
+        return {"step": (), "dense_momentum": shape, "dense_exp_avg": shape, "dense_exp_avg_sq": shape}
+
+    # ------------------------------------------------------------------------------------------------- step
+
+    def _direction(self, group, state, grad: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """The base optimizer's step direction for ``grad`` and the state it would leave (nothing is written)."""
+        step = state["step"] + 1 if "step" in state else torch.ones((), dtype=torch.float32)
+        new: Dict[str, torch.Tensor] = {"step": step}
         if group["base"] == "sgd":
             if group["momentum"] == 0:
-                return grad
-            if "dense_momentum" not in state:
-                state["dense_momentum"] = grad.clone()
-            else:
-                state["dense_momentum"].mul_(group["momentum"]).add_(grad)
-            return state["dense_momentum"]
+                return grad, new
+            old = state.get("dense_momentum")
+            buf = grad.clone() if old is None else old * group["momentum"] + grad
+            new["dense_momentum"] = buf
+            return buf, new
         beta1, beta2 = group["betas"]
-        if "dense_exp_avg" not in state:
-            state["dense_exp_avg"] = torch.zeros_like(grad)
-            state["dense_exp_avg_sq"] = torch.zeros_like(grad)
-        m, v = state["dense_exp_avg"], state["dense_exp_avg_sq"]
-        m.lerp_(grad, 1 - beta1)
-        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        step = float(state["step"])
-        return (m / (1 - beta1**step)) / ((v / (1 - beta2**step)).sqrt() + group["eps"])
+        m = state.get("dense_exp_avg", torch.zeros_like(grad)).lerp(grad, 1 - beta1)
+        v = state.get("dense_exp_avg_sq", torch.zeros_like(grad)) * beta2 + grad * grad * (1 - beta2)
+        new["dense_exp_avg"], new["dense_exp_avg_sq"] = m, v
+        t = float(step)
+        return (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + group["eps"]), new
+
+    def _grad_of(self, layer) -> Optional[torch.Tensor]:
+        return layer.A.grad if layer.A.grad is not None else layer.B.grad
+
+    def _observed_gradients(self) -> List[Tuple[Dict[str, Any], torch.Tensor, Any, torch.Tensor]]:
+        """``[(group, param, layer or None, gradient)]`` to update; raises (before any change) when the step cannot
+        be taken as asked."""
+        plans = []
+        for group in self.param_groups:
+            if group["lr"] == 0:
+                continue
+            for p in group["params"]:
+                if id(p) in self._b_ids:
+                    continue
+                layer = self._layer_of_a.get(id(p))
+                if layer is None:
+                    if p.grad is not None:
+                        plans.append((group, p, None, p.grad.to(self._dtype)))
+                    continue
+                obs = self._capture.observation(layer)
+                if obs.empty:
+                    self._explain_empty(layer, obs)
+                    continue
+                x, s = obs.rows()
+                G = self._dist.mean(s.to(self._dtype).mT @ x.to(self._dtype))
+                plans.append((group, p, layer, G))
+        return plans
+
+    def _explain_empty(self, layer, obs) -> None:
+        if obs.x_rows:  # the hooks fired, with zero rows
+            raise ValueError(
+                f"SVDLoRA: the batch reaching {layer.describe()} was empty (0 rows) since the last step; nothing was "
+                "changed. Skip empty batches before the forward pass."
+            )
+        grad = self._grad_of(layer)
+        if grad is None:
+            return  # the layer took no part in this step
+        last = self._consumed.get(layer.index)
+        if last is not None and last() is grad:
+            raise RuntimeError(
+                f"SVDLoRA.step() was called again without a new backward: the gradient of {layer.describe()} was "
+                "already applied by the previous step; nothing was changed. Call zero_grad(), run the forward and "
+                "backward passes, then step() once per backward."
+            )
+        raise RuntimeError(
+            f"SVDLoRA: {layer.describe()} has a gradient but its hooks recorded no activations; nothing was changed. "
+            "Create the optimizer before the forward pass (its hooks record the LoRA inputs), keep "
+            "torch.is_grad_enabled() during that forward, and do not call zero_grad() between backward() and step()."
+        )
+
+    @staticmethod
+    def _finite(*tensors: torch.Tensor) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -117,35 +214,52 @@ class SVDLoRA(LoRAOptimizer):
             with torch.enable_grad():
                 loss = closure()
         try:
-            for group in self.param_groups:
-                lr, wd = group["lr"], group["weight_decay"]
-                if lr == 0:
-                    continue
-                for p in group["params"]:
-                    if id(p) in self._b_ids:
-                        continue
-                    layer = self._layer_of_a.get(id(p))
-                    if layer is None:
-                        if p.grad is None:
-                            continue
-                        update = self._dense_update(group, self.state[p], p.grad.to(self._dtype), p)
-                        p.mul_(1 - lr * wd).sub_((lr * update).to(p.dtype))
-                        continue
-                    obs = self._capture.observation(layer)
-                    if obs.empty:
-                        continue
-                    x, s = obs.rows()
-                    G = self._dist.mean(s.to(self._dtype).mT @ x.to(self._dtype))
-                    root = math.sqrt(layer.scaling)
-                    W = layer.b_matrix(self._dtype) @ layer.a_matrix(self._dtype) * layer.scaling
-                    update = self._dense_update(group, self.state[p], G, W)
-                    W = W * (1 - lr * wd) - lr * update
-                    B, A = svd_factors(W, layer.rank)
-                    layer.A.copy_((A / root).view_as(layer.A))
-                    layer.B.copy_((B / root).view_as(layer.B))
+            if self._check_step_lrs():
+                self._all_or_nothing_step()
         finally:
             self._capture.clear()
         return loss
+
+    def _all_or_nothing_step(self) -> None:
+        plans = self._observed_gradients()
+        if not plans:
+            return
+        if not self._finite(*(grad for _, _, _, grad in plans)):
+            self._record_skipped(1, "non-finite gradient")
+            return
+        writes: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        states: List[Tuple[torch.Tensor, Dict[str, torch.Tensor]]] = []
+        for group, p, layer, grad in plans:
+            lr, wd = group["lr"], group["weight_decay"]
+            update, new_state = self._direction(group, self.state[p], grad)
+            states.append((p, new_state))
+            if layer is None:
+                writes.append((p, p * (1 - lr * wd) - (lr * update).to(p.dtype)))
+                continue
+            root = math.sqrt(layer.scaling)
+            W = layer.b_matrix(self._dtype) @ layer.a_matrix(self._dtype) * layer.scaling
+            W = W * (1 - lr * wd) - lr * update
+            if not self._finite(W):
+                self._record_skipped(1, "non-finite update")
+                return
+            try:
+                B, A = svd_factors(W, layer.rank)
+            except RuntimeError:  # torch.linalg.LinAlgError: the SVD did not converge
+                self._record_skipped(1, "SVD did not converge")
+                return
+            writes.append((layer.A, (A / root).view_as(layer.A)))
+            writes.append((layer.B, (B / root).view_as(layer.B)))
+        if not self._finite(*(new for _, new in writes), *(t for _, s in states for t in s.values())):
+            self._record_skipped(1, "non-finite update")
+            return
+        for param, new in writes:  # commit: every check passed
+            param.copy_(new)
+        for param, new_state in states:
+            self.state[param].update(new_state)
+        for layer in self._layers:
+            grad = self._grad_of(layer)
+            if grad is not None:
+                self._consumed[layer.index] = weakref.ref(grad)
 
 
 def create_svdlora_optimizer(
