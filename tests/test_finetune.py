@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import sys
 import types
 from pathlib import Path
@@ -31,7 +32,7 @@ GRADIENT_OPTIMIZERS = ("adamw", "psi-lora", "scaled-psi-lora")
 ALL_FOUR = GRADIENT_OPTIMIZERS + ("loko",)
 # Small but not degenerate: each optimizer must move the model measurably in 6 steps of 8 examples.
 FAST = ["--steps", "6", "--batch-size", "8", "--eval-every", "3", "--max-length", "12", "--no-progress",
-        "--device", "cpu"]
+        "--device", "cpu", "--threads", "1"]
 LRS = {"adamw": "1e-2", "psi-lora": "0.1", "scaled-psi-lora": "0.2", "loko": "1.0"}
 
 
@@ -489,3 +490,416 @@ def replace_lrs(method, lrs):
     from dataclasses import replace
 
     return replace(method, lrs=lrs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad inputs through the CLI: a one-line error, exit status 2, no traceback, and no file created or changed
+# ---------------------------------------------------------------------------------------------------------------
+
+def _clear_error(capsys, argv, *needles: str) -> str:
+    """Exit status 2 (returned or from argparse), one line on stderr naming the problem, no traceback."""
+    try:
+        status = cli_main(argv)
+    except SystemExit as exit_info:
+        status = exit_info.code
+    captured = capsys.readouterr()
+    assert status == 2, (status, captured.err)
+    assert "Traceback" not in captured.err
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    message = lines[-1]
+    assert message.startswith(("loraopt ", "usage:")) or "error:" in message, captured.err
+    for needle in needles:
+        assert needle in captured.err, (needle, captured.err)
+    return captured.err
+
+
+def _tree(folder: Path) -> dict:
+    """Every file under ``folder`` with its bytes (hidden staging folders included)."""
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def _read_only_folder(tmp_path: Path) -> Path:
+    """A folder no file can be created in: chmod 0555, or, where that does not bind (root), /sys."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        (folder / "probe").write_text("x")
+    except OSError:
+        return folder
+    (folder / "probe").unlink()
+    folder.chmod(0o755)
+    try:
+        Path("/sys/loraopt-probe").write_text("x")
+    except OSError:
+        return Path("/sys")
+    pytest.skip("no read-only location on this machine")
+
+
+@pytest.fixture(scope="module")
+def previous_run(tmp_path_factory, tiny_bert, sentiment_tsv) -> Path:
+    """A finished run (with a scores file of its adapter and a user's note) that --overwrite must protect."""
+    train, dev = sentiment_tsv
+    run = tmp_path_factory.mktemp("previous") / "run"
+    assert cli_main(["finetune", "--model", str(tiny_bert), "--task", str(train), "--eval-data", str(dev),
+                     "--optimizer", "adamw", "--lr", "1e-2", *FAST, "--out", str(run)]) == 0
+    assert cli_main(["evaluate", "--adapter", str(run), "--data", str(dev), "--device", "cpu"]) == 0
+    (run / "notes.txt").write_text("mine\n")
+    return run
+
+
+@pytest.fixture
+def run_copy(tmp_path, previous_run) -> Path:
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(previous_run, copy)
+    return copy
+
+
+def _finetune(tiny_bert, train, *extra) -> list:
+    return ["finetune", "--model", str(tiny_bert), "--task", str(train), "--optimizer", "adamw", *FAST, *extra]
+
+
+# --- item 8: output locations ----------------------------------------------------------------------------------
+
+def test_out_that_is_a_file_is_refused_and_left_alone(tmp_path, capsys, tiny_bert, sentiment_tsv):
+    target = tmp_path / "results.txt"
+    target.write_text("keep me\n")
+    _clear_error(capsys, _finetune(tiny_bert, sentiment_tsv[0], "--out", str(target)), "is a file, not a folder")
+    assert target.read_text() == "keep me\n"
+
+
+def test_out_under_a_file_is_refused(tmp_path, capsys, tiny_bert, sentiment_tsv):
+    target = tmp_path / "results.txt"
+    target.write_text("keep me\n")
+    _clear_error(capsys, _finetune(tiny_bert, sentiment_tsv[0], "--out", str(target / "run")),
+                 "is a file, so no folder can be created under it")
+    assert target.read_text() == "keep me\n"
+
+
+def test_out_under_a_read_only_folder_is_refused_before_loading(tmp_path, capsys, tiny_bert, sentiment_tsv,
+                                                                monkeypatch):
+    folder = _read_only_folder(tmp_path)
+    monkeypatch.setattr(finetune, "load_task", lambda *a, **k: pytest.fail("data loaded before --out was checked"))
+    _clear_error(capsys, _finetune(tiny_bert, sentiment_tsv[0], "--out", str(folder / "run")), "cannot write in")
+    assert not (folder / "run").exists()
+
+
+def test_a_failed_first_run_leaves_no_folder(tmp_path, capsys, tiny_bert, sentiment_tsv, monkeypatch):
+    def broken_plot(*args, **kwargs):
+        raise OSError(28, "No space left on device", "curves.png")
+
+    monkeypatch.setattr(finetune, "plot_run", broken_plot)
+    out = tmp_path / "fresh" / "run"
+    _clear_error(capsys, _finetune(tiny_bert, sentiment_tsv[0], "--out", str(out)), "No space left on device")
+    assert not out.exists()
+
+
+# --- item 9: --overwrite validates first and keeps the previous run until the new one is complete -------------
+
+@pytest.mark.parametrize("bad, message", [
+    (["--lr", "-1"], "--lr must be a finite number > 0"),
+    (["--steps", "0"], "--steps must be an integer >= 1"),
+    (["--hp", "momentum"], "--hp expects key=value"),
+    (["--hp", "nonsense=1"], "nonsense"),
+    (["--eval-data", "/nonexistent/dev.tsv"], "no such file"),
+    (["--optimizer", "adam"], "unknown optimizer 'adam'"),
+    (["--schedule", "cosine"], "invalid choice"),
+    (["--device", "tpu"], "--device must be auto, cpu or cuda"),
+])
+def test_overwrite_with_bad_input_changes_nothing(capsys, run_copy, tiny_bert, sentiment_tsv, bad, message):
+    before = _tree(run_copy)
+    _clear_error(capsys, _finetune(tiny_bert, sentiment_tsv[0], "--out", str(run_copy), "--overwrite", *bad), message)
+    assert _tree(run_copy) == before
+
+
+def test_overwrite_with_bad_data_changes_nothing(tmp_path, capsys, run_copy, tiny_bert):
+    bad = tmp_path / "typo.tsv"
+    bad.write_text("0\tbad film\n1\tgood movie\n7\tgreat plot\n0\tdull\n1\tnice\n")
+    before = _tree(run_copy)
+    _clear_error(capsys, _finetune(tiny_bert, bad, "--out", str(run_copy), "--overwrite"), "label 7")
+    assert _tree(run_copy) == before
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, OSError])
+def test_overwrite_interrupted_during_training_keeps_the_previous_run(capsys, run_copy, tiny_bert, sentiment_tsv,
+                                                                       monkeypatch, failure):
+    before = _tree(run_copy)
+    real_save = finetune.write_atomic
+
+    def failing_write(path, data):
+        if Path(path).name == "metrics.json":  # after training, before the new run is complete
+            raise failure(5, "Input/output error", str(path)) if failure is OSError else failure()
+        return real_save(path, data)
+
+    monkeypatch.setattr(finetune, "write_atomic", failing_write)
+    status = cli_main(_finetune(tiny_bert, sentiment_tsv[0], "--out", str(run_copy), "--overwrite"))
+    err = capsys.readouterr().err
+    assert status == (130 if failure is KeyboardInterrupt else 2) and "Traceback" not in err
+    assert "interrupted" in err if failure is KeyboardInterrupt else "Input/output error" in err
+    assert _tree(run_copy) == before  # nothing replaced, no staging folder left behind
+
+
+def test_overwrite_replaces_the_run_once_complete(capsys, run_copy, tiny_bert, sentiment_tsv):
+    old_config = (run_copy / "config.json").read_text()
+    old_adapter = _adapter_tensors(run_copy)
+    assert cli_main(_finetune(tiny_bert, sentiment_tsv[0], "--out", str(run_copy), "--overwrite",
+                              "--seed", "1")) == 0
+    assert (run_copy / "config.json").read_text() != old_config
+    assert json.loads((run_copy / "config.json").read_text())["config"]["seed"] == 1
+    new_adapter = _adapter_tensors(run_copy)
+    assert any(not torch.equal(new_adapter[k], old_adapter[k]) for k in old_adapter)
+    assert not list(run_copy.glob("eval-*.json"))  # the old adapter's scores are gone with it
+    assert (run_copy / "notes.txt").read_text() == "mine\n"  # a user's file stays
+    assert not [p for p in run_copy.iterdir() if p.name.startswith(".")]
+
+
+# --- item 8: evaluate on damaged adapters, unwritable outputs ---------------------------------------------------
+
+def _damage(run: Path, how: str) -> None:
+    weights = run / "adapter" / "adapter_model.safetensors"
+    if how == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif how == "garbage":
+        weights.write_bytes(b"\x00" * 64)
+    elif how == "empty":
+        weights.write_bytes(b"")
+    elif how == "missing-weights":
+        weights.unlink()
+    elif how == "missing-tensor":
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(weights))
+        tensors.pop(sorted(k for k in tensors if "lora_A" in k)[0])
+        save_file(tensors, str(weights))
+    elif how == "wrong-shape":
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(weights))
+        key = sorted(k for k in tensors if "lora_A" in k)[0]
+        tensors[key] = torch.zeros(3, tensors[key].shape[1])
+        save_file(tensors, str(weights))
+    elif how == "nan":
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(weights))
+        key = sorted(k for k in tensors if "lora_B" in k)[0]
+        tensors[key] = torch.full_like(tensors[key], float("nan"))
+        save_file(tensors, str(weights))
+    elif how == "adapter-config":
+        (run / "adapter" / "adapter_config.json").write_text('{"r": 8,')
+    elif how == "config-truncated":
+        text = (run / "config.json").read_text()
+        (run / "config.json").write_text(text[: len(text) // 2])
+    elif how == "config-keys":
+        (run / "config.json").write_text('{"config": {}}')
+    elif how == "config-not-object":
+        (run / "config.json").write_text("[1, 2]")
+    else:
+        raise ValueError(how)
+
+
+@pytest.mark.parametrize("how, message", [
+    ("truncated", "truncated or corrupt"),
+    ("garbage", "truncated or corrupt"),
+    ("empty", "truncated or corrupt"),
+    ("missing-weights", "has no adapter_model.safetensors"),
+    ("missing-tensor", "lacks 1 of the adapter's"),
+    ("wrong-shape", "size mismatch"),
+    ("nan", "hold NaN or inf"),
+    ("adapter-config", "is not valid JSON"),
+    ("config-truncated", "cannot be read"),
+    ("config-keys", "cannot be read"),
+    ("config-not-object", "cannot be read"),
+])
+def test_evaluate_a_damaged_run_is_a_clear_error(capsys, run_copy, sentiment_tsv, how, message):
+    _damage(run_copy, how)
+    before = _tree(run_copy)
+    err = _clear_error(capsys, ["evaluate", "--adapter", str(run_copy), "--data", str(sentiment_tsv[1]),
+                                "--device", "cpu"], message)
+    assert "re-run `loraopt finetune`" in err
+    assert _tree(run_copy) == before
+
+
+def _no_scoring(monkeypatch):
+    monkeypatch.setattr(finetune, "evaluate_run", lambda *a, **k: pytest.fail("scored before --out was checked"))
+
+
+def test_evaluate_out_is_checked_before_scoring(tmp_path, capsys, previous_run, sentiment_tsv, monkeypatch):
+    _no_scoring(monkeypatch)
+    base = ["evaluate", "--adapter", str(previous_run), "--data", str(sentiment_tsv[1])]
+    _clear_error(capsys, base + ["--out", str(tmp_path)], "is a folder; pass a file path")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    _clear_error(capsys, base + ["--out", str(blocker / "scores.json")], "is a file, not a folder")
+    folder = _read_only_folder(tmp_path)
+    _clear_error(capsys, base + ["--out", str(folder / "scores.json")], "cannot write in")
+
+
+def test_evaluate_writes_its_scores_atomically(tmp_path, capsys, previous_run, sentiment_tsv):
+    out = tmp_path / "scores" / "dev.json"
+    out.parent.mkdir()
+    out.write_text("old")
+    assert cli_main(["evaluate", "--adapter", str(previous_run), "--data", str(sentiment_tsv[1]), "--device", "cpu",
+                     "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["examples"] == 24
+    assert [p.name for p in out.parent.iterdir()] == ["dev.json"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "--batch-size: must be an integer >= 1"),
+    (["--batch-size", "-4"], "--batch-size: must be an integer >= 1"),
+    (["--batch-size", "big"], "--batch-size: expected an integer >= 1"),
+    (["--limit", "-3"], "--limit: expected a positive integer"),
+    (["--limit", "ten"], "--limit: expected a positive integer"),
+    (["--device", "gpu"], "--device must be auto, cpu or cuda"),
+    (["--data", "/nonexistent/dev.tsv"], "no such file"),
+    (["--data", "/"], "is a folder"),
+    (["--data", "sst-2"], "no such file"),
+])
+def test_evaluate_bad_arguments(capsys, previous_run, args, message):
+    before = _tree(previous_run)
+    _clear_error(capsys, ["evaluate", "--adapter", str(previous_run), *args], message)
+    assert _tree(previous_run) == before
+
+
+def test_evaluate_cuda_without_cuda(capsys, previous_run):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    _clear_error(capsys, ["evaluate", "--adapter", str(previous_run), "--device", "cuda"], "CUDA is not available")
+
+
+def test_evaluate_missing_adapter_folder(tmp_path, capsys):
+    _clear_error(capsys, ["evaluate", "--adapter", str(tmp_path / "nope")], "no such folder")
+    _clear_error(capsys, ["evaluate", "--adapter", str(tmp_path), "--out", str(tmp_path / "s.json")],
+                 "is not a finetune run directory")
+
+
+# --- item 10: labels and task files ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rows, message", [
+    (["0\tbad film", "1\tgood movie", "7\tgreat plot", "0\tdull", "1\tnice"], "label 7: 1 example(s), line 3"),
+    (["label\tsentence", "0\tbad film", "1\tgood movie", "7\tgreat plot"], "line 4"),
+    (["1\tgood movie", "1\tgreat plot", "1\tnice"], "every example has label 1"),
+    (["0\tbad movie", "0\tdull plot"], "at least two classes"),
+    (["1\tgood movie", "2\tbad plot", "2\tdull"], "label(s) 0 never occur"),
+    (["0\tbad film", "-1\tgood movie"], "label -1 is negative"),
+    (["label\tsentence"], "no data rows"),
+    (["0,bad film", "1,good movie"], "has no tab"),
+    (["0\tbad film", "1,good movie"], "no tab found in '1,good movie'"),
+])
+def test_bad_labels_are_reported(tmp_path, capsys, tiny_bert, rows, message):
+    data = tmp_path / "data.tsv"
+    data.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    _clear_error(capsys, _finetune(tiny_bert, data, "--out", str(out)), message)
+    assert not out.exists()
+
+
+def test_eval_labels_outside_the_training_classes(tmp_path, capsys, tiny_bert, sentiment_tsv):
+    dev = tmp_path / "dev.tsv"
+    dev.write_text("0\tbad\n3\tgood\n")
+    _clear_error(capsys, _finetune(tiny_bert, sentiment_tsv[0], "--eval-data", str(dev), "--out",
+                                   str(tmp_path / "run")), "label(s) [3] (line 2) do not occur in the training data")
+
+
+def test_non_utf8_files(tmp_path, capsys, tiny_bert, tiny_llama):
+    tsv = tmp_path / "latin1.tsv"
+    tsv.write_bytes("0\tbad\n1\tcaf\xe9 cr\xe8me\n".encode("latin-1"))
+    _clear_error(capsys, _finetune(tiny_bert, tsv, "--out", str(tmp_path / "a")), "not UTF-8 text")
+    corpus = tmp_path / "binary.txt"
+    corpus.write_bytes(bytes(range(256)) * 8)
+    _clear_error(capsys, ["finetune", "--model", str(tiny_llama), "--task", str(corpus), "--optimizer", "adamw",
+                          *FAST, "--out", str(tmp_path / "b")], "is not UTF-8 text")
+
+
+@pytest.mark.parametrize("task, message", [
+    ("data/train.tsv", "--task data/train.tsv: no such file (the folder data does not exist either)"),
+    ("train.tsv", "--task train.tsv: no such file"),
+    ("./corpus", "no such file"),
+    ("~/nonexistent-loraopt/x.npz", "no such file"),
+])
+def test_missing_task_file_is_a_missing_file(capsys, tiny_bert, task, message):
+    err = _clear_error(capsys, ["finetune", "--model", str(tiny_bert), "--task", task, "--optimizer", "adamw",
+                                *FAST], message)
+    assert "Unknown task" not in err
+
+
+def test_task_that_is_a_folder(tmp_path, capsys, tiny_bert):
+    _clear_error(capsys, _finetune(tiny_bert, tmp_path), "is a folder")
+
+
+def test_npz_with_one_class(tmp_path, capsys):
+    data = tmp_path / "images.npz"
+    np.savez(data, images=np.zeros((6, 4, 4), np.uint8), labels=np.zeros(6, np.int64))
+    _clear_error(capsys, ["finetune", "--model", "effnet-lite0", "--task", str(data), "--optimizer", "adamw",
+                          *FAST, "--out", str(tmp_path / "run")], "every example has label 0")
+
+
+@pytest.mark.parametrize("flag, value", [("--train-limit", "-1"), ("--eval-limit", "-5"), ("--threads", "0"),
+                                         ("--train-limit", "some")])
+def test_bad_limits_and_threads(capsys, tiny_bert, sentiment_tsv, flag, value):
+    _clear_error(capsys, _finetune(tiny_bert, sentiment_tsv[0], flag, value), flag)
+
+
+# --- item 11: divergence ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("optimizer, lr", [("adamw", "30"), ("psi-lora", "1e6")])
+def test_blow_up_is_flagged_in_metrics_and_exit_status(tmp_path, capsys, tiny_bert, sentiment_tsv, optimizer, lr):
+    out = tmp_path / "run"
+    status = cli_main(["finetune", "--model", str(tiny_bert), "--task", str(sentiment_tsv[0]), "--optimizer",
+                       optimizer, "--lr", lr, "--max-grad-norm", "0", *FAST[:1], "40", *FAST[2:],
+                       "--out", str(out)])
+    err = capsys.readouterr().err
+    assert status == finetune.EXIT_DIVERGED, err
+    assert "training diverged at step" in err and "Lower --lr" in err and "Traceback" not in err
+    metrics = _metrics(out)
+    assert metrics["divergence"]["step"] == metrics["diverged_at_step"] == metrics["steps"] < 40
+    assert metrics["divergence"]["kind"] == "blow-up", metrics["divergence"]
+    assert "10x the starting loss" in metrics["divergence"]["reason"] or "train loss is" in metrics["divergence"]["reason"]
+
+
+def test_divergence_monitor():
+    window = finetune.DIVERGENCE_WINDOW
+    steady = finetune._DivergenceMonitor(100)
+    assert all(steady.update(i, 0.7 - 0.001 * i) is None for i in range(1, 101))
+    spike = finetune._DivergenceMonitor(100)  # one huge batch loss, then back to normal: not a divergence
+    losses = [0.7] * 5 + [500.0] + [0.7] * 94
+    assert all(spike.update(i, v) is None for i, v in enumerate(losses, 1))
+    blow_up = finetune._DivergenceMonitor(100)
+    flags = [blow_up.update(i, 0.7 if i < 3 else 1e4) for i in range(1, 101)]
+    first = next(i for i, f in enumerate(flags, 1) if f)
+    assert first == window and flags[first - 1]["kind"] == "blow-up" and flags[first - 1]["start_loss"] == 0.7
+    nan = finetune._DivergenceMonitor(100)
+    assert nan.update(1, 0.7) is None and nan.update(2, float("nan"))["kind"] == "non-finite"
+    # An easy first batch does not lower the bar below the initial eval loss.
+    easy = finetune._DivergenceMonitor(100, reference=0.69)
+    assert all(easy.update(i, 0.01 if i == 1 else 0.8) is None for i in range(1, 101))
+    assert finetune._DivergenceMonitor(10).window == 3
+
+
+# --- item 14: threads ------------------------------------------------------------------------------------------
+
+def test_default_threads_use_idle_cores(monkeypatch):
+    threads = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(finetune, "available_cores", lambda: 4)
+        monkeypatch.setattr(finetune, "busy_cores", lambda interval=0.2: 0.1)
+        assert finetune.set_cpu_threads(None) == 4
+        monkeypatch.setattr(finetune, "busy_cores", lambda interval=0.2: 1.2)
+        assert finetune.set_cpu_threads(None) == 3
+        monkeypatch.setattr(finetune, "busy_cores", lambda interval=0.2: 7.9)
+        assert finetune.set_cpu_threads(None) == 1
+        monkeypatch.setattr(finetune, "busy_cores", lambda interval=0.2: None)
+        assert finetune.set_cpu_threads(None) == 4
+        assert finetune.set_cpu_threads(2) == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_busy_cores_reads_this_machine():
+    busy = finetune.busy_cores(0.05)
+    if busy is None:
+        pytest.skip("no /proc/stat")
+    assert 0.0 <= busy <= (os.cpu_count() or 1) + 1e-6

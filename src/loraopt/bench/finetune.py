@@ -124,12 +124,13 @@ DEFAULT_LRS = {
     "riemannian-sgd": 2e-3,
     "riemannian-adamw": 3e-3,
     "psi-lora": 3e-2,
+    "proj-psi-lora": 1e-2,
     "scaled-psi-lora": 0.2,
     "svdlora": 1e-2,
     "loko": 1.0,
 }
 # These clip the full-weight gradient themselves (README: "no clip_grad_norm_"); LoKO has no gradient to clip.
-CLIPS_INTERNALLY = ("psi-lora", "scaled-psi-lora", "loko")
+CLIPS_INTERNALLY = ("psi-lora", "proj-psi-lora", "scaled-psi-lora", "loko")
 LOKO = "loko"
 SCHEDULES = ("auto", "linear", "constant")
 LOKO_JACOBIAN_MODES = ("auto", "batch", "per-sample")
@@ -141,9 +142,9 @@ SPLIT_SEED = 0  # fixed, so every run seed is scored on the same held-out rows
 RUN_FILES = ("config.json", "metrics.json", "curves.png")
 ADAPTER_DIR = "adapter"
 PARTIAL_PREFIX = ".loraopt-partial-"  # a run's files while it trains (moved into place when it has finished)
-# A run "diverges" when its train loss is not finite, or when the smoothed train loss (an EMA, weight 0.1) stays above
-# DIVERGENCE_FACTOR times the starting loss for DIVERGENCE_WINDOW steps in a row (fewer for short runs); training then
-# stops, metrics.json records why, and `loraopt finetune` exits with EXIT_DIVERGED.
+# A run "diverges" when its train loss is not finite, or when the median train loss of the last DIVERGENCE_WINDOW steps
+# (fewer for short runs) is above DIVERGENCE_FACTOR times the starting loss; training then stops, metrics.json records
+# why, and `loraopt finetune` exits with EXIT_DIVERGED.
 DIVERGENCE_FACTOR = 10.0
 DIVERGENCE_WINDOW = 10
 EXIT_USER_ERROR = 2
@@ -876,11 +877,12 @@ def _loko_uses_batch_rows(config: FinetuneConfig, device: torch.device, num_outp
 
 
 class _DivergenceMonitor:
-    """Flags a non-finite train loss at once, and a finite loss that blows up: the smoothed loss (EMA, weight 0.1)
-    above :data:`DIVERGENCE_FACTOR` times the starting loss for a window of consecutive steps.
+    """Flags a non-finite train loss at once, and a finite loss that blows up: the median of the last ``window``
+    train losses above :data:`DIVERGENCE_FACTOR` times the starting loss (the median ignores single bad batches).
 
     The starting loss is the larger of the first step's train loss (taken before any update) and the initial eval
-    loss, so one easy first batch does not make ordinary losses look like a blow-up.
+    loss, so one easy first batch does not make ordinary losses look like a blow-up. ``smoothed`` (an EMA) is for
+    display only.
     """
 
     def __init__(self, steps: int, reference: Optional[float] = None):
@@ -888,7 +890,7 @@ class _DivergenceMonitor:
         self.reference = reference if reference is not None and math.isfinite(reference) else None
         self.start: Optional[float] = None
         self.smoothed = float("nan")
-        self.above = 0
+        self.recent: List[float] = []
 
     def update(self, step: int, loss: float) -> Optional[Dict[str, Any]]:
         if not math.isfinite(loss):
@@ -898,14 +900,16 @@ class _DivergenceMonitor:
             self.smoothed = loss
         else:
             self.smoothed = 0.9 * self.smoothed + 0.1 * loss
-        threshold = DIVERGENCE_FACTOR * self.start
-        self.above = self.above + 1 if self.start > 0 and self.smoothed > threshold else 0
-        if self.above < self.window:
+        self.recent = (self.recent + [loss])[-self.window:]
+        if len(self.recent) < self.window or self.start <= 0:
+            return None
+        median = float(np.median(self.recent))
+        if median <= DIVERGENCE_FACTOR * self.start:
             return None
         return {
-            "step": step, "kind": "blow-up", "start_loss": self.start, "smoothed_loss": self.smoothed,
-            "reason": f"the smoothed train loss ({self.smoothed:.4g}) stayed above {DIVERGENCE_FACTOR:g}x its starting "
-                      f"value ({self.start:.4g}) for {self.window} steps",
+            "step": step, "kind": "blow-up", "start_loss": self.start, "median_loss": median, "window": self.window,
+            "reason": f"the median train loss of the last {self.window} steps ({median:.4g}) is above "
+                      f"{DIVERGENCE_FACTOR:g}x the starting loss ({self.start:.4g})",
         }
 
 
@@ -1196,8 +1200,11 @@ def evaluate_run(
     try:
         model = PeftModel.from_pretrained(spec.model, str(adapter_dir))
     except Exception as error:  # PEFT/safetensors raise many types for a damaged adapter; all mean the same here
-        raise ValueError(f"the adapter in {adapter_dir} cannot be loaded ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else ''}): {damaged}") from None
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
+        detail = next((line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))),
+                      lines[0])
+        raise ValueError(f"the adapter in {adapter_dir} cannot be loaded ({type(error).__name__}: {detail}): "
+                         f"{damaged}") from None
     _check_adapter_complete(model, adapter_tensors, adapter_dir, damaged)
     model = model.to(torch_device)
     io = _task_io(kind, spec, config, torch_device)
@@ -1357,9 +1364,9 @@ EXIT_STATUS_HELP = f"""
 Exit status:
   0  the run finished; its run directory is complete
   {EXIT_USER_ERROR}  bad input (arguments, data, model, output folder): a one-line error, nothing written or changed
-  {EXIT_DIVERGED}  training diverged: the train loss became non-finite, or its smoothed value stayed above \
-{DIVERGENCE_FACTOR:g}x the
-     starting loss for {DIVERGENCE_WINDOW} steps (fewer in short runs). Training stops there; the run directory is
+  {EXIT_DIVERGED}  training diverged: the train loss became non-finite, or the median loss of the last \
+{DIVERGENCE_WINDOW} steps (fewer in
+     short runs) rose above {DIVERGENCE_FACTOR:g}x the starting loss. Training stops there; the run directory is
      written and metrics.json says why ("divergence"). Lower --lr.
 
 The run's files are written to a hidden folder inside --out and moved into place when the run has finished, so an
