@@ -1335,7 +1335,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
     parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank, scale 1)")
     parser.add_argument("--lora-dropout", type=float, default=None, help="LoRA dropout (default: the model recipe's)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="training examples per step (default 32)")
     parser.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps (0: only at the end)")
     parser.add_argument("--max-length", type=int, default=64, help="text classification: tokens per example")
     parser.add_argument("--block-size", type=int, default=128, help="causal LM: tokens per training block")
@@ -1344,7 +1344,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         "training examples (causal LM: blocks)")
     parser.add_argument("--eval-limit", type=_positive_or_none, default=None, help="score a fixed subset of the eval "
                         "examples (causal LM: blocks)")
-    parser.add_argument("--eval-batch-size", type=int, default=64)
+    parser.add_argument("--eval-batch-size", type=int, default=64, help="evaluation batch size (default 64)")
     parser.add_argument("--schedule", choices=SCHEDULES, default="auto",
                         help="lr schedule: auto = linear decay to 0 (constant for LoKO)")
     parser.add_argument("--max-grad-norm", type=float, default=1.0,
