@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import warnings
@@ -860,3 +861,417 @@ def test_exact_residual_errors():
         create_loko_optimizer(model, num_outputs=None, observation="loss", exact_residual=True)
     with pytest.raises(ValueError, match="exact_residual must be True or False"):
         create_loko_optimizer(model, num_outputs=M, exact_residual=1)
+
+
+# ------------------------------------------------------------------------------------------------- Jacobian paths
+
+PATHS = ("func", "per-sample", "batch")
+
+
+def _observe_with(opt, model, x, y, path):
+    """The same observation through each Jacobian path."""
+    opt.jacobian = path
+    if path == "batch":
+        opt.observe(model(x), y)
+    elif path == "per-sample" and opt.param_groups[0]["batch_mode"] == "joint":
+        opt.observe(model(x), y, forward=lambda i: model(x[i : i + 1]))
+    else:
+        opt.observe(model(x), y, inputs=x)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("reduce", [False, True], ids=["m", "m-1"])
+def test_jacobian_rows_of_every_path_equal_a_loop_of_autograd_grad(path, reduce):
+    model = make_model()
+    params = trainable(model)
+    x, y = data(50, 4)
+    ref = loop_jacobian(torch.softmax(model(x), -1), params).reshape(4, M, -1)
+    opt = create_loko_optimizer(model, num_outputs=M, reduce_simplex=reduce)
+    _observe_with(opt, model, x, y, path)
+    assert opt.last_jacobian_path == path
+    m_obs = M - 1 if reduce else M
+    H = opt._pending.H
+    assert H.dtype == F64 and H.shape == (4 * m_obs, ref.shape[-1])
+    torch.testing.assert_close(H, ref[:, :m_obs].reshape(4 * m_obs, -1), rtol=0, atol=1e-10)
+    e = nn.functional.one_hot(y, M).to(F64) - torch.softmax(model(x), -1).detach()
+    torch.testing.assert_close(opt._pending.e, e[:, :m_obs], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("observation", ["softmax", "regression"])
+def test_update_is_the_same_for_every_jacobian_path(path, observation):
+    out = {}
+    for p in ("batch", path):
+        model = make_model()
+        opt = create_loko_optimizer(model, num_outputs=M, observation=observation, beta=0.8)
+        for k in range(3):
+            x, y = data(60 + k, 4)
+            noise = torch.randn(4, M, dtype=F64, generator=torch.Generator().manual_seed(k))
+            target = y if observation == "softmax" else noise
+            _observe_with(opt, model, x, target, p)
+            opt.step()
+        out[p] = (flat(trainable(model)), state_p(opt, trainable(model)), opt.state[opt.anchor]["R"].clone())
+    for a, b in zip(out["batch"], out[path]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_sequential_mode_from_inputs_equals_single_sample_steps():
+    x, y = data(14, 4)
+    ref_model = make_model()
+    ref = create_loko_optimizer(ref_model, num_outputs=M)
+    for i in range(4):
+        ref.observe(ref_model(x[i : i + 1]), y[i : i + 1])
+        ref.step()
+    model = make_model()
+    opt = create_loko_optimizer(model, num_outputs=M, batch_mode="sequential")
+    opt.observe(model(x), y, inputs=x)
+    opt.step()
+    torch.testing.assert_close(flat(trainable(model)), flat(trainable(ref_model)), rtol=0, atol=1e-13)
+
+
+def test_auto_path_choice():
+    model = make_model()
+    opt = create_loko_optimizer(model, num_outputs=M)
+    assert opt.jacobian == "auto"
+    x, y = data(70, 3)
+    cases = [
+        (lambda: opt.observe(model(x[:1]), y[:1]), "batch"),  # b = 1: the outputs' own graph, no extra forward
+        (lambda: opt.observe(model(x[:1]), y[:1], inputs=x[:1]), "batch"),
+        (lambda: opt.observe(model(x), y, inputs=x), "func"),
+        (lambda: opt.observe(model(x).detach(), y, inputs=x), "func"),  # outputs only supply the shapes
+        (lambda: opt.observe(model(x), y, forward=lambda i: model(x[i : i + 1])), "per-sample"),
+        (lambda: opt.observe(model(x), y), "batch"),
+    ]
+    for call, path in cases:
+        call()
+        assert opt.last_jacobian_path == path
+        opt.clear_observation()
+    with pytest.raises(ValueError, match="jacobian must be one of"):
+        opt.jacobian = "jacfwd"
+    with pytest.raises(ValueError, match="jacobian must be one of"):
+        create_loko_optimizer(model, num_outputs=M, jacobian="fast")
+    opt.jacobian = "func"
+    with pytest.raises(ValueError, match="inputs=x"):
+        opt.observe(model(x), y)
+    opt.jacobian = "per-sample"
+    with pytest.raises(ValueError, match="inputs=x"):
+        opt.observe(model(x), y)
+    bare = LoKO(trainable(model), num_outputs=M)
+    with pytest.raises(ValueError, match="needs the model"):
+        bare.observe(model(x), y, inputs=x)
+    bare.observe(model(x), y, inputs=x, model=model)
+    assert bare.last_jacobian_path == "func"
+    with pytest.raises(ValueError, match="inputs hold 2 samples"):
+        opt.observe(model(x), y, inputs=x[:2])
+    with pytest.raises(ValueError, match="not parameters of the model"):
+        LoKO(trainable(model), num_outputs=M, jacobian="func").observe(model(x), y, inputs=x, model=make_model())
+
+
+class _DataDependent(nn.Module):
+    """Python control flow on tensor values: torch.func.vmap cannot run it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(D_IN, M)
+
+    def forward(self, x):
+        z = self.fc(x)
+        return z if float(z.sum()) > -1e9 else -z
+
+
+def test_model_that_cannot_be_vmapped_falls_back_once_with_a_warning():
+    torch.manual_seed(0)
+    model = get_peft_model(_DataDependent(), LoraConfig(target_modules=["fc"], r=2)).to(F64)
+    twin = get_peft_model(_DataDependent(), LoraConfig(target_modules=["fc"], r=2)).to(F64)
+    twin.load_state_dict(model.state_dict())
+    opt = create_loko_optimizer(model, num_outputs=M)
+    ref = create_loko_optimizer(twin, num_outputs=M, jacobian="batch")
+    x, y = data(71, 3)
+    with pytest.warns(RuntimeWarning, match="torch.func Jacobian path does not run on this model"):
+        opt.observe(model(x), y, inputs=x)
+    assert opt.last_jacobian_path == "per-sample"
+    opt.step()
+    ref.observe(twin(x), y)
+    ref.step()
+    torch.testing.assert_close(flat(trainable(model)), flat(trainable(twin)), rtol=0, atol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # remembered: no second attempt, no second warning
+        opt.observe(model(x), y, inputs=x)
+    assert opt.last_jacobian_path == "per-sample"
+    strict = create_loko_optimizer(model, num_outputs=M, jacobian="func")
+    with pytest.raises(ValueError, match="cannot be vmapped"):
+        strict.observe(model(x), y, inputs=x)
+
+
+def test_hugging_face_model_outputs_and_dict_inputs():
+    from toys import tiny_bert_classifier
+
+    g = torch.Generator().manual_seed(3)
+    batch = {"input_ids": torch.randint(0, 64, (3, 7), generator=g),
+             "attention_mask": torch.ones(3, 7, dtype=torch.long)}
+    y = torch.tensor([0, 2, 1])  # no padding: the all-ones mask is dropped for the func path
+    out = {}
+    for path in ("batch", "func", "per-sample"):
+        model = tiny_bert_classifier(num_labels=3).to(F64)
+        opt = create_loko_optimizer(model, num_outputs=3, jacobian=path)
+        for _ in range(2):
+            outputs = model(**batch)  # a SequenceClassifierOutput, not a tensor
+            opt.observe(outputs, y, **({} if path == "batch" else {"inputs": batch}))
+            assert opt.last_jacobian_path == path
+            opt.step()
+        out[path] = flat(trainable(model))
+    torch.testing.assert_close(out["func"], out["batch"], rtol=0, atol=1e-10)
+    torch.testing.assert_close(out["per-sample"], out["batch"], rtol=0, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------------- bad inputs
+
+
+def _opt_snapshot(opt, model):
+    return (flat(trainable(model)).clone(), {k: {kk: vv.clone() if torch.is_tensor(vv) else vv for kk, vv in v.items()}
+                                             for k, v in opt.state_dict()["state"].items()},
+            [dict(g) for g in opt.state_dict()["param_groups"]])
+
+
+def _assert_unchanged(before, opt, model):
+    params, state, groups = before
+    assert torch.equal(flat(trainable(model)), params)
+    now = opt.state_dict()
+    assert now["state"].keys() == state.keys()
+    for k in state:
+        assert now["state"][k].keys() == state[k].keys()
+        for kk in state[k]:
+            assert torch.equal(now["state"][k][kk], state[k][kk]), (k, kk)
+    assert now["param_groups"] == groups
+
+
+def _trained(seed=0, **kw):
+    model = make_model(seed)
+    opt = create_loko_optimizer(model, num_outputs=M, **kw)
+    x, y = data(80, 3)
+    opt.observe(model(x), y, inputs=x)
+    opt.step()
+    return model, opt
+
+
+def test_load_state_dict_refuses_another_optimizers_state_and_leaves_the_optimizer_unchanged():
+    model, opt = _trained()
+    twin = make_model()
+    adamw = torch.optim.AdamW(trainable(twin), lr=1e-3)
+    nn.functional.cross_entropy(twin(data(1, 2)[0]), data(1, 2)[1]).backward()
+    adamw.step()
+    before = _opt_snapshot(opt, model)
+    with pytest.raises(ValueError, match="another optimizer type"):
+        opt.load_state_dict(adamw.state_dict())
+    _assert_unchanged(before, opt, model)
+    # LoKO hyperparameters but AdamW-like state entries
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][1] = {**sd["state"][1], "exp_avg": torch.zeros(1)}
+    with pytest.raises(ValueError, match=r"does not keep"):
+        opt.load_state_dict(sd)
+    _assert_unchanged(before, opt, model)
+    with pytest.raises(ValueError, match="state_dict"):
+        opt.load_state_dict({"state": {}})
+
+
+def test_load_state_dict_refuses_other_ranks_nan_R_and_bad_shapes():
+    model, opt = _trained()
+    before = _opt_snapshot(opt, model)
+    lora = LoraConfig(target_modules=["fc1", "fc2"], r=2, modules_to_save=["head"])
+    other_model = get_peft_model(MLP(), lora).to(F64)
+    other = create_loko_optimizer(other_model, num_outputs=M)
+    x, y = data(81, 2)
+    other.observe(other_model(x), y)
+    other.step()
+    with pytest.raises(ValueError, match="other ranks"):
+        opt.load_state_dict(other.state_dict())
+    _assert_unchanged(before, opt, model)
+
+    cases = []
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0]["R"] = torch.full_like(sd["state"][0]["R"], float("nan"))
+    cases.append((sd, "non-finite"))
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0]["R"] = torch.eye(M + 1, dtype=F64)
+    cases.append((sd, "R has shape"))
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][2]["p"] = -sd["state"][2]["p"]
+    cases.append((sd, "non-positive"))
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][2]["p"] = sd["state"][2]["p"].reshape(-1)[:3]
+    cases.append((sd, "covariance p has shape"))
+    sd = copy.deepcopy(opt.state_dict())
+    del sd["state"][0]["skipped"]
+    cases.append((sd, "lacks state"))
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0] = {**sd["param_groups"][0], "num_outputs": M + 2}
+    cases.append((sd, "num_outputs"))
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0] = {**sd["param_groups"][0], "beta": float("nan")}
+    cases.append((sd, "beta"))
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"] = sd["param_groups"][:1]
+    cases.append((sd, "parameter groups"))
+    for sd, match in cases:
+        with pytest.raises(ValueError, match=match):
+            opt.load_state_dict(sd)
+        _assert_unchanged(before, opt, model)
+    # a good one still loads (and an empty state, saved before the first step, too)
+    opt.load_state_dict(opt.state_dict())
+    fresh = create_loko_optimizer(make_model(), num_outputs=M)
+    fresh.load_state_dict(create_loko_optimizer(make_model(), num_outputs=M).state_dict())
+
+
+def test_every_skipped_step_is_counted_and_the_warning_is_rate_limited():
+    model = make_model()
+    opt = create_loko_optimizer(model, num_outputs=M)
+    x, y = data(82, 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(12):
+            opt.observe(model(x) * float("nan"), y)
+            opt.step()
+    skips = [w for w in caught if "skipped an update" in str(w.message)]
+    assert opt.skipped_steps == 12
+    assert len(skips) == 2 and "(1 so far)" in str(skips[0].message) and "(10 so far)" in str(skips[1].message)
+
+
+def test_nan_lr_from_a_scheduler_is_a_clear_error_and_changes_nothing():
+    model, opt = _trained()
+    before = _opt_snapshot(opt, model)
+    opt.param_groups[0]["lr"] = float("nan")
+    x, y = data(83, 2)
+    opt.observe(model(x), y)
+    with pytest.raises(ValueError, match="lr must be a finite number"):
+        opt.step()
+    opt.param_groups[0]["lr"] = 1.0
+    _assert_unchanged(before, opt, model)
+
+
+def test_soft_targets_must_be_probabilities():
+    model, opt = _trained()
+    before = _opt_snapshot(opt, model)
+    x, _ = data(84, 2)
+    for bad, match in (
+        (torch.tensor([[0.5, 0.3, 0.1], [0.2, 0.2, 0.6]], dtype=F64), "sample 0 has sum 0.9"),
+        (torch.tensor([[1.5, -0.5, 0.0], [0.2, 0.2, 0.6]], dtype=F64), "min -0.5"),
+        (torch.tensor([[2.0, 3.0, 5.0], [1.0, 1.0, 1.0]], dtype=F64), "normalise"),
+        (torch.tensor([[float("nan"), 0.5, 0.5], [0.2, 0.2, 0.6]], dtype=F64), "finite"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            opt.observe(model(x), bad)
+        assert not opt.has_pending_observation
+        opt.step()
+        _assert_unchanged(before, opt, model)
+    opt.observe(model(x), torch.tensor([[0.5, 0.25, 0.25], [0.0, 0.0, 1.0]], dtype=F64))  # fine
+
+
+def test_observe_accepts_model_outputs_with_logits():
+    class Out:
+        def __init__(self, logits):
+            self.logits = logits
+
+    x, y = data(85, 3)
+    results = []
+    for wrap in (lambda z: z, Out, lambda z: {"logits": z}):
+        model = make_model()
+        opt = create_loko_optimizer(model, num_outputs=M)
+        opt.observe(wrap(model(x)), y)
+        opt.step()
+        results.append(flat(trainable(model)))
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    model = make_model()
+    opt = create_loko_optimizer(model, num_outputs=M)
+    with pytest.raises(ValueError, match=r"outputs\[0\]"):
+        opt.observe((model(x),), y)
+    with pytest.raises(TypeError, match="ModelOutput"):
+        opt.observe("logits", y)
+    loss_opt = create_loko_optimizer(model, num_outputs=None, observation="loss")
+
+    class LossOut:
+        def __init__(self, loss):
+            self.loss = loss
+
+    loss_opt.observe(LossOut(nn.functional.cross_entropy(model(x), y)))
+    assert loss_opt.has_pending_observation
+
+
+def test_detached_outputs_error_names_the_real_cause():
+    model = make_model()
+    opt = create_loko_optimizer(model, num_outputs=M)
+    x, y = data(86, 2)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"torch.no_grad\(\) or torch.set_grad_enabled\(False\) is active"):
+            opt.observe(model(x), y)
+    with torch.inference_mode():
+        z = model(x)
+    with pytest.raises(ValueError, match="inference_mode"):
+        opt.observe(z, y)
+    with pytest.raises(ValueError, match=r"\.detach\(\)ed.*inputs=x"):
+        opt.observe(model(x).detach(), y)
+    frozen = make_model()
+    frozen.requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter with requires_grad=True"):
+        opt.observe(frozen(x), y)
+
+
+def test_failing_sequential_step_is_all_or_nothing():
+    model, opt = _trained(batch_mode="sequential")
+    before = _opt_snapshot(opt, model)
+    x, y = data(87, 4)
+    calls = []
+
+    def forward(i):
+        calls.append(i)
+        if i == 2:
+            raise RuntimeError("data loader broke")
+        return model(x[i : i + 1])
+
+    opt.observe(model(x), y, forward=forward)
+    with pytest.raises(RuntimeError, match="data loader broke"):
+        opt.step()
+    assert calls == [0, 1, 2]  # samples 0 and 1 were applied before the failure, then rolled back
+    _assert_unchanged(before, opt, model)
+
+
+def test_failing_exact_residual_step_is_all_or_nothing_and_a_failed_first_step_leaves_no_state():
+    model = make_model()
+    opt = create_loko_optimizer(model, num_outputs=M, exact_residual=True)
+    before = _opt_snapshot(opt, model)
+    x, y = data(88, 2)
+    n = {"calls": 0}
+
+    def forward(i):
+        n["calls"] += 1
+        if n["calls"] > 2:  # the re-evaluation after the update fails
+            raise RuntimeError("out of memory")
+        return model(x[i : i + 1])
+
+    opt.observe(model(x), y, forward=forward)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        opt.step()
+    _assert_unchanged(before, opt, model)
+    assert len(opt.state) == 0
+
+
+def test_padded_hugging_face_batch_falls_back_to_one_sample_graphs():
+    from toys import tiny_bert_classifier
+
+    g = torch.Generator().manual_seed(4)
+    batch = {"input_ids": torch.randint(0, 64, (3, 7), generator=g),
+             "attention_mask": torch.ones(3, 7, dtype=torch.long)}
+    batch["attention_mask"][0, 5:] = 0
+    y = torch.tensor([1, 0, 2])
+    out = {}
+    for path in ("batch", "auto"):
+        model = tiny_bert_classifier(num_labels=3).to(F64)
+        opt = create_loko_optimizer(model, num_outputs=3, jacobian=path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.observe(model(**batch), y, **({} if path == "batch" else {"inputs": batch}))
+        if path == "auto":
+            assert opt.last_jacobian_path == "per-sample"
+            assert any("torch.func Jacobian path does not run" in str(w.message) for w in caught)
+        opt.step()
+        out[path] = flat(trainable(model))
+    torch.testing.assert_close(out["auto"], out["batch"], rtol=0, atol=1e-10)

@@ -19,7 +19,10 @@ or ``opt.step(lambda: (peft_model(x), y))``.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -37,9 +40,13 @@ from .base import (
     require_unsharded_model,
 )
 
-__all__ = ["LoKO", "DEFAULT_P_INIT", "create_loko_optimizer", "output_jacobian"]
+__all__ = ["LoKO", "DEFAULT_P_INIT", "JACOBIAN_PATHS", "create_loko_optimizer", "output_jacobian"]
 
 _OBSERVATIONS = ("softmax", "regression", "loss")
+# Where observe() takes the Jacobian rows from (see LoKO.observe); "auto" picks per observation.
+JACOBIAN_PATHS = ("auto", "func", "per-sample", "batch")
+# The hyperparameters every LoKO parameter group carries (checked when a state dict is loaded).
+_GROUP_KEYS = ("lr", "q", "p_init", "p_floor")
 _BATCH_MODES = ("joint", "sequential")
 # p_init="score": target prior-predictive variance of the observed outputs, as a fraction of r0 (a signal-to-noise
 # ratio). 1.0 lets the first observation move the outputs by half their innovation, which over-trusts the
@@ -101,6 +108,137 @@ def output_jacobian(
         for g, p in zip(grads, params)
     ]
     return torch.cat(blocks, dim=1)
+
+
+# ------------------------------------------------------------------------------------------------- model calls
+
+
+class _FuncUnsupported(Exception):
+    """The model cannot run under ``torch.func.vmap`` (raised by the func path; the caller falls back)."""
+
+
+def _model_outputs(obj: Any, what: str, attr: str = "logits") -> Any:
+    """The tensor inside a model's return value: itself, ``obj.logits`` (Hugging Face ``ModelOutput`` or anything
+    with that attribute) or ``obj["logits"]``; ``attr="loss"`` for the scalar observation."""
+    if torch.is_tensor(obj):
+        return obj
+    if isinstance(obj, Mapping) and torch.is_tensor(obj.get(attr)):
+        return obj[attr]
+    value = getattr(obj, attr, None)
+    if torch.is_tensor(value):
+        return value
+    if isinstance(obj, (tuple, list)):
+        raise ValueError(
+            f"{what} got a {type(obj).__name__} of {len(obj)} items where a tensor of {attr} was expected: pass the "
+            f"{attr} tensor itself (e.g. outputs[0] of a model called with return_dict=False)"
+        )
+    raise TypeError(
+        f"{what} takes the model {attr} as a tensor, or a model output with a .{attr} tensor (a Hugging Face "
+        f"ModelOutput); got {type(obj).__name__}"
+    )
+
+
+def _detached_message(out: Tensor, grad_enabled: bool = True, prefix: bool = True) -> str:
+    """Why ``out`` has no autograd graph, and what to do."""
+    if out.is_inference():
+        cause = "they were computed under torch.inference_mode()"
+    elif not grad_enabled:
+        cause = "gradients are disabled here (torch.no_grad() or torch.set_grad_enabled(False) is active)"
+    else:
+        cause = (
+            "they carry no autograd graph: they were computed under torch.no_grad(), .detach()ed, or no parameter "
+            "with requires_grad=True feeds them"
+        )
+    head = "observe() needs the model outputs with their autograd graph, but " if prefix else ""
+    return (
+        head + cause + ". Compute the outputs with gradients enabled, or pass observe(outputs, targets, inputs=x) so "
+        "that LoKO recomputes them from the inputs (detached outputs are then fine)"
+    )
+
+
+def _split_inputs(inputs: Any) -> Tuple[List[Tensor], Callable[[List[Tensor]], Tuple[tuple, dict]]]:
+    """``(leaves, rebuild)``: the per-sample tensors of a batch (every tensor whose dim 0 has the batch size of the
+    first one) and ``rebuild(new_leaves) -> (args, kwargs)`` putting replacements back in their places.
+
+    ``inputs``: a tensor (one positional argument), a tuple/list (positional arguments) or a mapping (keyword
+    arguments, e.g. a tokenizer's batch)."""
+    if torch.is_tensor(inputs):
+        args, kwargs = (inputs,), {}
+    elif isinstance(inputs, Mapping):
+        args, kwargs = (), dict(inputs)
+    elif isinstance(inputs, (tuple, list)):
+        args, kwargs = tuple(inputs), {}
+    else:
+        raise TypeError(
+            "inputs must be a tensor, a tuple of tensors (positional arguments of the model) or a dict of tensors "
+            f"(keyword arguments); got {type(inputs).__name__}"
+        )
+    entries = [(True, i, v) for i, v in enumerate(args)] + [(False, k, v) for k, v in kwargs.items()]
+    tensors = [t for t in entries if torch.is_tensor(t[2]) and t[2].dim() >= 1]
+    if not tensors:
+        raise ValueError("inputs hold no tensor with a batch dimension (dim 0 = samples)")
+    b = tensors[0][2].shape[0]
+    slots = [t for t in tensors if t[2].shape[0] == b]
+
+    def rebuild(leaves: List[Tensor]) -> Tuple[tuple, dict]:
+        a, k = list(args), dict(kwargs)
+        for (positional, key, _), leaf in zip(slots, leaves):
+            if positional:
+                a[key] = leaf
+            else:
+                k[key] = leaf
+        return tuple(a), k
+
+    return [t[2] for t in slots], rebuild
+
+
+def _without_trivial_mask(inputs: Any) -> Any:
+    """Drop an all-ones ``attention_mask`` keyword (Hugging Face: the same as no mask). Hugging Face models check
+    whether the mask is all ones with Python control flow, which ``vmap`` cannot run; a padded batch (a mask with
+    zeros) therefore falls back to one-sample graphs."""
+    if isinstance(inputs, Mapping):
+        mask = inputs.get("attention_mask")
+        if torch.is_tensor(mask) and bool((mask == 1).all()):
+            return {k: v for k, v in inputs.items() if k != "attention_mask"}
+    return inputs
+
+
+def _input_batch_size(inputs: Any) -> int:
+    return _split_inputs(inputs)[0][0].shape[0]
+
+
+def _sample_forward(model: nn.Module, inputs: Any) -> Callable[[int], Any]:
+    """``forward(i)``: the model's outputs for sample ``i`` of ``inputs`` alone."""
+    leaves, rebuild = _split_inputs(inputs)
+
+    def forward(i: int) -> Any:
+        args, kwargs = rebuild([x[i : i + 1] for x in leaves])
+        return model(*args, **kwargs)
+
+    return forward
+
+
+def _parameter_names(model: nn.Module, params: Sequence[Tensor]) -> List[str]:
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    missing = sum(id(p) not in names for p in params)
+    if missing:
+        raise ValueError(
+            f"{missing} of the optimizer's {len(params)} parameters are not parameters of the model given for "
+            "inputs=: pass the model the optimizer was built on (observe(..., model=model))"
+        )
+    return [names[id(p)] for p in params]
+
+
+def _attention_for_vmap(math_attention: bool):
+    """The fused attention kernels have no ``vmap`` rule for their backward (they run in a per-sample loop);
+    the math kernel is plain batched matmuls. Used for the func path only."""
+    if not math_attention:
+        return contextlib.nullcontext()
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - old torch
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 # ------------------------------------------------------------------------------------------------- state
@@ -216,6 +354,15 @@ class LoKO(LoRAOptimizer):
             later steps) differ, and for a model linear in its parameters the two residuals coincide.
         dtype: filter math and state dtype; default fp32, or fp64 when every parameter is fp64.
         process_group: group over which observations are gathered under ``torch.distributed`` (default: world).
+        jacobian: where :meth:`observe` takes the Jacobian rows from (the update is the same, up to rounding):
+            ``"auto"`` (default), ``"func"`` (``torch.func``: ``vmap`` over samples of ``jacrev`` of
+            ``functional_call``; needs ``observe(..., inputs=x)``), ``"per-sample"`` (one-sample graphs; needs
+            ``inputs=`` or ``forward=``) or ``"batch"`` (the graph of the observed outputs). ``"auto"`` takes the
+            outputs' graph at ``b = 1`` and the func path for ``b > 1`` when ``inputs=`` is given (falling back to
+            one-sample graphs, with a warning, for a model ``vmap`` cannot run), else ``forward=``'s one-sample
+            graphs, else the batch graph; measured in ``benchmarks/notes/loko.md``. Also settable later as
+            ``optimizer.jacobian``.
+        model: the model, for ``observe(..., inputs=x)`` (the factory passes it); never saved in the state.
 
     ``p_init="score"`` (our design; it replaces the gradient-magnitude mapping sketched in ``specs/loko.md`` §5,
     which gives ``p_low`` to every ``lora_A`` entry because their gradient is exactly 0 at the standard ``B = 0``
@@ -278,6 +425,8 @@ class LoKO(LoRAOptimizer):
         exact_residual: bool = False,
         dtype: Optional[torch.dtype] = None,
         process_group: Optional[Any] = None,
+        jacobian: str = "auto",
+        model: Optional[nn.Module] = None,
     ):
         defaults = dict(
             lr=lr,
@@ -304,8 +453,27 @@ class LoKO(LoRAOptimizer):
         self._dtype = dtype
         self._dist = DistributedContext(process_group)
         self._pending: Optional[_Pending] = None
-        self._warned_skip = False
         self._skip_flags: List[Tuple[Tensor, Any]] = []  # CUDA: (pinned copy, event) of recent skip flags
+        self._host_skipped = 0  # skips seen on the host (for the rate-limited warning)
+        self._next_skip_warning = 1  # warn when the host count reaches 1, 10, 100, ...
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module or None, got {type(model).__name__}")
+        self._model = model
+        self.jacobian = jacobian
+        self._func_failures: Dict[int, str] = {}  # id(model) -> why torch.func could not run it
+        self._func_math_attention = True
+        self.last_jacobian_path: Optional[str] = None  # which path built the rows of the last observation
+
+    @property
+    def jacobian(self) -> str:
+        """Where :meth:`observe` takes the Jacobian rows from: ``"auto"``, ``"func"``, ``"per-sample"``, ``"batch"``."""
+        return self._jacobian
+
+    @jacobian.setter
+    def jacobian(self, value: str) -> None:
+        if value not in JACOBIAN_PATHS:
+            raise ValueError(f"jacobian must be one of {JACOBIAN_PATHS}, got {value!r}")
+        self._jacobian = value
 
     # --------------------------------------------------------------------------------------------- validation
 
@@ -335,6 +503,98 @@ class LoKO(LoRAOptimizer):
         return _Settings(**{key: first[key] for key in _FILTER_KEYS})
 
     # --------------------------------------------------------------------------------------------- state
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """``Optimizer.load_state_dict`` that first checks the state dict is a usable LoKO state for these
+        parameters (type, hyperparameter keys, shapes, finiteness); a bad one raises ``ValueError`` naming the
+        problem and leaves the optimizer unchanged."""
+        self._check_state_dict(state_dict)
+        super().load_state_dict(state_dict)
+        self._pending = None
+
+    def _check_state_dict(self, state_dict: Any) -> None:
+        def bad(msg: str) -> ValueError:
+            return ValueError(f"cannot load this LoKO state dict: {msg}; the optimizer was left unchanged")
+
+        if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise bad("expected optimizer.state_dict() output, a dict with 'state' and 'param_groups'")
+        groups, state = state_dict["param_groups"], state_dict["state"]
+        for i, saved in enumerate(groups):
+            missing = [k for k in _FILTER_KEYS + _GROUP_KEYS if k not in saved]
+            if missing:
+                found = sorted({k for st in state.values() for k in st}) if state else []
+                raise bad(
+                    f"parameter group {i} lacks LoKO's hyperparameters {missing} (state keys {found}): it was saved "
+                    "by another optimizer type; load it into that optimizer, or start LoKO afresh"
+                )
+        if len(groups) != len(self.param_groups):
+            raise bad(f"it has {len(groups)} parameter groups, this optimizer has {len(self.param_groups)}")
+        ids: List[Any] = []
+        for i, (saved, mine) in enumerate(zip(groups, self.param_groups)):
+            if len(saved["params"]) != len(mine["params"]):
+                raise bad(
+                    f"parameter group {i} holds {len(saved['params'])} parameters, this optimizer's holds "
+                    f"{len(mine['params'])} (a different model or LoRA configuration)"
+                )
+            group = dict(saved)
+            group["p_init"] = tuple(group["p_init"]) if isinstance(group["p_init"], list) else group["p_init"]
+            try:
+                _validate_group(group)
+            except ValueError as exc:
+                raise bad(f"parameter group {i}: {exc}") from None
+            for key in ("num_outputs", "observation", "reduce_simplex"):
+                if saved[key] != mine[key]:
+                    raise bad(
+                        f"it was saved with {key}={saved[key]!r}, this optimizer has {key}={mine[key]!r} "
+                        "(a different task or head)"
+                    )
+            for key in _FILTER_KEYS:
+                if saved[key] != groups[0][key]:
+                    raise bad(f"{key} differs between parameter groups 0 and {i}")
+            ids += list(saved["params"])
+        params = [p for g in self.param_groups for p in g["params"]]
+        names = [n for g in self.param_groups for n in (g.get("param_names") or [None] * len(g["params"]))]
+        by_id = {pid: (param, name) for pid, param, name in zip(ids, params, names)}
+        s = _Settings(**{key: groups[0][key] for key in _FILTER_KEYS})
+        k = self._obs_dim(s)
+        for pid, st in state.items():
+            if pid not in by_id:
+                raise bad(f"state for parameter id {pid!r}, which no parameter group lists")
+            param, name = by_id[pid]
+            label = f"parameter {name or pid!r}"
+            anchor = pid == ids[0]
+            allowed = {"p", "step"} | ({"R", "skipped"} if anchor else set())
+            extra = sorted(set(st) - allowed)
+            if extra:
+                raise bad(f"{label} has state {extra}, which LoKO does not keep (state of another optimizer type?)")
+            needed = sorted(allowed - set(st))
+            if needed:
+                raise bad(f"{label} lacks state {needed}")
+            p = st["p"]
+            if not torch.is_tensor(p) or not p.is_floating_point() or tuple(p.shape) != tuple(param.shape):
+                got = tuple(p.shape) if torch.is_tensor(p) else type(p).__name__
+                raise bad(
+                    f"{label}: covariance p has shape {got}, the parameter has {tuple(param.shape)} (a model with "
+                    "other ranks or layers)"
+                )
+            if not bool(torch.isfinite(p).all()) or not bool((p > 0).all()):
+                raise bad(f"{label}: covariance p holds non-finite or non-positive values")
+            step = st["step"]
+            if not torch.is_tensor(step) or step.numel() != 1 or not math.isfinite(float(step)) or float(step) < 0:
+                raise bad(f"{label}: step must be a finite number >= 0, got {step!r}")
+            if anchor:
+                R, skipped = st["R"], st["skipped"]
+                if not torch.is_tensor(R) or not R.is_floating_point() or tuple(R.shape) != (k, k):
+                    got = tuple(R.shape) if torch.is_tensor(R) else type(R).__name__
+                    raise bad(f"the noise estimate R has shape {got}, expected {(k, k)} for these settings")
+                if not bool(torch.isfinite(R).all()):
+                    raise bad(
+                        "the noise estimate R holds non-finite values (every later step would be skipped); resume "
+                        "from an earlier checkpoint, or start LoKO afresh"
+                    )
+                if (not torch.is_tensor(skipped) or skipped.numel() != 1 or not math.isfinite(float(skipped))
+                        or float(skipped) < 0):
+                    raise bad(f"the skipped-step count must be an integer >= 0, got {skipped!r}")
 
     @property
     def anchor(self) -> Tensor:
@@ -409,24 +669,41 @@ class LoKO(LoRAOptimizer):
         return [(g, p) for g in self.param_groups for p in g["params"] if p.requires_grad]
 
     def observe(
-        self, outputs: Tensor, targets: Optional[Tensor] = None, *, forward: Optional[Callable[[int], Tensor]] = None
+        self,
+        outputs: Any,
+        targets: Optional[Tensor] = None,
+        *,
+        forward: Optional[Callable[[int], Any]] = None,
+        inputs: Any = None,
+        model: Optional[nn.Module] = None,
     ) -> None:
         """Record the observation of one batch; the next ``step()`` applies it.
 
-        * softmax: ``observe(logits, targets)`` with ``logits: (..., m)`` from a live graph and ``targets`` class
-          indices ``(...)`` or probabilities ``(..., m)``. Leading dims are flattened into samples.
+        * softmax: ``observe(logits, targets)`` with ``logits: (..., m)`` and ``targets`` class indices ``(...)`` or
+          probabilities ``(..., m)`` (non-negative, each row summing to 1). Leading dims are flattened into samples.
         * regression: ``observe(predictions, targets)``, both ``(..., m)`` (or ``(b,)`` when ``m = 1``).
         * loss: ``observe(loss)`` with the (mean) loss; ``.grad`` must be filled by ``loss.backward()`` before
           ``step()``.
 
-        Must run before any ``backward`` that frees the graph (the graph is kept for later backwards).
+        ``outputs`` may be a tensor, a Hugging Face ``ModelOutput`` or any object with ``.logits`` (its ``.logits``
+        is used), or a dict with a ``"logits"`` entry.
 
-        ``forward`` (optional; required by sequential mode when the batch has more than one sample):
-        ``forward(i)`` returns the outputs of sample ``i`` alone, recomputed at the current parameters, e.g.
-        ``lambda i: model(x[i:i+1])``. When given, the Jacobian rows come from these one-sample graphs instead of
-        the batch graph: rows taken from a batch graph cost one backward over the whole batch each, so for deep
-        models and b > 1 the per-sample route is much cheaper (``benchmarks/notes/loko.md``). In joint mode it
-        gives the same update (same parameters) up to rounding; the batch ``outputs`` then only supply the shapes.
+        Where the Jacobian rows come from (``jacobian`` of the constructor; every path gives the same update up to
+        rounding, tested):
+
+        * ``inputs=`` (the batch the outputs were computed from: a tensor, a tuple of positional tensors, or a dict
+          of keyword tensors such as a tokenizer batch, all with the samples along dim 0): the rows are built with
+          ``torch.func`` (``vmap`` over samples of ``jacrev`` of ``functional_call(model, ...)``), one vectorised
+          pass for the whole batch. ``model`` defaults to the model given to :func:`create_loko_optimizer` (or
+          ``LoKO(..., model=...)``). The outputs then only supply the shapes and may be detached. A model that
+          cannot be vmapped (e.g. BatchNorm in training mode) falls back, once and for all for that model, to
+          one-sample graphs ``model(inputs[i:i+1])`` with a warning.
+        * ``forward=`` (``forward(i)`` returns the outputs of sample ``i`` alone, recomputed at the current
+          parameters, e.g. ``lambda i: model(x[i:i+1])``): rows from one-sample graphs, one batched backward each.
+          Sequential mode with more than one sample needs this (or ``inputs=``), as does ``exact_residual=True``.
+        * neither: rows from the graph of ``outputs`` (one vmapped backward over the whole batch; must run before
+          any ``backward`` that frees the graph, which is kept). Cheapest at ``b = 1``; each row costs a backward
+          over the whole batch, so for ``b > 1`` pass ``inputs=``.
         """
         if self._pending is not None:
             raise ValueError(
@@ -438,13 +715,14 @@ class LoKO(LoRAOptimizer):
         if not params:
             raise ValueError("LoKO has no parameter with requires_grad=True to filter")
         if s.observation == "loss":
-            if targets is not None or forward is not None:
+            if targets is not None or forward is not None or inputs is not None:
                 raise ValueError("observation='loss' takes only the loss: call observe(loss)")
-            if not torch.is_tensor(outputs) or outputs.numel() != 1:
+            loss = _model_outputs(outputs, "observe()", attr="loss")
+            if not torch.is_tensor(loss) or loss.numel() != 1:
                 raise ValueError(
                     "observation='loss' needs the scalar (mean) loss: call observe(loss) with a 0-dim tensor"
                 )
-            self._pending = _Pending(params=params, loss=outputs.detach().reshape(()).to(self._dtype), num_samples=1)
+            self._pending = _Pending(params=params, loss=loss.detach().reshape(()).to(self._dtype), num_samples=1)
             return
         if targets is None:
             raise ValueError(
@@ -452,37 +730,77 @@ class LoKO(LoRAOptimizer):
                 + (" (or build the optimizer with observation='loss' to observe a loss)"
                    if s.observation == "softmax" else "")
             )
-        if not torch.is_tensor(outputs) or not outputs.requires_grad:
-            raise ValueError(
-                "observe() needs the model outputs with their autograd graph: compute them with gradients enabled "
-                "and call observe() before any backward() on them (do not pass .detach()ed outputs)"
-            )
+        grad_enabled = torch.is_grad_enabled()
+        outputs = _model_outputs(outputs, "observe()")
+        if inputs is not None:
+            model = model if model is not None else self._model
+            if model is None:
+                raise ValueError(
+                    "observe(..., inputs=...) needs the model: build the optimizer with create_loko_optimizer(model, "
+                    "...) (or LoKO(..., model=model)), or pass observe(..., model=model)"
+                )
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        live = outputs.requires_grad
         with torch.enable_grad():
-            h, y = self._observed(outputs, targets, s)
-            b = h.shape[0]
+            z = self._logits_matrix(outputs, s)
+            b = z.shape[0]
             if b == 0:
-                raise ValueError("observe() got an empty batch")
+                raise ValueError(
+                    "observe() got an empty batch (0 samples): skip the step for empty batches (check the data "
+                    "loader's last batch or the filtering that produced it)"
+                )
+            y = self._targets(targets, b, z.device, s)
+            if inputs is not None:
+                batch_size = _input_batch_size(inputs)
+                if batch_size != b:
+                    raise ValueError(
+                        f"inputs hold {batch_size} samples along dim 0 but the outputs have {b}: pass the batch the "
+                        "outputs were computed from"
+                    )
+                if forward is None:
+                    forward = _sample_forward(model, inputs)
             sequential = s.batch_mode == "sequential" and b > 1
             if s.exact_residual and forward is None:
                 raise ValueError(
                     "exact_residual=True re-evaluates the outputs after the update: call "
-                    "observe(outputs, targets, forward=lambda i: model(x[i:i+1])) (or build the optimizer with "
-                    "exact_residual=False, the linearised residual)"
+                    "observe(outputs, targets, inputs=x) or observe(outputs, targets, forward=lambda i: "
+                    "model(x[i:i+1])) (or build the optimizer with exact_residual=False, the linearised residual)"
                 )
             if sequential and forward is None:
                 raise ValueError(
                     "batch_mode='sequential' with a batch of more than one sample needs a fresh forward per sample: "
-                    "call observe(outputs, targets, forward=lambda i: model(x[i:i+1])), observe one sample per "
-                    "step(), or use batch_mode='joint'"
+                    "call observe(outputs, targets, inputs=x) (or forward=lambda i: model(x[i:i+1])), observe one "
+                    "sample per step(), or use batch_mode='joint'"
                 )
-            if forward is not None and b > 1:
-                # Rows from one-sample graphs: the batch graph would cost b sample-backwards per row.
+            path = self._jacobian_path(b, live, forward is not None, inputs is not None, model, sequential)
+            if path == "func":
+                try:
+                    H, e = self._func_rows(model, inputs, y, params, s)
+                except _FuncUnsupported as exc:
+                    if self.jacobian == "func":
+                        raise ValueError(
+                            f"jacobian='func': this model cannot be vmapped by torch.func ({exc}); use "
+                            "jacobian='auto' (falls back to one-sample graphs) or 'per-sample'"
+                        ) from exc.__cause__
+                    self._func_failures[id(model)] = str(exc)
+                    warnings.warn(
+                        f"LoKO: the torch.func Jacobian path does not run on this model ({exc}); its Jacobian rows "
+                        "now come from one-sample graphs (exact, slower). Pass jacobian='per-sample' to silence this.",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    path = "per-sample"
+            if path == "per-sample":
                 count = 1 if sequential else b
                 rows = [self._sample_rows(forward, i, y, params, s) for i in range(count)]
                 H = torch.cat([r[0] for r in rows])
                 e = torch.cat([r[1] for r in rows])
-            else:
-                H, e = self._rows(h, y, range(b), params, s)
+            elif path == "batch":
+                if not live:
+                    raise ValueError(_detached_message(outputs, grad_enabled))
+                H, e = self._rows(self._observe_fn(z, s), y, range(b), params, s)
+            self.last_jacobian_path = path
         keep = sequential or s.exact_residual
         self._pending = _Pending(
             params=params,
@@ -493,64 +811,159 @@ class LoKO(LoRAOptimizer):
             num_samples=b,
         )
 
+    def _jacobian_path(
+        self, b: int, live: bool, has_forward: bool, has_inputs: bool, model: Optional[nn.Module], sequential: bool
+    ) -> str:
+        """``"func"``, ``"per-sample"`` or ``"batch"`` for this observation (see :meth:`observe`)."""
+        mode = self.jacobian
+        if mode == "func":
+            if not has_inputs:
+                raise ValueError(
+                    "jacobian='func' builds the rows from the model and its inputs: call observe(outputs, targets, "
+                    "inputs=x) (or use jacobian='auto')"
+                )
+            return "per-sample" if sequential else "func"
+        if mode == "per-sample":
+            if not has_forward:
+                raise ValueError(
+                    "jacobian='per-sample' recomputes each sample's outputs: call observe(outputs, targets, inputs=x) "
+                    "or observe(outputs, targets, forward=lambda i: model(x[i:i+1])) (or use jacobian='auto')"
+                )
+            return "per-sample"
+        if mode == "batch":
+            return "per-sample" if sequential else "batch"
+        # auto (measured, benchmarks/notes/loko.md): at b = 1 the rows of the existing graph cost one batched
+        # backward and no extra forward; for b > 1 one vmapped pass beats b one-sample graphs, which beat the
+        # batch graph (each of whose rows costs a backward over the whole batch).
+        if sequential:
+            return "per-sample"
+        if b == 1 and live:
+            return "batch"
+        if has_inputs and id(model) not in self._func_failures:
+            return "func"
+        if has_forward:
+            return "per-sample"
+        return "batch"
+
+    def _func_rows(
+        self, model: nn.Module, inputs: Any, y: Tensor, params: Sequence[Tensor], s: _Settings
+    ) -> Tuple[Tensor, Tensor]:
+        """``(H, e)`` of every sample from one ``vmap``-over-samples of ``jacrev`` of ``functional_call``.
+
+        Raises :class:`_FuncUnsupported` when the model cannot run under ``vmap`` (the caller falls back)."""
+        from torch.func import functional_call, jacrev, vmap
+
+        names = _parameter_names(model, params)
+        m, m_obs = s.num_outputs, self._obs_dim(s)
+        leaves, rebuild = _split_inputs(_without_trivial_mask(inputs))
+        b = leaves[0].shape[0]
+        theta = {name: p.detach() for name, p in zip(names, params)}
+
+        def observed(th: Dict[str, Tensor], *sample: Tensor) -> Tuple[Tensor, Tensor]:
+            args, kwargs = rebuild([x.unsqueeze(0) for x in sample])
+            out = _model_outputs(functional_call(model, th, args, kwargs), "the model")
+            if out.numel() != m:
+                raise ValueError(
+                    f"the model returned {out.numel()} values for one sample, expected num_outputs={m}; pass inputs "
+                    "whose dim 0 indexes the samples"
+                )
+            h = self._observe_fn(out.reshape(1, m), s).reshape(m)[:m_obs]
+            return h, h
+
+        rows = vmap(jacrev(observed, has_aux=True), in_dims=(None,) + (0,) * len(leaves), randomness="different")
+        try:
+            with _attention_for_vmap(self._func_math_attention):
+                jac, h = rows(theta, *leaves)
+        except (RuntimeError, NotImplementedError) as exc:
+            raise _FuncUnsupported(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
+        dt = self._dtype
+        H = torch.cat([jac[name].reshape(b * m_obs, -1).to(dt) for name in names], dim=1)
+        e = y[:, :m_obs] - h.detach().to(dt)
+        return H, e
+
     def _sample_rows(
-        self, forward: Callable[[int], Tensor], i: int, y: Tensor, params: Sequence[Tensor], s: _Settings
+        self, forward: Callable[[int], Any], i: int, y: Tensor, params: Sequence[Tensor], s: _Settings
     ) -> Tuple[Tensor, Tensor]:
         """``(H_i, e_i)`` of sample ``i`` from ``forward(i)`` at the current parameters."""
         with torch.enable_grad():
-            out = forward(i)
-            if not torch.is_tensor(out) or not out.requires_grad:
-                raise ValueError(f"forward({i}) must return the outputs of sample {i} with their autograd graph")
+            out = _model_outputs(forward(i), f"forward({i})")
+            if not out.requires_grad:
+                raise ValueError(
+                    f"forward({i}) must return the outputs of sample {i} with their autograd graph: "
+                    + _detached_message(out, prefix=False)
+                )
             if out.numel() != s.num_outputs:
                 raise ValueError(
                     f"forward({i}) must return the outputs of sample {i} alone ({s.num_outputs} values), got shape "
                     f"{tuple(out.shape)}"
                 )
-            h, y_i = self._observed(out, y[i : i + 1], s)
-            return self._rows(h, y_i, [0], params, s)
+            h = self._observe_fn(self._logits_matrix(out, s), s)
+            return self._rows(h, y[i : i + 1], [0], params, s)
 
-    def _observed(self, outputs: Tensor, targets: Tensor, s: _Settings) -> Tuple[Tensor, Tensor]:
-        """``(h, y)``: the observed function ``(N, m)`` (live graph, compute dtype) and the targets ``(N, m)``."""
+    def _logits_matrix(self, outputs: Tensor, s: _Settings) -> Tensor:
+        """``(N, m)`` view of the outputs in the compute dtype (graph kept)."""
         m = s.num_outputs
         if s.observation == "regression" and m == 1 and (outputs.dim() == 1 or outputs.shape[-1] != 1):
             outputs = outputs.unsqueeze(-1)
-        if outputs.shape[-1] != m:
+        if outputs.dim() == 0 or outputs.shape[-1] != m:
+            got = outputs.shape[-1] if outputs.dim() else "no"
             raise ValueError(
-                f"outputs have {outputs.shape[-1]} entries in the last dimension but num_outputs={m}: pass "
-                f"(batch, {m}) outputs or build the optimizer with num_outputs={outputs.shape[-1]}"
+                f"outputs have {got} entries in the last dimension but num_outputs={m}: pass (batch, {m}) outputs "
+                f"or build the optimizer with num_outputs={outputs.shape[-1] if outputs.dim() else '...'}"
             )
-        z = outputs.reshape(-1, m).to(self._dtype)
-        N = z.shape[0]
+        return outputs.reshape(-1, m).to(self._dtype)
+
+    def _observe_fn(self, z: Tensor, s: _Settings) -> Tensor:
+        """The observed function of the ``(N, m)`` outputs: softmax probabilities or the outputs themselves."""
+        return torch.softmax(z, dim=-1) if s.observation == "softmax" else z
+
+    def _targets(self, targets: Tensor, N: int, device: torch.device, s: _Settings) -> Tensor:
+        """``(N, m)`` targets in the compute dtype on ``device``, validated."""
+        m = s.num_outputs
+        if not torch.is_tensor(targets):
+            raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
         if s.observation == "softmax":
-            h = torch.softmax(z, dim=-1)
             if targets.is_floating_point():
                 if targets.numel() != N * m:
                     raise ValueError(
                         f"float targets must be class probabilities of shape (batch, {m}); got {tuple(targets.shape)}; "
                         "pass integer class indices instead"
                     )
-                y = targets.reshape(N, m).to(self._dtype)
-            else:
-                if targets.numel() != N:
+                y = targets.reshape(N, m).to(device=device, dtype=self._dtype)
+                # One host read for all checks (a probability vector per sample: finite, >= 0, sums to 1).
+                tol = 1e-6 if self._dtype == torch.float64 else 1e-4
+                sums = y.sum(-1)
+                bad = ~torch.isfinite(y).all(-1) | (y < 0).any(-1) | ((sums - 1).abs() > tol * m)
+                if bool(bad.any()):
+                    i = int(bad.nonzero()[0, 0])
                     raise ValueError(
-                        f"got {targets.numel()} targets for {N} samples: pass one class index per sample "
-                        "(drop ignored positions such as -100 before observe())"
+                        f"soft targets must be probabilities (finite, >= 0, each row summing to 1); sample {i} has "
+                        f"sum {float(sums[i]):.6g} and min {float(y[i].min()):.6g}: normalise them (e.g. "
+                        "targets / targets.sum(-1, keepdim=True)) or pass integer class indices"
                     )
-                t = targets.reshape(N).long()
-                if bool(((t < 0) | (t >= m)).any()):
-                    raise ValueError(
-                        f"class targets must be in [0, {m}): drop ignored labels (e.g. -100) before observe(), or set "
-                        "num_outputs to the number of classes"
-                    )
-                y = torch.nn.functional.one_hot(t.to(z.device), m).to(self._dtype)
-        else:
-            h = z
-            if targets.numel() != N * m:
+                return y
+            if targets.numel() != N:
                 raise ValueError(
-                    f"regression targets must have the outputs' {N * m} entries, got shape {tuple(targets.shape)}"
+                    f"got {targets.numel()} targets for {N} samples: pass one class index per sample "
+                    "(drop ignored positions such as -100 before observe())"
                 )
-            y = targets.reshape(N, m).to(device=z.device, dtype=self._dtype)
-        return h, y.to(z.device)
+            t = targets.reshape(N).long()
+            if bool(((t < 0) | (t >= m)).any()):
+                raise ValueError(
+                    f"class targets must be in [0, {m}): drop ignored labels (e.g. -100) before observe(), or set "
+                    "num_outputs to the number of classes"
+                )
+            return torch.nn.functional.one_hot(t.to(device), m).to(self._dtype)
+        if targets.numel() != N * m:
+            raise ValueError(
+                f"regression targets must have the outputs' {N * m} entries, got shape {tuple(targets.shape)}"
+            )
+        return targets.reshape(N, m).to(device=device, dtype=self._dtype)
+
+    def _observed(self, outputs: Tensor, targets: Tensor, s: _Settings) -> Tuple[Tensor, Tensor]:
+        """``(h, y)``: the observed function ``(N, m)`` (live graph, compute dtype) and the targets ``(N, m)``."""
+        z = self._logits_matrix(_model_outputs(outputs, "the outputs"), s)
+        return self._observe_fn(z, s), self._targets(targets, z.shape[0], z.device, s)
 
     def _rows(
         self, h: Tensor, y: Tensor, samples: Iterable[int], params: Sequence[Tensor], s: _Settings
@@ -564,6 +977,7 @@ class LoKO(LoRAOptimizer):
         H = output_jacobian(h, params, rows=rows, dtype=self._dtype)
         e = (y.index_select(0, idx) - h.detach().index_select(0, idx))[:, :m_obs]
         return H, e
+
 
     # --------------------------------------------------------------------------------------------- step
 
@@ -584,23 +998,56 @@ class LoKO(LoRAOptimizer):
             # observe(): the pending observation is then the one to apply.
             if not (result is None and self._pending is not None):
                 self._observe_result(result)
-        self._init_state()
         pending, self._pending = self._pending, None
         s = self._settings()
         filtered = self._filtered()
         active = [(g, p) for g, p in filtered if _lr_value(g["lr"]) != 0.0]
+        for g, _ in active:
+            lr = _lr_value(g["lr"])
+            if not math.isfinite(lr) or lr < 0:
+                raise ValueError(
+                    f"lr must be a finite number >= 0, got {g['lr']!r} in parameter group {self.param_groups.index(g)} "
+                    "(a learning-rate scheduler may have set it)"
+                )
+        fresh = [p for g in self.param_groups for p in g["params"] if "p" not in self.state.get(p, {})]
+        self._init_state()
         if not active:
             return result  # lr = 0: state allocated, everything else untouched (pending observation dropped)
-        if pending is not None and [id(p) for p in pending.params] != [id(p) for _, p in filtered]:
-            raise ValueError(
-                "the trainable parameters changed between observe() and step(): observe again after changing "
-                "requires_grad"
-            )
-        if s.observation == "loss":
-            self._step_loss(pending, filtered, active, s)
-        else:
-            self._step_outputs(pending, filtered, active, s)
+        # A step is all-or-nothing: the joint filter step computes everything before writing, but the sequential
+        # and exact-residual steps call the user's forward between writes, so those are snapshotted first.
+        calls_back = pending is not None and pending.forward is not None
+        snapshot = self._snapshot(filtered) if calls_back else None
+        try:
+            if pending is not None and [id(p) for p in pending.params] != [id(p) for _, p in filtered]:
+                raise ValueError(
+                    "the trainable parameters changed between observe() and step(): observe again after changing "
+                    "requires_grad"
+                )
+            if s.observation == "loss":
+                self._step_loss(pending, filtered, active, s)
+            else:
+                self._step_outputs(pending, filtered, active, s)
+        except BaseException:
+            if snapshot is not None:
+                self._restore(snapshot)
+            for p in fresh:  # a failed first step leaves no state behind either
+                self.state.pop(p, None)
+            raise
         return result
+
+    def _snapshot(self, filtered) -> List[Tuple[Tensor, Tensor]]:
+        """``(live tensor, copy)`` of every parameter and state tensor a step may write."""
+        pairs = [(p, p.detach().clone()) for _, p in filtered]
+        for _, p in filtered:
+            pairs += [(v, v.clone()) for v in self.state[p].values() if torch.is_tensor(v)]
+        pairs += [(v, v.clone()) for k, v in self.state[self.anchor].items() if k in ("R", "skipped")]
+        return pairs
+
+    @staticmethod
+    def _restore(pairs: List[Tuple[Tensor, Tensor]]) -> None:
+        with torch.no_grad():
+            for live, saved in pairs:
+                live.copy_(saved)
 
     def _observe_result(self, result: Any) -> None:
         s = self._settings()
@@ -759,29 +1206,35 @@ class LoKO(LoRAOptimizer):
         return residual
 
     def _note_skipped(self, skipped: Tensor) -> None:
-        """Warn once about a rejected update without stalling ``step()``: on CUDA the flag is copied to pinned
-        memory and read at a later step once its copy has landed (reading it now would wait for the device)."""
-        if self._warned_skip:
+        """Count a rejected update on the host and warn, rate-limited (at the 1st, 10th, 100th, ... skip), without
+        stalling ``step()``: on CUDA the flag is copied to pinned memory and read at a later step once its copy has
+        landed (reading it now would wait for the device). The exact count is ``skipped_steps``."""
+        if skipped.device.type != "cuda":
+            if bool(skipped):
+                self._count_skip()
             return
-        flags = [skipped] if skipped.device.type != "cuda" else []
         while self._skip_flags and self._skip_flags[0][1].query():
-            flags.append(self._skip_flags.pop(0)[0])
-        if skipped.device.type == "cuda":
-            pinned = torch.empty((), dtype=torch.bool, pin_memory=True)
-            pinned.copy_(skipped, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self._skip_flags.append((pinned, event))
-        if any(bool(flag) for flag in flags):
-            self._warned_skip = True
-            self._skip_flags.clear()
-            warnings.warn(
-                "LoKO skipped an update (non-finite innovation, covariance or step, or S not factorable after "
-                "jitter retries); parameters, p and R were left unchanged. Check the inputs/targets, or raise r0, "
-                "r_min or jitter. `optimizer.skipped_steps` counts these (warned once).",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+            if bool(self._skip_flags.pop(0)[0]):
+                self._count_skip()
+        pinned = torch.empty((), dtype=torch.bool, pin_memory=True)
+        pinned.copy_(skipped, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._skip_flags.append((pinned, event))
+
+    def _count_skip(self) -> None:
+        self._host_skipped += 1
+        if self._host_skipped < self._next_skip_warning:
+            return
+        self._next_skip_warning *= 10
+        warnings.warn(
+            f"LoKO skipped an update ({self._host_skipped} so far): non-finite innovation, covariance or step, or S "
+            "not factorable after the jitter retries; parameters, p and R were left unchanged. Check the "
+            "inputs/targets, or raise r0, r_min or jitter. `optimizer.skipped_steps` counts every skipped update "
+            f"(this warning repeats at {self._next_skip_warning} skips).",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     def _score_scale(self, pvec: Tensor, H: Tensor, params: List[Tensor], fresh: set, s: _Settings) -> Tensor:
         """Rescale the fresh coordinates of ``pvec`` by ``c`` so that ``mean_k (H diag(p) H^T)_kk = 0.1 r0``."""
@@ -927,6 +1380,7 @@ def create_loko_optimizer(
     exact_residual: bool = False,
     dtype: Optional[torch.dtype] = None,
     process_group: Optional[Any] = None,
+    jacobian: str = "auto",
 ) -> LoKO:
     """Build :class:`LoKO` over every trainable parameter of a PEFT/LoRA model.
 
@@ -978,4 +1432,6 @@ def create_loko_optimizer(
         exact_residual=exact_residual,
         dtype=dtype,
         process_group=process_group,
+        jacobian=jacobian,
+        model=model,
     )
