@@ -245,6 +245,21 @@ def create_sgd_optimizer(
     return _guard(optimizer, "sgd")
 
 
+def _check_accepted(cls: Type[Optimizer], kwargs: Dict[str, Any], what: str) -> None:
+    """Keyword arguments forwarded to ``cls`` must be ones it takes (a clear error instead of a TypeError deep in
+    PEFT)."""
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = {n for n in params if n not in ("self", "params")}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise ValueError(
+            f"{what} does not take {', '.join(unknown)}: extra keyword arguments go to {cls.__name__}, whose "
+            f"hyperparameters are: {', '.join(sorted(accepted))}"
+        )
+
+
 def _check_forwarded(kwargs: Dict[str, Any]) -> None:
     """Hyperparameters forwarded to the inner torch optimizer get the library's checks first."""
     for key, check in (("weight_decay", check_nonnegative), ("eps", check_nonnegative), ("betas", check_betas),
@@ -293,6 +308,7 @@ def create_lora_plus_optimizer(
     check_nonnegative("loraplus_lr_embedding", loraplus_lr_embedding)
     _check_forwarded(kwargs)
     cls = _optimizer_class(optimizer_cls)
+    _check_accepted(cls, kwargs, "LoRA+")
     _require_lora(model, "LoRA+")
     optimizer = create_loraplus_optimizer(
         model, cls, lr=lr, loraplus_lr_ratio=loraplus_lr_ratio,
@@ -317,6 +333,7 @@ def create_rplora_optimizer(
     check_positive("reg", reg)
     _check_forwarded(kwargs)
     cls = _optimizer_class(optimizer_cls)
+    _check_accepted(cls, kwargs, "Riemannian LoRA")
     _require_linear_factors(_require_lora(model, "Riemannian LoRA"))
     optimizer = create_riemannian_optimizer(model, cls, lr=lr, reg=reg, **kwargs)
     tag = f"riemannian-{cls.__name__.lower()}"

@@ -10,6 +10,7 @@ production optimizer.
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -178,8 +179,42 @@ class SVDLoRA(LoRAOptimizer):
                     continue
                 x, s = obs.rows()
                 G = self._dist.mean(s.to(self._dtype).mT @ x.to(self._dtype))
+                self._check_factor_grads(layer, G)
                 plans.append((group, p, layer, G))
         return plans
+
+    def _check_factor_grads(self, layer, G: torch.Tensor) -> None:
+        """The update comes from the captured ``G``, not from the factors' ``.grad``.  A non-finite ``.grad`` still
+        skips the step (the backward that filled it was bad); an edited one (clipping, masking) is ignored, and a
+        warning says so once."""
+        grads = [g for g in (layer.A.grad, layer.B.grad) if g is not None]
+        if not grads:
+            return
+        if not self._finite(*grads):
+            G.fill_(float("nan"))  # the all-or-nothing check below skips the whole step
+            return
+        if getattr(self, "_warned_grad_edit", False):
+            return
+        root = layer.scaling
+        implied = [
+            (layer.A.grad, (layer.b_matrix(self._dtype).mT @ G * root).view_as(layer.A)),
+            (layer.B.grad, (G @ layer.a_matrix(self._dtype).mT * root).view_as(layer.B)),
+        ]
+        for grad, expected in implied:
+            if grad is None:
+                continue
+            scale = float(expected.abs().max()) + 1e-12
+            tol = 1e-3 if grad.dtype in (torch.float32, torch.float64) else 5e-2  # 16-bit grads: their rounding
+            if float((grad.to(self._dtype) - expected).abs().max()) > tol * scale:
+                self._warned_grad_edit = True
+                warnings.warn(
+                    f"SVDLoRA: the .grad of {layer.describe()} differs from the gradient its hooks captured (edited "
+                    "after backward: clip_grad_norm_, masking, a GradScaler?). SVDLoRA's update uses the captured "
+                    "gradient and ignores such edits; scale the loss instead of the gradients (warned once).",
+                    UserWarning,
+                    stacklevel=5,
+                )
+                return
 
     def _explain_empty(self, layer, obs) -> None:
         if obs.x_rows:  # the hooks fired, with zero rows
