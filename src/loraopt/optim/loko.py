@@ -14,7 +14,9 @@ Usage (softmax observation, one update per batch)::
         opt.observe(logits, y)      # before any backward on this graph
         opt.step()
 
-or ``opt.step(lambda: (peft_model(x), y))``.
+or ``opt.step(lambda: (peft_model(x), y))``. For mini-batches pass the batch too,
+``opt.observe(logits, y, inputs=x)`` (a tensor, a tuple of tensors or a dict such as a tokenizer batch): the
+Jacobian rows then come from ``torch.func`` in one vectorised pass.
 """
 
 from __future__ import annotations
@@ -317,10 +319,10 @@ class LoKO(LoRAOptimizer):
     well scaled (constant 0.1 or ``"score"``; with the too-small default bounds sequential was ahead); (4) it is
     cheaper per sample when the frozen base is small (0.4-0.8x of sequential on an MLP). Its cost caveat: Jacobian
     rows taken from the batch graph cost one backward over the whole batch each, so with a deep base the joint step
-    costs ~b times sequential per sample (4x at b = 8, 19-27x at b = 32 on a 2-layer BERT). Passing
-    ``forward=lambda i: model(x[i:i+1])`` to ``observe`` builds the rows from one-sample graphs instead and brings
-    joint to the cost of sequential with the same update. The filter itself is ``O((b m)^2 n)`` in joint mode
-    against ``O(b m^2 n)`` in sequential mode.
+    costs ~b times sequential per sample (4x at b = 8, 19-27x at b = 32 on a 2-layer BERT). Passing the batch,
+    ``observe(logits, y, inputs=x)``, builds the rows with ``torch.func`` in one vectorised pass over the samples
+    instead (the ``jacobian`` argument; a model ``vmap`` cannot run falls back to one-sample graphs), with the same
+    update. The filter itself is ``O((b m)^2 n)`` in joint mode against ``O(b m^2 n)`` in sequential mode.
 
     Calling two ``observe`` before a ``step`` raises: concatenate the outputs (``torch.cat`` keeps the graphs) and
     targets into one call to observe several micro-batches as one joint update.
