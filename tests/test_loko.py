@@ -601,7 +601,7 @@ def test_non_finite_observation_is_skipped_with_one_warning():
     before = flat(trainable(model)).clone()
     p_before = state_p(opt, trainable(model)).clone()
     x, y = data(23, 2)
-    with pytest.warns(RuntimeWarning, match="skipped an update"):
+    with pytest.warns(RuntimeWarning, match="skipped 1 step"):
         opt.observe(model(x) * float("nan"), y)
         opt.step()
     with warnings.catch_warnings():
@@ -1131,18 +1131,23 @@ def test_every_skipped_step_is_counted_and_the_warning_is_rate_limited():
         for _ in range(12):
             opt.observe(model(x) * float("nan"), y)
             opt.step()
-    skips = [w for w in caught if "skipped an update" in str(w.message)]
-    assert opt.skipped_steps == 12
-    assert len(skips) == 2 and "(1 so far)" in str(skips[0].message) and "(10 so far)" in str(skips[1].message)
+    skips = [w for w in caught if "step(s) so far" in str(w.message)]
+    assert opt.skipped_steps == 12 and int(opt.state[opt.anchor]["skipped"]) == 12
+    assert len(skips) == 2 and "skipped 1 step" in str(skips[0].message) and "skipped 10 step" in str(skips[1].message)
 
 
-def test_nan_lr_from_a_scheduler_is_a_clear_error_and_changes_nothing():
+def test_nan_lr_from_a_scheduler_is_a_counted_skip_and_a_negative_one_an_error():
     model, opt = _trained()
     before = _opt_snapshot(opt, model)
-    opt.param_groups[0]["lr"] = float("nan")
     x, y = data(83, 2)
+    opt.param_groups[0]["lr"] = float("nan")
     opt.observe(model(x), y)
-    with pytest.raises(ValueError, match="lr must be a finite number"):
+    with pytest.warns(RuntimeWarning, match="non-finite lr"):
+        opt.step()
+    assert opt.skipped_steps == 1 and not opt.has_pending_observation
+    opt.param_groups[0]["lr"] = -0.1
+    opt.observe(model(x), y)
+    with pytest.raises(ValueError, match="lr"):
         opt.step()
     opt.param_groups[0]["lr"] = 1.0
     _assert_unchanged(before, opt, model)
@@ -1275,3 +1280,32 @@ def test_padded_hugging_face_batch_falls_back_to_one_sample_graphs():
         opt.step()
         out[path] = flat(trainable(model))
     torch.testing.assert_close(out["auto"], out["batch"], rtol=0, atol=1e-10)
+
+
+def test_scalar_loss_second_step_without_a_new_observation_names_the_cause():
+    model = make_model()
+    opt = create_loko_optimizer(model, num_outputs=None, observation="loss")
+    x, y = data(89, 3)
+    loss = nn.functional.cross_entropy(model(x), y)
+    opt.observe(loss)
+    loss.backward()
+    opt.step()
+    before = flat(trainable(model)).clone()
+    with pytest.raises(ValueError, match="called again without a new observe"):
+        opt.step()
+    assert torch.equal(flat(trainable(model)), before)
+
+
+def test_rank_0_lora_layer_is_refused():
+    class Adapter(nn.Module):
+        def __init__(self, r):
+            super().__init__()
+            self.lora_A = nn.ModuleDict({"default": nn.Linear(D_IN, r, bias=False)})
+            self.lora_B = nn.ModuleDict({"default": nn.Linear(r, M, bias=False)})
+
+        def forward(self, x):
+            return self.lora_B["default"](self.lora_A["default"](x))
+
+    model = nn.Sequential(Adapter(0))
+    with pytest.raises(ValueError, match="rank 0"):
+        create_loko_optimizer(model, num_outputs=M)

@@ -455,9 +455,7 @@ class LoKO(LoRAOptimizer):
         self._dtype = dtype
         self._dist = DistributedContext(process_group)
         self._pending: Optional[_Pending] = None
-        self._skip_flags: List[Tuple[Tensor, Any]] = []  # CUDA: (pinned copy, event) of recent skip flags
-        self._host_skipped = 0  # skips seen on the host (for the rate-limited warning)
-        self._next_skip_warning = 1  # warn when the host count reaches 1, 10, 100, ...
+        self._loss_consumed = False  # observation="loss": the last step used the observed loss and .grad
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module or None, got {type(model).__name__}")
         self._model = model
@@ -604,12 +602,6 @@ class LoKO(LoRAOptimizer):
         return self.param_groups[0]["params"][0]
 
     @property
-    def skipped_steps(self) -> int:
-        """Number of rejected (non-finite or unfactorable) updates so far."""
-        state = self.state.get(self.anchor, {})
-        return int(state["skipped"]) if "skipped" in state else 0
-
-    @property
     def has_pending_observation(self) -> bool:
         return self._pending is not None
 
@@ -725,6 +717,7 @@ class LoKO(LoRAOptimizer):
                     "observation='loss' needs the scalar (mean) loss: call observe(loss) with a 0-dim tensor"
                 )
             self._pending = _Pending(params=params, loss=loss.detach().reshape(()).to(self._dtype), num_samples=1)
+            self._loss_consumed = False
             return
         if targets is None:
             raise ValueError(
@@ -939,7 +932,7 @@ class LoKO(LoRAOptimizer):
                 if bool(bad.any()):
                     i = int(bad.nonzero()[0, 0])
                     raise ValueError(
-                        f"soft targets must be probabilities (finite, >= 0, each row summing to 1); sample {i} has "
+                        f"soft targets must be probabilities that sum to 1 per sample (finite, >= 0); sample {i} has "
                         f"sum {float(sums[i]):.6g} and min {float(y[i].min()):.6g}: normalise them (e.g. "
                         "targets / targets.sum(-1, keepdim=True)) or pass integer class indices"
                     )
@@ -1003,14 +996,9 @@ class LoKO(LoRAOptimizer):
         pending, self._pending = self._pending, None
         s = self._settings()
         filtered = self._filtered()
+        if not self._check_step_lrs():  # a NaN/inf scheduler lr: a counted, warned skip; a negative one raises
+            return result
         active = [(g, p) for g, p in filtered if _lr_value(g["lr"]) != 0.0]
-        for g, _ in active:
-            lr = _lr_value(g["lr"])
-            if not math.isfinite(lr) or lr < 0:
-                raise ValueError(
-                    f"lr must be a finite number >= 0, got {g['lr']!r} in parameter group {self.param_groups.index(g)} "
-                    "(a learning-rate scheduler may have set it)"
-                )
         fresh = [p for g in self.param_groups for p in g["params"] if "p" not in self.state.get(p, {})]
         self._init_state()
         if not active:
@@ -1120,6 +1108,12 @@ class LoKO(LoRAOptimizer):
     def _step_loss(self, pending: Optional[_Pending], filtered, active, s: _Settings) -> None:
         has_grad = any(p.grad is not None for _, p in active)
         if pending is None:
+            if has_grad and self._loss_consumed:
+                raise ValueError(
+                    "step() was called again without a new observe(loss) and loss.backward(): the previous step "
+                    "already used that loss and .grad. Call optimizer.zero_grad() after step(), and observe(loss) "
+                    "plus loss.backward() before the next one"
+                )
             if has_grad:
                 raise ValueError(
                     "LoKO (observation='loss') needs the loss value as well as .grad: call optimizer.observe(loss) "
@@ -1133,6 +1127,7 @@ class LoKO(LoRAOptimizer):
         g = _flatten(grads, self._dtype)
         # For the scalar observation the "innovation" slot carries the loss value L (the innovation is -L).
         self._update(active, active, g.unsqueeze(0), loss.reshape(1, 1), s, scalar_loss=True)
+        self._loss_consumed = True
 
     def _update(
         self, active, filtered, H: Tensor, e: Tensor, s: _Settings, *, scalar_loss: bool = False,
@@ -1187,7 +1182,8 @@ class LoKO(LoRAOptimizer):
         torch._foreach_add_([st["step"] for st in states], 1.0)
         R.copy_(res.R)
         anchor_state["skipped"] += res.info.skipped.to(torch.int64)
-        self._note_skipped(res.info.skipped)
+        # Counted (no host sync on a GPU) and warned about, rate-limited, by the shared counter.
+        self._record_skipped(res.info.skipped, "non-finite innovation, covariance or step, or S not factorable")
 
     def _exact_residual(
         self, params: List[Tensor], forward: Callable[[int], Tensor], targets: Tensor, samples: List[int], s: _Settings
@@ -1206,37 +1202,6 @@ class LoKO(LoRAOptimizer):
             return torch.cat(rows)
 
         return residual
-
-    def _note_skipped(self, skipped: Tensor) -> None:
-        """Count a rejected update on the host and warn, rate-limited (at the 1st, 10th, 100th, ... skip), without
-        stalling ``step()``: on CUDA the flag is copied to pinned memory and read at a later step once its copy has
-        landed (reading it now would wait for the device). The exact count is ``skipped_steps``."""
-        if skipped.device.type != "cuda":
-            if bool(skipped):
-                self._count_skip()
-            return
-        while self._skip_flags and self._skip_flags[0][1].query():
-            if bool(self._skip_flags.pop(0)[0]):
-                self._count_skip()
-        pinned = torch.empty((), dtype=torch.bool, pin_memory=True)
-        pinned.copy_(skipped, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self._skip_flags.append((pinned, event))
-
-    def _count_skip(self) -> None:
-        self._host_skipped += 1
-        if self._host_skipped < self._next_skip_warning:
-            return
-        self._next_skip_warning *= 10
-        warnings.warn(
-            f"LoKO skipped an update ({self._host_skipped} so far): non-finite innovation, covariance or step, or S "
-            "not factorable after the jitter retries; parameters, p and R were left unchanged. Check the "
-            "inputs/targets, or raise r0, r_min or jitter. `optimizer.skipped_steps` counts every skipped update "
-            f"(this warning repeats at {self._next_skip_warning} skips).",
-            RuntimeWarning,
-            stacklevel=4,
-        )
 
     def _score_scale(self, pvec: Tensor, H: Tensor, params: List[Tensor], fresh: set, s: _Settings) -> Tensor:
         """Rescale the fresh coordinates of ``pvec`` by ``c`` so that ``mean_k (H diag(p) H^T)_kk = 0.1 r0``."""
@@ -1412,6 +1377,12 @@ def create_loko_optimizer(
         raise ValueError(
             "no LoRA parameter found (names with .lora_A./.lora_B.): wrap the model with peft.get_peft_model, or "
             "build LoKO(model.named_parameters(), num_outputs=...) directly to filter arbitrary parameters"
+        )
+    empty = [n for n, p in lora if p.numel() == 0]
+    if empty:
+        raise ValueError(
+            f"LoRA parameter {empty[0]!r} is empty (rank 0): the adapter has nothing to train. Give it a rank r >= 1 "
+            "(LoraConfig(r=...), rank_pattern) or leave the module out of target_modules"
         )
     groups = [{"params": lora, "name": "lora", "lr": lr}]
     if other:
