@@ -18,10 +18,12 @@ __version__ = "0.1.0"
 # Public names resolved on first use, so `import loraopt` does not import transformers/peft eagerly.
 _LAZY = {
     "PSILoRA": "loraopt.optim.psi",
+    "ProjPSILoRA": "loraopt.optim.psi",
     "ScaledPSILoRA": "loraopt.optim.psi",
     "SVDLoRA": "loraopt.optim.svdlora",
     "LoKO": "loraopt.optim.loko",
     "create_psi_lora_optimizer": "loraopt.optim.psi",
+    "create_proj_psi_lora_optimizer": "loraopt.optim.psi",
     "create_scaled_psi_lora_optimizer": "loraopt.optim.psi",
     "create_svdlora_optimizer": "loraopt.optim.svdlora",
     "create_loko_optimizer": "loraopt.optim.loko",

@@ -79,9 +79,14 @@ METHODS: Dict[str, MethodSpec] = {
         MethodSpec("adamw", "adamw", "AdamW", ADAMW_LRS),
         MethodSpec("lora-plus", "lora-plus", "LoRA+", (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)),
         MethodSpec("riemannian-adamw", "riemannian-adamw", "Riemannian AdamW", ADAMW_LRS),
-        MethodSpec("psi-lora", "psi-lora", "PSI-LoRA", (3e-3, 1e-2, 3e-2, 1e-1, 3e-1), {"momentum": 0.9}),
+        MethodSpec("psi-lora", "psi-lora", "PSI-LoRA", (3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
+                   {"momentum": 0.9, "max_grad_norm": 1.0, "other_optimizer": "adam", "other_lr": 1e-3}),
+        MethodSpec("proj-psi-lora", "proj-psi-lora", "Proj. PSI-LoRA", (3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
+                   {"momentum": 0.9, "max_grad_norm": 1.0, "other_optimizer": "adam", "other_lr": 1e-3}),
         MethodSpec("scaled-psi-lora", "scaled-psi-lora", "Scaled PSI-LoRA", (0.02, 0.06, 0.2, 0.6, 2.0),
                    {"other_lr": 1e-3}),
+        MethodSpec("scaled-psi-lora-relprox", "scaled-psi-lora", "Scaled PSI-LoRA (relative momentum prox)",
+                   (0.06, 0.2, 0.6, 2.0), {"other_lr": 1e-3, "momentum_prox": 1e-2}),
         MethodSpec("loko", "loko", "LoKO", (0.01, 0.03, 0.1, 0.3, 1.0)),
     )
 }

@@ -77,7 +77,7 @@ def spd_solve(gram: Tensor, rhs: Tensor, *, jitter: float) -> Tuple[Tensor, Tens
     """
     n = gram.shape[-1]
     eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
-    system = gram + jitter * eye if jitter else gram
+    system = gram + jitter * eye if _nonzero(jitter) else gram
     chol, info = torch.linalg.cholesky_ex(system)
     x_chol = torch.cholesky_solve(rhs, chol)
     scale = system.diagonal(dim1=-2, dim2=-1).abs().mean(-1)[..., None, None]
@@ -88,6 +88,12 @@ def spd_solve(gram: Tensor, rhs: Tensor, *, jitter: float) -> Tuple[Tensor, Tens
     failed = info != 0  # one flag per system of a batch
     x_fallback = torch.where((info2 != 0)[..., None, None], x_lu, x_escalated)
     return torch.where(failed[..., None, None], x_fallback, x_chol), failed.to(torch.int64)
+
+
+def _nonzero(x: Coef) -> bool:
+    """Whether a coefficient may be nonzero: a host number is tested, a tensor (one value per layer, shaped to
+    broadcast over the batch, e.g. ``(L, 1, 1)``) is assumed so (testing it would synchronise)."""
+    return torch.is_tensor(x) or bool(x)
 
 
 def _split(term: Term) -> Tuple[Coef, Tensor, Optional[Tensor], bool]:
@@ -133,7 +139,7 @@ def _a_half_step(c0, B0, A0, B, BtDelta, lam, p_in_inv, p_out, jitter):
     rhs = BtDelta if p_in_inv is None else BtDelta * p_in_inv.unsqueeze(-2)
     rhs = rhs + (BtP @ B0 @ A0) * c0
     lam = lam + jitter  # the jitter acts as extra proximal weight, so it never biases A away from the anchor
-    if lam:
+    if _nonzero(lam):
         rhs = rhs + lam * A0
     return spd_solve(BtP @ B, rhs, jitter=lam)
 
@@ -144,7 +150,7 @@ def _b_half_step(c0, B0, A0, A, DeltaAt, lam, p_in, p_out_inv, jitter):
     rhs = DeltaAt if p_out_inv is None else DeltaAt * p_out_inv.unsqueeze(-1)
     rhs = rhs + (B0 @ (A0 @ AP.mT)) * c0
     lam = lam + jitter
-    if lam:
+    if _nonzero(lam):
         rhs = rhs + lam * B0
     # B G = rhs with G symmetric  <=>  G B^T = rhs^T
     Bt, failed = spd_solve(AP @ A.mT, rhs.mT, jitter=lam)

@@ -68,6 +68,7 @@ class PSIConfig(NamedTuple):
     iters: int = 1  # K; 0 is the Jacobi round
     jitter: float = 1e-6
     momentum_balance: str = "svd"  # "svd", "norm" or "none"
+    momentum_prox: float = 1e-2  # relative proximal weight of the momentum LoRSum, used when lam_momentum is None
     reference_compat: bool = False
 
 
@@ -182,7 +183,7 @@ def psi_step(
     grad_coef: Coef,
     momentum_coef: float,
     lam: float,
-    lam_momentum: float,
+    lam_momentum: Optional[float],
     anchor_coef: float = 1.0,
     momentum: Optional[Tuple[Tensor, ...]] = None,
     metric: Optional[MetricInput] = None,
@@ -197,6 +198,8 @@ def psi_step(
         lr: the step on Delta W.  ``grad_coef``: ``(1 - d) c`` or ``(1 - beta1) c`` (a host number or a 0-dim
             tensor: the clip factor is computed on the device).  ``momentum_coef``: mu or beta1.
         lam, lam_momentum: proximal weights of the weights' and the momentum's LoRSum (lr already applied).
+            ``lam_momentum=None``: relative to the momentum's own scale, ``config.momentum_prox`` times the mean
+            eigenvalue of its anchor's Gram matrix (see :func:`_relative_momentum_lam`).
         anchor_coef: ``1 - lr * weight_decay``.
         momentum: ``(M_B, M_A)`` for ``"psi"``; ``(buf_A, buf_B, prev_A, prev_B)`` for ``"proj"``; ``None``
             when the variant runs without momentum.
@@ -267,6 +270,8 @@ def _psi(A, B, grad, *, lr, g, m, lam, lam_m, c0, momentum, p_in, p_out, config,
         new_A, new_B, fallbacks = res.A, res.B, res.fallbacks
     if not uses_m or reference_noop:
         return new_A, new_B, (None if momentum is None else tuple(momentum)), fallbacks
+    if lam_m is None:
+        lam_m = _relative_momentum_lam(M_A, m, config.momentum_prox)
     if grad.projected:
         r = A.shape[-2]
         mres = lorsum_from_projections((m, M_B, M_A), grad.left[..., r:, :] * g, grad.right[..., r:] * g,
@@ -276,6 +281,18 @@ def _psi(A, B, grad, *, lr, g, m, lam, lam_m, c0, momentum, p_in, p_out, config,
                       compute_dtype=A.dtype)
     new_MB, new_MA = _BALANCE[config.momentum_balance](mres.B, mres.A)
     return new_A, new_B, (new_MB, new_MA), fallbacks + mres.fallbacks
+
+
+def _relative_momentum_lam(M_A: Tensor, m: float, rho: float) -> Tensor:
+    """``rho`` times the mean eigenvalue of the momentum anchor's Gram matrix ``m M_A M_A^T``, per layer ``(L, 1, 1)``.
+
+    The momentum target ``m M + g G`` does not depend on the learning rate, so neither should its proximal weight.
+    A weight proportional to lr (the reference) dominates ``M_A M_A^T`` at large lr: each update can then only
+    shrink the momentum (by ``m`` per step) and it dies; at small lr it leaves ill-conditioned solves unregularised.
+    Relative to the anchor's own scale the projection is scale-free (in balanced SVD form ``M_A M_A^T = S``, so
+    this is ``rho m mean(S)``)."""
+    r_m = M_A.shape[-2]
+    return (M_A.square().sum(dim=(-2, -1), keepdim=True) * (rho * m / r_m))
 
 
 def _proj(A, B, grad, *, lr, g, m, lam, c0, momentum, config, reference_noop, all_reduce):

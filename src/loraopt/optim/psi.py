@@ -36,6 +36,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..functional.elementwise import adam_, sgd_momentum_
 from ..functional.metrics import stack_or_scalar
 from ..functional.psi import Gradient, MetricInput, PSIConfig, psi_step
 from ..lora.capture import GradientCapture, LayerObservation
@@ -163,11 +164,25 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
     def _init_metric_state(self, layer: LoRALayer) -> None:
         pass
 
-    def _update_other(self, group: Dict[str, Any], param: Tensor, grad: Tensor) -> None:
-        raise NotImplementedError
-
     def _init_other_state(self, group: Dict[str, Any], param: Tensor) -> None:
-        raise NotImplementedError
+        state = self.state[param]
+        if group["other_optimizer"] == "adam":
+            state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32)
+        elif group.get("momentum", 0.0) > 0:
+            state["momentum_buffer"] = torch.zeros_like(param, dtype=torch.float32)
+
+    def _update_other(self, group: Dict[str, Any], param: Tensor, grad: Tensor) -> None:
+        """The rule for parameters that are not LoRA factors: Adam(W) or SGD with the group's momentum."""
+        state = self.state[param]
+        state["step"] += 1
+        step = float(state["step"])  # a CPU tensor, as in torch.optim: no device sync
+        if group["other_optimizer"] == "adam":
+            adam_(param, grad, state["exp_avg"], state["exp_avg_sq"], lr=group["lr"], betas=group["adam_betas"],
+                  eps=group["adam_eps"], weight_decay=group["weight_decay"], step=step)
+        else:
+            sgd_momentum_(param, grad, state.get("momentum_buffer"), lr=group["lr"], momentum=group["momentum"],
+                          dampening=group["dampening"], weight_decay=group["weight_decay"], first_step=step == 1)
 
     # ------------------------------------------------------------------------------------------- public API
 
@@ -519,11 +534,13 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
         metric = self._metric_input(group, layers, reds)
         config = PSIConfig(
             variant=self._variant, iters=group["inner_iters"], jitter=group["jitter"],
-            momentum_balance=group.get("momentum_balance", "svd"), reference_compat=group.get("reference_compat", False),
+            momentum_balance=group.get("momentum_balance", "svd"),
+            momentum_prox=group.get("momentum_prox") or 0.0, reference_compat=group.get("reference_compat", False),
         )
         result = psi_step(
             A_raw * root, B_raw * root, grad, lr=lr, grad_coef=g_coef, momentum_coef=m_coef, lam=self._lam(group),
-            lam_momentum=lr * group["lmbd_momentum"], anchor_coef=1.0 - lr * group["weight_decay"],
+            lam_momentum=None if group.get("momentum_prox") is not None else lr * group["lmbd_momentum"],
+            anchor_coef=1.0 - lr * group["weight_decay"],
             momentum=momentum, metric=metric, config=config,
             all_reduce=self._dist.mean if self._dist.active else None,
         )
@@ -598,6 +615,8 @@ class PSILoRA(_ProjectedSubspaceOptimizer):
 """
         + _ARGS_DOC
         + """        momentum, dampening: heavy-ball coefficients (torch.optim.SGD convention).
+        other_optimizer: the rule for parameters that are not LoRA factors: ``"sgd"`` (SGD with this group's
+            momentum, the reference) or ``"adam"`` (AdamW with ``adam_betas``, ``adam_eps``).
     """
     )
 
@@ -619,6 +638,10 @@ class PSILoRA(_ProjectedSubspaceOptimizer):
         max_grad_norm: float = 0.0,
         jitter: float = 1e-6,
         momentum_balance: str = "svd",
+        momentum_prox: Optional[float] = None,
+        other_optimizer: str = "sgd",
+        adam_betas: Tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
         reference_compat: bool = False,
         capture: str = "auto",
         row_budget: Optional[int] = 1 << 20,
@@ -640,10 +663,17 @@ class PSILoRA(_ProjectedSubspaceOptimizer):
         check_nonnegative("max_grad_norm", max_grad_norm)
         check_nonnegative("jitter", jitter)
         _check_balance(momentum_balance)
+        if momentum_prox is not None:
+            check_nonnegative("momentum_prox", momentum_prox)
+        if other_optimizer not in ("sgd", "adam"):
+            raise ValueError(f"other_optimizer must be 'sgd' or 'adam', got {other_optimizer!r}")
+        _check_adam(adam_betas, adam_eps)
         defaults = dict(
             lr=lr, inner_iters=inner_iters, lmbd=lmbd, lmbd_momentum=lmbd_momentum, momentum=momentum,
             dampening=dampening, rank_mult=rank_mult, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-            jitter=jitter, momentum_balance=momentum_balance, reference_compat=reference_compat,
+            jitter=jitter, momentum_balance=momentum_balance, momentum_prox=momentum_prox,
+            other_optimizer=other_optimizer, adam_betas=tuple(adam_betas), adam_eps=adam_eps,
+            reference_compat=reference_compat,
         )
         super().__init__(
             params, model, defaults, capture=capture, row_budget=row_budget, seed=seed, strict=strict,
@@ -652,26 +682,6 @@ class PSILoRA(_ProjectedSubspaceOptimizer):
 
     def _coefficients(self, group):
         return 1.0 - group["dampening"], group["momentum"]
-
-    def _init_other_state(self, group, param):
-        if group["momentum"] > 0:
-            self.state[param]["momentum_buffer"] = torch.zeros_like(param, dtype=torch.float32)
-
-    def _update_other(self, group, param, grad):
-        state = self.state[param]
-        lr, mu = group["lr"], group["momentum"]
-        grad = grad.float()
-        if group["weight_decay"]:
-            param.mul_(1.0 - lr * group["weight_decay"])
-        if mu > 0:
-            buf = state["momentum_buffer"]
-            if state["step"] == 0:
-                buf.copy_(grad)  # torch.optim.SGD convention: the first buffer is the gradient itself
-            else:
-                buf.mul_(mu).add_(grad, alpha=1.0 - group["dampening"])
-            grad = buf
-        param.add_(grad.to(param.dtype), alpha=-lr)
-        state["step"] += 1
 
 
 class ProjPSILoRA(PSILoRA):
@@ -743,6 +753,7 @@ class ScaledPSILoRA(_ProjectedSubspaceOptimizer):
         bias_correction: bool = False,
         jitter: float = 1e-6,
         momentum_balance: str = "svd",
+        momentum_prox: Optional[float] = None,
         reference_compat: bool = False,
         capture: str = "auto",
         row_budget: Optional[int] = 1 << 20,
@@ -770,16 +781,17 @@ class ScaledPSILoRA(_ProjectedSubspaceOptimizer):
         check_positive("rank_mult", rank_mult)
         check_nonnegative("weight_decay", weight_decay)
         check_nonnegative("max_grad_norm", max_grad_norm)
-        check_range("adam_betas[0]", adam_betas[0], 0.0, 1.0)
-        check_range("adam_betas[1]", adam_betas[1], 0.0, 1.0)
-        check_positive("adam_eps", adam_eps)
+        _check_adam(adam_betas, adam_eps)
         check_nonnegative("jitter", jitter)
         _check_balance(momentum_balance)
+        if momentum_prox is not None:
+            check_nonnegative("momentum_prox", momentum_prox)
         defaults = dict(
             lr=lr, inner_iters=inner_iters, lmbd=lmbd, lmbd_momentum=lmbd_momentum, betas=tuple(betas),
             damping=damping, power=power, metric=metric, loss_reduction=loss_reduction, rank_mult=rank_mult,
             weight_decay=weight_decay, max_grad_norm=max_grad_norm, adam_betas=tuple(adam_betas), adam_eps=adam_eps,
-            bias_correction=bool(bias_correction), jitter=jitter, momentum_balance=momentum_balance, reference_compat=reference_compat,
+            bias_correction=bool(bias_correction), jitter=jitter, other_optimizer="adam", momentum_balance=momentum_balance, momentum_prox=momentum_prox,
+            reference_compat=reference_compat,
         )
         self._loss_reduction = loss_reduction
         super().__init__(
@@ -820,27 +832,6 @@ class ScaledPSILoRA(_ProjectedSubspaceOptimizer):
         step = float(self.state[layers[0].A]["step"]) + 1.0
         return MetricInput(v_in, v_out, stat_in, stat_out, beta2=beta2, damping=group["damping"],
                            power=group["power"], step=step, bias_correction=group.get("bias_correction", False))
-
-    def _init_other_state(self, group, param):
-        self.state[param]["exp_avg"] = torch.zeros_like(param, dtype=torch.float32)
-        self.state[param]["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32)
-
-    def _update_other(self, group, param, grad):
-        state = self.state[param]
-        beta1, beta2 = group["adam_betas"]
-        lr = group["lr"]
-        state["step"] += 1
-        step = float(state["step"])  # a CPU tensor, as in torch.optim.Adam: no device sync
-        grad = grad.float()
-        state["exp_avg"].lerp_(grad, 1.0 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-        if group["weight_decay"]:
-            param.mul_(1.0 - lr * group["weight_decay"])
-        bias1 = 1.0 - beta1**step
-        bias2 = 1.0 - beta2**step
-        denom = (state["exp_avg_sq"] / bias2).sqrt_().add_(group["adam_eps"])
-        update = state["exp_avg"] / denom * (lr / bias1)
-        param.sub_(update.to(param.dtype))
 
 
 # ------------------------------------------------------------------------------------------------- factories
@@ -938,3 +929,11 @@ create_scaled_psi_lora_optimizer.forwards_to = ScaledPSILoRA  # type: ignore[att
 def _check_balance(value: str) -> None:
     if value not in ("svd", "norm", "none"):
         raise ValueError(f"momentum_balance must be 'svd', 'norm' or 'none', got {value!r}")
+
+
+def _check_adam(betas, eps) -> None:
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"adam_betas must be a pair (beta1, beta2), got {betas!r}")
+    check_range("adam_betas[0]", betas[0], 0.0, 1.0)
+    check_range("adam_betas[1]", betas[1], 0.0, 1.0)
+    check_positive("adam_eps", eps)

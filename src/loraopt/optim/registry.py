@@ -25,6 +25,7 @@ _FACTORY_PATHS: Dict[str, str] = {
     "riemannian-sgd": "loraopt.optim.baselines:create_riemannian_sgd_optimizer",
     "riemannian-adamw": "loraopt.optim.baselines:create_riemannian_adamw_optimizer",
     "psi-lora": "loraopt.optim.psi:create_psi_lora_optimizer",
+    "proj-psi-lora": "loraopt.optim.psi:create_proj_psi_lora_optimizer",
     "scaled-psi-lora": "loraopt.optim.psi:create_scaled_psi_lora_optimizer",
     "svdlora": "loraopt.optim.svdlora:create_svdlora_optimizer",
     "loko": "loraopt.optim.loko:create_loko_optimizer",
