@@ -87,6 +87,12 @@ METHODS: Dict[str, MethodSpec] = {
                    {"other_lr": 1e-3}),
         MethodSpec("scaled-psi-lora-relprox", "scaled-psi-lora", "Scaled PSI-LoRA (relative momentum prox)",
                    (0.06, 0.2, 0.6, 2.0), {"other_lr": 1e-3, "momentum_prox": 1e-2}),
+        MethodSpec("scaled-psi-lora-rel", "scaled-psi-lora", "Scaled PSI-LoRA (relative metric)",
+                   (0.1, 0.3, 1.0, 3.0), {"other_lr": 1e-3, "metric_scale": "relative", "bias_correction": True,
+                                          "damping": 1e-2, "momentum_prox": 1e-2}),
+        MethodSpec("scaled-psi-lora-rel-lrprox", "scaled-psi-lora", "Scaled PSI-LoRA (relative metric, lr prox)",
+                   (0.3, 1.0), {"other_lr": 1e-3, "metric_scale": "relative", "bias_correction": True,
+                                "damping": 1e-2}),
         MethodSpec("loko", "loko", "LoKO", (0.01, 0.03, 0.1, 0.3, 1.0)),
     )
 }

@@ -50,6 +50,7 @@ def metric_step(
     power: float,
     step: Scalar = 1,
     bias_correction: bool = False,
+    relative: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """One metric update: ``(new v_in, new v_out, P_in, P_out)``; shapes ``(..., d_in)``, ``(..., d_out)``.
 
@@ -57,6 +58,13 @@ def metric_step(
     update; a host number or a broadcastable tensor): the unit start is removed exactly, so the metric is the
     average of the statistics seen so far instead of being pulled towards one for the first ~1/(1 - beta2) steps.
     The stored EMA is the same either way.
+
+    With ``relative=True`` the metric keeps its shape and drops its scale: the damping is relative to the mean
+    of ``v`` (``(v + damping mean(v))^power``) and each preconditioner is divided by its mean, so ``P`` has mean 1
+    per layer.  The absolute metric multiplies the step by ``1 / (scale(P_in) scale(P_out))``, and that scale
+    follows the loss's: on MiniLM / SST-2 ``v_out`` decays from its unit start towards ~0 and ``P_out`` towards
+    ``sqrt(damping)``, a 300-fold rise of the effective step over the first ~500 steps (``benchmarks/notes/psi.md``).
+    Relative, the learning rate alone sets the step size and the metric only redistributes it across coordinates.
     """
     new_in, new_out = metric_ema(v_in, stat_in, beta2), metric_ema(v_out, stat_out, beta2)
     used_in, used_out = new_in, new_out
@@ -64,7 +72,17 @@ def metric_step(
         used_in, used_out = debias(new_in, beta2, step), debias(new_out, beta2, step)
         # Statistics are non-negative; a rounding error must not make the damped base negative.
         used_in, used_out = used_in.clamp_min(0.0), used_out.clamp_min(0.0)
-    return new_in, new_out, metric_preconditioner(used_in, damping, power), metric_preconditioner(used_out, damping, power)
+    if not relative:
+        return new_in, new_out, metric_preconditioner(used_in, damping, power), metric_preconditioner(used_out, damping, power)
+    return new_in, new_out, _relative(used_in, damping, power), _relative(used_out, damping, power)
+
+
+def _relative(v: Tensor, damping: float, power: float) -> Tensor:
+    """``(v + damping mean(v))^power`` divided by its mean, per row; a zero ``v`` gives the identity."""
+    mean = v.mean(-1, keepdim=True)
+    tiny = torch.finfo(v.dtype).tiny
+    p = (v + damping * mean + tiny).pow(power)
+    return p / p.mean(-1, keepdim=True)
 
 
 def stack_or_scalar(values, device) -> Union[float, Tensor]:

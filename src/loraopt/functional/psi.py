@@ -100,6 +100,7 @@ class MetricInput(NamedTuple):
     power: float
     step: Coef = 1  # index of this update (bias correction only)
     bias_correction: bool = False
+    relative: bool = False  # scale-free metric: relative damping, unit mean (functional.metrics.metric_step)
 
 
 class PSIStepResult(NamedTuple):
@@ -217,7 +218,7 @@ def psi_step(
     if metric is not None:
         v_in, v_out, p_in, p_out = metric_step(
             metric.v_in, metric.v_out, metric.stat_in, metric.stat_out, beta2=metric.beta2, damping=metric.damping,
-            power=metric.power, step=metric.step, bias_correction=metric.bias_correction,
+            power=metric.power, step=metric.step, bias_correction=metric.bias_correction, relative=metric.relative,
         )
         new_metric = (v_in, v_out)
     if config.variant == "psi":

@@ -725,6 +725,9 @@ class ScaledPSILoRA(_ProjectedSubspaceOptimizer):
         loss_reduction: ``"mean"`` or ``"sum"``: how the loss reduces over rows (undoes 1/N inside S for the metric).
         adam_betas, adam_eps: Adam for the other parameters.
         bias_correction: use the metric EMA with its unit start removed (``(v - beta2^t) / (1 - beta2^t)``).
+        metric_scale: ``"absolute"`` (the paper: ``P = (v + damping)^power``) or ``"relative"`` (damping relative
+            to mean(v) and ``P`` normalised to mean 1 per layer: the metric redistributes the step, the lr sets its
+            size, whatever the loss's scale).
     """
     )
 
@@ -751,6 +754,7 @@ class ScaledPSILoRA(_ProjectedSubspaceOptimizer):
         adam_betas: Tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
         bias_correction: bool = False,
+        metric_scale: str = "absolute",
         jitter: float = 1e-6,
         momentum_balance: str = "svd",
         momentum_prox: Optional[float] = None,
@@ -776,6 +780,8 @@ class ScaledPSILoRA(_ProjectedSubspaceOptimizer):
         check_range("power", power, 0.0, 1.0, high_inclusive=True)
         if metric not in ("kfac", "shampoo"):
             raise ValueError(f"metric must be 'kfac' or 'shampoo', got {metric!r}")
+        if metric_scale not in ("absolute", "relative"):
+            raise ValueError(f"metric_scale must be 'absolute' or 'relative', got {metric_scale!r}")
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         check_positive("rank_mult", rank_mult)
@@ -790,7 +796,7 @@ class ScaledPSILoRA(_ProjectedSubspaceOptimizer):
             lr=lr, inner_iters=inner_iters, lmbd=lmbd, lmbd_momentum=lmbd_momentum, betas=tuple(betas),
             damping=damping, power=power, metric=metric, loss_reduction=loss_reduction, rank_mult=rank_mult,
             weight_decay=weight_decay, max_grad_norm=max_grad_norm, adam_betas=tuple(adam_betas), adam_eps=adam_eps,
-            bias_correction=bool(bias_correction), jitter=jitter, other_optimizer="adam", momentum_balance=momentum_balance, momentum_prox=momentum_prox,
+            bias_correction=bool(bias_correction), metric_scale=metric_scale, jitter=jitter, other_optimizer="adam", momentum_balance=momentum_balance, momentum_prox=momentum_prox,
             reference_compat=reference_compat,
         )
         self._loss_reduction = loss_reduction
@@ -831,7 +837,8 @@ class ScaledPSILoRA(_ProjectedSubspaceOptimizer):
         # The step counter is a CPU tensor: its value is a host number (no device sync).
         step = float(self.state[layers[0].A]["step"]) + 1.0
         return MetricInput(v_in, v_out, stat_in, stat_out, beta2=beta2, damping=group["damping"],
-                           power=group["power"], step=step, bias_correction=group.get("bias_correction", False))
+                           power=group["power"], step=step, bias_correction=group.get("bias_correction", False),
+                           relative=group.get("metric_scale", "absolute") == "relative")
 
 
 # ------------------------------------------------------------------------------------------------- factories
