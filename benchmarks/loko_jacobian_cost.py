@@ -73,18 +73,18 @@ def _bundle(args, name: str) -> Optional[Path]:
     return path if (path / "bundle.json").is_file() else None
 
 
-def _effnet(args, batch: int, device: torch.device):
+def _effnet(args, batch: int, device: torch.device, image_size: int = 32):
     from loraopt.bench import assets
 
     bundle = _bundle(args, assets.EFFNET_BUNDLE)
     if bundle is not None:
-        spec = assets.load_gpu_bundle(bundle, num_labels=10, image_size=32, seed=0)
+        spec = assets.load_gpu_bundle(bundle, num_labels=10, image_size=image_size, seed=0)
     else:
-        spec = assets.load_effnet_lite0(10, image_size=32, seed=0)
+        spec = assets.load_effnet_lite0(10, image_size=image_size, seed=0)
     torch.manual_seed(0)
     model = spec.peft_model(r=8, lora_alpha=16, lora_dropout=0.0).to(device).eval()
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 3, 32, 32, generator=g).to(device)
+    x = torch.randn(batch, 3, image_size, image_size, generator=g).to(device)
     y = torch.randint(0, 10, (batch,), generator=g).to(device)
     return model, x, y, 10, {"source": str(bundle or "installed package")}
 
@@ -178,7 +178,7 @@ def configs(args) -> List[Config]:
         ]
     else:
         out = [
-            Config(id="effnet-b32", batch=32, build=lambda a, d: _effnet(a, 32, d)),
+            Config(id="effnet-b32", batch=32, build=lambda a, d: _effnet(a, 32, d, 64)),
             Config(id="minilm-b32", batch=32, build=lambda a, d: _minilm(a, 32, 64, False, d)),
             Config(id="minilm-b32-padded", batch=32, build=lambda a, d: _minilm(a, 32, 64, True, d)),
             Config(id="cls-b1", batch=1, build=lambda a, d: _cls(a, 1, 512, d)),
