@@ -560,6 +560,33 @@ def load_previous(paths: Sequence[str], methods: Sequence[MethodSpec]) -> Dict[T
     return kept
 
 
+def merge_results(suite: SuiteSpec, paths: Sequence[str]) -> Dict[str, Any]:
+    """One results payload from the runs of several ``results.json`` files of ``suite`` (a sweep spread over
+    several jobs): every successful (method, lr, seed) record is kept (the later file wins a duplicate), grouped
+    by the suite's methods with their grids extended to every lr that ran."""
+    payloads = [json.loads(Path(path).read_text()) for path in paths]
+    ran: Dict[str, set] = {}
+    for payload in payloads:
+        for key, m in payload["methods"].items():
+            ran.setdefault(key, set()).update(entry["lr"] for entry in m["lrs"].values())
+    methods = [replace(m, lrs=tuple(sorted(set(m.lrs) | ran.get(m.key, set())))) for m in suite.methods]
+    records = load_previous(list(paths), methods)
+    last = payloads[-1]
+    merged = {k: v for k, v in last.items() if k not in ("methods", "command", "runs_done", "skipped_runs",
+                                                              "sweep_wall_seconds", "resumed_from")}
+    merged["commands"] = [p["command"] for p in payloads]
+    merged["sweep_wall_seconds"] = sum(p.get("sweep_wall_seconds") or 0 for p in payloads)
+    merged["merged_from"] = [str(p) for p in paths]
+    merged["notes"] = sorted({n for p in payloads for n in p.get("notes", [])})
+    merged["runs_done"] = len(records)
+    merged["skipped_runs"] = []
+    merged["methods"] = aggregate(suite, [m for m in methods if m.key in ran], records)
+    for key, m in merged["methods"].items():
+        m["timing"] = next((p["methods"][key].get("timing") for p in payloads if p["methods"].get(key, {}).get("timing")),
+                           None)
+    return merged
+
+
 def _parse_lr_overrides(items: Sequence[str]) -> Dict[str, Tuple[float, ...]]:
     overrides = {}
     for item in items:
@@ -611,6 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "their runs with the same method settings are kept and not run again")
     parser.add_argument("--method-seeds", nargs="+", default=[], metavar="METHOD=S,S",
                         help="run a method on these seeds only, e.g. loko=0")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="RESULTS_JSON",
+                        help="combine the runs of several results.json files of this suite into --out (no runs)")
     parser.add_argument("--render", default=None, help="only redraw the plot and tables from this results.json")
     parser.add_argument("--timing-steps", type=int, default=0, help="before the sweep, time each method alone for "
                         "N steps (clean seconds per step for the wall-clock comparison)")
@@ -662,10 +691,13 @@ def render(payload: Mapping[str, Any], out: Path) -> str:
     timings = {k: m.get("timing") or {} for k, m in methods.items()}
     plot_suite(suite, methods, payload["metric"], out / f"{suite.name}.png", timings)
     tables = summary_tables(suite, methods, timings, payload["metric"])
-    header = (f"Device: {payload['device']}; {payload['workers']} worker process(es). Command: "
-              f"`{payload['command']}`. Sweep wall time {payload['sweep_wall_seconds']:.0f} s; "
-              f"{payload['runs_done']} runs" + (f", {len(payload['skipped_runs'])} not run (time budget)"
-                                                  if payload["skipped_runs"] else "") + ".\n\n")
+    commands = payload.get("commands") or [payload["command"]]
+    shown = "; ".join(f"`{c}`" for c in commands)
+    header = (f"Device: {payload['device']}; {payload['workers']} worker process(es). "
+              f"Command{'s (runs merged with --merge)' if len(commands) > 1 else ''}: {shown}. "
+              f"Sweep wall time {payload['sweep_wall_seconds']:.0f} s; {payload['runs_done']} runs"
+              + (f", {len(payload['skipped_runs'])} not run (time budget)" if payload.get("skipped_runs") else "")
+              + ".\n\n")
     (out / "summary.md").write_text(header + tables)
     return tables
 
@@ -676,6 +708,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.render:
         payload = json.loads(Path(args.render).read_text())
         out = Path(args.out) if args.out else Path(args.render).parent
+        print(render(payload, out))
+        return 0
+    if args.merge:
+        if not args.out:
+            print("loraopt bench quality: error: --merge needs --out", file=sys.stderr)
+            return 2
+        payload = merge_results(suite, args.merge)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
         print(render(payload, out))
         return 0
     try:
