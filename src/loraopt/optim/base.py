@@ -25,6 +25,10 @@ __all__ = [
     "check_group_hyperparameters",
     "named_trainable_parameters",
     "DistributedContext",
+    "is_dtensor",
+    "full_tensor",
+    "write_full_",
+    "all_ranks_true",
 ]
 
 
@@ -157,14 +161,65 @@ def is_dtensor(t: Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
+def full_tensor(t: Tensor) -> Tensor:
+    """The whole tensor as a plain ``torch.Tensor`` on every rank: ``t.full_tensor()`` (an all-gather over the
+    DTensor's mesh) for a DTensor such as an FSDP2 parameter or its ``.grad``, ``t`` itself otherwise.
+
+    Every rank must call it for the same tensors in the same order (it is a collective for DTensors)."""
+    if is_dtensor(t):
+        return t.full_tensor()
+    return t
+
+
+def write_full_(param: Tensor, value: Tensor) -> None:
+    """Write the whole tensor ``value`` (replicated: the same on every rank) into ``param`` in place.
+
+    For a DTensor ``param`` (an FSDP2 parameter, or state laid out like it), each rank copies its own shard of
+    ``value``, cut by DTensor itself (``distribute_tensor`` with the parameter's mesh and placements, with
+    ``src_data_rank=None``: no communication, since ``value`` is already the same everywhere) into
+    ``param.to_local()``, the local storage FSDP2 all-gathers from."""
+    if not is_dtensor(param):
+        param.copy_(value)
+        return
+    from torch.distributed.tensor import distribute_tensor
+
+    shard = distribute_tensor(
+        value.to(dtype=param.dtype, device=param.device), param.device_mesh, param.placements, src_data_rank=None
+    )
+    param.to_local().copy_(shard.to_local())
+
+
+def all_ranks_true(flag: bool, tensors: Sequence[Tensor] = ()) -> bool:
+    """``flag`` and-reduced over every mesh the DTensors among ``tensors`` live on (``flag`` itself when there are
+    none): a decision taken from local shards (e.g. "every gradient entry is finite") must be the same on every rank,
+    or one rank steps while another skips and the replicas drift apart."""
+    meshes = {}
+    for t in tensors:
+        if is_dtensor(t):
+            meshes[id(t.device_mesh)] = t.device_mesh
+    if not meshes:
+        return flag
+    for mesh in meshes.values():
+        device = mesh.device_type
+        value = torch.tensor([1.0 if flag else 0.0], device=device)
+        for dim in range(mesh.ndim):
+            dist.all_reduce(value, op=dist.ReduceOp.MIN, group=mesh.get_group(dim))
+        flag = bool(value.item() > 0)
+    return flag
+
+
 def require_unsharded_model(model: nn.Module, optimizer: str) -> None:
-    """Refuse models wrapped by FSDP (flat, sharded parameters) or DeepSpeed ZeRO: the structured optimizers need
-    each layer's whole ``lora_A`` / ``lora_B`` and its full-size statistics on every rank."""
+    """Refuse models wrapped by FSDP1 (``FullyShardedDataParallel``: flat, sharded parameters) or DeepSpeed ZeRO:
+    the structured optimizers need each layer's whole ``lora_A`` / ``lora_B``, which these wrappers hide in flat
+    buffers.  FSDP2 (``torch.distributed.fsdp.fully_shard``: one DTensor per parameter) is supported: the optimizers
+    gather the whole factors they need and write back each rank's shard."""
     wrapper = type(model).__name__
     if wrapper in ("FullyShardedDataParallel", "DeepSpeedEngine") or hasattr(model, "zero_optimization"):
         raise NotImplementedError(
-            f"{optimizer} does not support {wrapper}: parameters are sharded or flattened; train with DDP or a single "
-            "process, or use a baseline optimizer (adamw, lora-plus) under FSDP/DeepSpeed"
+            f"{optimizer} does not support {wrapper}: its parameters are flattened and sharded, so the whole LoRA "
+            "factors this optimizer needs cannot be found. The supported sharded path is FSDP2: shard the model with "
+            "torch.distributed.fsdp.fully_shard (accelerate: fsdp_version 2) and build the optimizer afterwards; "
+            "otherwise train with DDP or a single process, or use a baseline optimizer (adamw, lora-plus)"
         )
 
 
@@ -332,7 +387,10 @@ class CheckedStateDict:
 
     def _required_group_keys(self, group: Dict[str, Any]) -> FrozenSet[str]:
         """Hyperparameters a saved group must carry (default: every key of ``defaults``)."""
-        return frozenset(self.defaults) - self._optional_group_keys  # type: ignore[attr-defined]
+        # Only keys the live group carries: torch adds bookkeeping keys (``differentiable``) to ``defaults`` after
+        # the groups were built, so they are in no group and in no saved state_dict.
+        present = frozenset(k for k in self.defaults if k in group)  # type: ignore[attr-defined]
+        return present - self._optional_group_keys  # type: ignore[attr-defined]
 
     def _expected_state_shapes(self, param: Tensor, group: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
         """``{state key: shape}`` that per-parameter state of ``param`` must have when present (default: none
@@ -349,6 +407,9 @@ class CheckedStateDict:
 
     @staticmethod
     def _validate_state_dict_hook(optimizer: Any, state_dict: Dict[str, Any]) -> Dict[str, Any]:
+        rebind = getattr(optimizer, "_rebind_if_swapped", None)
+        if rebind is not None:  # shapes are checked against the parameters the optimizer trains now
+            rebind()
         return optimizer._validated_state_dict(state_dict)
 
     def _validated_state_dict(self, state_dict: Any) -> Dict[str, Any]:
@@ -390,6 +451,11 @@ class CheckedStateDict:
                     f"{label} has {len(saved['params'])} parameters in the state_dict but {len(group['params'])} here: "
                     f"it was saved for another model or LoRA config. {fix} {_REFUSE}"
                 )
+            if not saved["params"] and not group["params"]:
+                # An empty group (PEFT's LoRA+ keeps one for embeddings) holds no state. torch.distributed
+                # checkpoint's set_state_dict (torch 2.13) hands it over without its hyperparameters unless it is the
+                # last group; the current group's values stand in for any it lacks.
+                saved = {**{k: v for k, v in group.items() if k != "params"}, **saved}
             missing = sorted(k for k in self._required_group_keys(group) if k not in saved)
             if missing:
                 raise StateDictError(
@@ -466,15 +532,20 @@ class LoRAOptimizer(SkippedStepCounter, CheckedStateDict, Optimizer):
       the group is added, so per-group overrides (``other_lr``) are checked like constructor arguments.
     """
 
+    #: whether the subclass handles DTensor (FSDP2) parameters: it gathers what it needs with :func:`full_tensor`,
+    #: computes the same update on every rank and writes each rank's shard back with :func:`write_full_`
+    supports_dtensor: ClassVar[bool] = False
+
     def __init__(self, params: Iterable, defaults: Dict[str, Any]):
         self._skip_init()
         super().__init__(params, defaults)
-        if any(is_dtensor(p) for g in self.param_groups for p in g["params"]):
+        if not self.supports_dtensor and any(is_dtensor(p) for g in self.param_groups for p in g["params"]):
             # Sharded parameters would be updated from local shards of statistics that need the whole layer.
             raise NotImplementedError(
                 f"{type(self).__name__} does not support FSDP2 / DTensor (sharded) parameters in this version: train "
                 "with DDP or a single process, or use a baseline optimizer (adamw, lora-plus) under FSDP"
             )
+        self._bound_ids = [id(p) for g in self.param_groups for p in g["params"]]
         self._stashed_state: Optional[Dict[int, Dict[str, Tensor]]] = None
         self._install_state_checks()  # first: nothing is stashed from a state_dict that is refused
         self.register_load_state_dict_pre_hook(LoRAOptimizer._stash_float_state)
@@ -484,6 +555,46 @@ class LoRAOptimizer(SkippedStepCounter, CheckedStateDict, Optimizer):
         if isinstance(param_group, dict):
             check_group_hyperparameters(param_group, _group_label(param_group, len(self.param_groups)))
         super().add_param_group(param_group)
+        if "_bound_ids" in self.__dict__:
+            self._bound_ids += [id(p) for p in self.param_groups[-1]["params"]]
+
+    # ------------------------------------------------------------------------------- parameters swapped after build
+
+    def _rebind_if_swapped(self) -> None:
+        """Follow parameters that were replaced in ``param_groups`` after this optimizer was built.
+
+        accelerate's FSDP2 path (and so HF Trainer with FSDP2) builds the optimizer on the unsharded model, shards
+        the model with ``fully_shard`` (new DTensor parameter objects) and then swaps the entries of
+        ``param_groups`` for the sharded parameters. The optimizers that keep their own references (the LoRA layer
+        pairs, the hooks' bookkeeping) would otherwise go on looking at the old tensors. Called at every
+        ``step()`` and before ``load_state_dict``: same positions, new objects -> the per-parameter state moves to
+        the new parameter and :meth:`_parameters_swapped` lets the subclass update its references."""
+        bound = self.__dict__.get("_bound_ids")
+        current = [p for g in self.param_groups for p in g["params"]]
+        if bound is None or [id(p) for p in current] == bound:
+            return
+        if len(bound) != len(current):
+            raise RuntimeError(
+                f"{type(self).__name__}: the parameter groups changed size after the optimizer was built "
+                f"({len(bound)} -> {len(current)} parameters) other than through add_param_group; build the "
+                "optimizer again over the model as it is now"
+            )
+        mapping = {old: new for old, new in zip(bound, current) if old != id(new)}
+        for key in list(self.state.keys()):
+            new = mapping.get(id(key))
+            if new is not None:
+                self.state[new] = self.state.pop(key)
+        self._bound_ids = [id(p) for p in current]
+        if not self.supports_dtensor and any(is_dtensor(p) for p in current):
+            raise NotImplementedError(
+                f"{type(self).__name__} does not support FSDP2 / DTensor (sharded) parameters in this version (its "
+                "parameters were swapped for sharded ones after it was built, as accelerate's FSDP2 preparation "
+                "does): train with DDP or a single process"
+            )
+        self._parameters_swapped(mapping)
+
+    def _parameters_swapped(self, mapping: Dict[int, Tensor]) -> None:
+        """Subclass hook: ``mapping`` is ``{id(old parameter): new parameter}`` for every replaced parameter."""
 
     @staticmethod
     def _stash_float_state(optimizer: "LoRAOptimizer", state_dict: Dict[str, Any]) -> None:

@@ -32,11 +32,13 @@ from .base import (
     CheckedStateDict,
     SkippedStepCounter,
     _group_label,
+    all_ranks_true,
     check_betas,
     check_group_hyperparameters,
     check_nonnegative,
     check_positive,
     check_range,
+    is_dtensor,
     named_trainable_parameters,
 )
 
@@ -65,6 +67,8 @@ class _BaselineGuard(SkippedStepCounter, CheckedStateDict):
     """Mixed into the torch / PEFT optimizer classes the baseline factories return (see the module docstring)."""
 
     skip_nonfinite = True
+    #: set for optimizers that cannot run on DTensor (FSDP2) parameters: the refusal raised by step()
+    _sharded_refusal: Optional[str] = None
     _factor_ids: FrozenSet[int] = frozenset()
     _on_factor: Optional[Callable[[Any], None]] = None
 
@@ -89,16 +93,24 @@ class _BaselineGuard(SkippedStepCounter, CheckedStateDict):
 
     def _grads_finite(self) -> bool:
         by_device: Dict[Any, list] = {}
+        sharded = []
         for group in self.param_groups:  # type: ignore[attr-defined]
             for p in group["params"]:
                 g = p.grad
-                if g is not None:
-                    by_device.setdefault(g.device, []).append(g.coalesce()._values() if g.is_sparse else g)
+                if g is None:
+                    continue
+                if is_dtensor(g):  # FSDP2: check this rank's shard, then agree with the other ranks below
+                    sharded.append(g)
+                    g = g.to_local()
+                by_device.setdefault(g.device, []).append(g.coalesce()._values() if g.is_sparse else g)
+        finite = True
         for grads in by_device.values():
             norms = torch._foreach_norm(grads, float("inf"))  # max |g|: NaN/inf iff some entry is
             if not bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
-                return False
-        return True
+                finite = False
+                break
+        # One rank skipping while another steps would make the shards of one parameter disagree.
+        return all_ranks_true(finite, sharded)
 
     def step(self, closure=None):
         loss = None
@@ -107,6 +119,9 @@ class _BaselineGuard(SkippedStepCounter, CheckedStateDict):
             # overwrite the preconditioned gradients; running it before is exactly right, and Lightning needs it.
             with torch.enable_grad():
                 loss = closure()
+        if self._sharded_refusal and any(is_dtensor(p) for g in self.param_groups for p in g["params"]):
+            # accelerate's FSDP2 preparation swaps sharded parameters into an optimizer built before sharding.
+            raise NotImplementedError(self._sharded_refusal)
         if not self._check_step_lrs():
             return loss
         if self.skip_nonfinite and not self._grads_finite():
@@ -335,11 +350,23 @@ def create_rplora_optimizer(
     cls = _optimizer_class(optimizer_cls)
     _check_accepted(cls, kwargs, "Riemannian LoRA")
     _require_linear_factors(_require_lora(model, "Riemannian LoRA"))
+    if any(is_dtensor(p) for p in model.parameters()):
+        raise NotImplementedError(_RIEMANNIAN_SHARDED)
     optimizer = create_riemannian_optimizer(model, cls, lr=lr, reg=reg, **kwargs)
     tag = f"riemannian-{cls.__name__.lower()}"
-    return _guard(
+    guarded = _guard(
         _name_groups(optimizer, model), tag, factor_ids=_factor_ids(model), on_factor=_refuse_riemannian_factor
     )
+    guarded._sharded_refusal = _RIEMANNIAN_SHARDED
+    return guarded
+
+
+_RIEMANNIAN_SHARDED = (
+    "Riemannian LoRA (PEFT's create_riemannian_optimizer) does not run under FSDP2 / DTensor (sharded) parameters: "
+    "its preconditioner builds (B^T B + reg I)^-1 from a sharded factor and a plain identity, which DTensor refuses. "
+    "Under FSDP2 use 'adamw', 'sgd', 'lora-plus', 'svdlora' or LoKO-scalar ('loko' with observation='loss'); "
+    "Riemannian LoRA runs under DDP or in a single process"
+)
 
 
 def _require_linear_factors(layers: list) -> None:

@@ -39,7 +39,10 @@ from .base import (
     check_nonnegative,
     check_positive,
     check_range,
+    full_tensor,
+    is_dtensor,
     require_unsharded_model,
+    write_full_,
 )
 
 __all__ = ["LoKO", "DEFAULT_P_INIT", "JACOBIAN_PATHS", "create_loko_optimizer", "output_jacobian"]
@@ -403,9 +406,19 @@ class LoKO(LoRAOptimizer):
     (rank order) and ends with identical parameters, ``p`` and ``R``; every rank must call ``step()``. Wrapping the
     model in DDP is optional (tested both ways): no ``backward`` is taken, so DDP's gradient all-reduce never runs
     and the parameters stay replicated because every rank applies the same update. ``observation="loss"``
-    all-reduces (mean) the observed loss; ``.grad`` is expected to be averaged by DDP. FSDP2 (DTensor parameters)
-    raises ``NotImplementedError``.
+    all-reduces (mean) the observed loss; ``.grad`` is expected to be averaged by DDP.
+
+    FSDP2 (``fully_shard``, DTensor parameters) is supported for ``observation="loss"``: ``step()`` gathers the whole
+    flat parameter and gradient vectors (``full_tensor``: two all-gathers of ``n`` values), runs the filter
+    replicated on every rank (the covariance ``p`` is kept whole, ``n`` values per rank) and writes back each rank's
+    shard of the parameters. Build the optimizer after ``fully_shard``. The output observations (``"softmax"``,
+    ``"regression"``) raise ``NotImplementedError`` under FSDP2: their Jacobian rows are per-output derivatives
+    with respect to the parameters, and FSDP2 computes gradients on unsharded copies that it reduce-scatters
+    (summed over ranks) into ``.grad``; neither ``autograd.grad`` on the sharded parameters nor
+    ``torch.func.functional_call`` sees them. Use DDP for those observations.
     """
+
+    supports_dtensor = True
 
     def __init__(
         self,
@@ -448,7 +461,8 @@ class LoKO(LoRAOptimizer):
         )
         if dtype not in (None, torch.float32, torch.float64):
             raise ValueError(f"dtype must be None, torch.float32 or torch.float64, got {dtype!r}")
-        super().__init__(params, defaults)  # refuses FSDP2 / DTensor parameters
+        super().__init__(params, defaults)
+        self._check_sharded_observation()
         all_params = [p for g in self.param_groups for p in g["params"]]
         if dtype is None:
             dtype = torch.float64 if all(p.dtype == torch.float64 for p in all_params) else torch.float32
@@ -463,6 +477,20 @@ class LoKO(LoRAOptimizer):
         self._func_failures: Dict[int, str] = {}  # id(model) -> why torch.func could not run it
         self._func_math_attention = True
         self.last_jacobian_path: Optional[str] = None  # which path built the rows of the last observation
+
+    def _check_sharded_observation(self) -> None:
+        sharded = [p for g in self.param_groups for p in g["params"] if is_dtensor(p)]
+        if sharded and any(g["observation"] != "loss" for g in self.param_groups):
+            raise NotImplementedError(
+                f"LoKO with observation={self.param_groups[0]['observation']!r} does not support FSDP2 / DTensor "
+                "(sharded) parameters: its Jacobian rows need per-output derivatives with respect to the whole "
+                "parameters, which FSDP2 only produces on its unsharded copies and sums over ranks into .grad. Use "
+                "observation='loss' (LoKO-scalar, supported under FSDP2), or DDP / a single process for output "
+                "observations"
+            )
+
+    def _parameters_swapped(self, mapping: Dict[int, Tensor]) -> None:
+        self._check_sharded_observation()
 
     @property
     def jacobian(self) -> str:
@@ -993,6 +1021,7 @@ class LoKO(LoRAOptimizer):
             # observe(): the pending observation is then the one to apply.
             if not (result is None and self._pending is not None):
                 self._observe_result(result)
+        self._rebind_if_swapped()
         pending, self._pending = self._pending, None
         s = self._settings()
         filtered = self._filtered()
@@ -1123,7 +1152,11 @@ class LoKO(LoRAOptimizer):
         if not has_grad:
             raise ValueError("LoKO (observation='loss') updates from .grad: call loss.backward() before step()")
         loss = self._dist.mean(pending.loss)
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in active]
+        # Under FSDP2 each .grad is a shard (already averaged over ranks by the reduce-scatter): gather it whole.
+        grads = [
+            full_tensor(p.grad) if p.grad is not None else torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+            for _, p in active
+        ]
         g = _flatten(grads, self._dtype)
         # For the scalar observation the "innovation" slot carries the loss value L (the innovation is -L).
         self._update(active, active, g.unsqueeze(0), loss.reshape(1, 1), s, scalar_loss=True)
@@ -1147,7 +1180,10 @@ class LoKO(LoRAOptimizer):
         b, m_obs = e.shape
         params = [p for _, p in active]
         states = [self.state[p] for p in params]
-        theta = _flatten(params, dt)
+        # FSDP2: the filter runs replicated on the whole flat vector (gathered here); each rank writes back its shard.
+        sharded = any(is_dtensor(p) for p in params)
+        whole = [full_tensor(p.detach()) for p in params] if sharded else params
+        theta = _flatten(whole, dt)
         pvec = _flatten([st["p"] for st in states], dt)
         lr = _per_coordinate(active, "lr", dt, theta.device)
         q = _per_coordinate(active, "q", dt, theta.device)
@@ -1177,8 +1213,12 @@ class LoKO(LoRAOptimizer):
 
         # Multi-tensor copies from views of the flat results: per-parameter copies or reshapes would cost one
         # dispatcher call (and a launch) each, hundreds per step, and this step is host-bound on GPUs.
-        torch._foreach_copy_(params, _unflatten(res.theta, params))
-        torch._foreach_copy_([st["p"] for st in states], _unflatten(res.p, params))
+        if sharded:
+            for param, value in zip(params, _unflatten(res.theta, whole)):
+                write_full_(param, value)
+        else:
+            torch._foreach_copy_(params, _unflatten(res.theta, params))
+        torch._foreach_copy_([st["p"] for st in states], _unflatten(res.p, whole))
         torch._foreach_add_([st["step"] for st in states], 1.0)
         R.copy_(res.R)
         anchor_state["skipped"] += res.info.skipped.to(torch.int64)

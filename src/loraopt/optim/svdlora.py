@@ -5,6 +5,10 @@ gradient ``G = S^T X`` (captured by the same hooks as PSI-LoRA), with dense ``d_
 result is written back as balanced factors ``B = U_r S_r^1/2``, ``A = S_r^1/2 V_r^T`` (divided by ``sqrt(s)``).
 It costs one SVD and O(d_out d_in) memory per layer per step: a reference for small models and tests, not a
 production optimizer.
+
+FSDP2 (``fully_shard``, DTensor parameters): every rank gathers the whole factors and gradients it needs
+(``full_tensor``), averages the captured ``G`` over the ranks like DDP, takes the identical step and writes back its own
+shard of each parameter.  The dense state stays whole (replicated) on every rank.
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ from .base import (
     check_nonnegative,
     check_positive,
     check_range,
+    full_tensor,
     named_trainable_parameters,
     require_unsharded_model,
+    write_full_,
 )
 
 __all__ = ["SVDLoRA", "create_svdlora_optimizer"]
@@ -53,7 +59,11 @@ class SVDLoRA(LoRAOptimizer):
     and no state changes and the step is counted in ``skipped_steps`` (with a rate-limited warning). A step that
     cannot be taken for a reason the caller must fix (a second ``step()`` without a new backward, an empty batch,
     activations not captured) raises before anything changes.
+
+    Under FSDP2 build the optimizer after ``fully_shard`` (it must hold the sharded parameters).
     """
+
+    supports_dtensor = True
 
     def __init__(
         self,
@@ -127,6 +137,16 @@ class SVDLoRA(LoRAOptimizer):
         super().zero_grad(set_to_none=set_to_none)
         self._capture.clear()
 
+    def _parameters_swapped(self, mapping: Dict[int, Any]) -> None:
+        for layer in self._layers:  # the hooks hold the layer objects, so they see the new factors too
+            layer.A = mapping.get(id(layer.A), layer.A)
+            layer.B = mapping.get(id(layer.B), layer.B)
+        self._layer_of_a = {id(layer.A): layer for layer in self._layers}
+        self._b_ids = {id(layer.B) for layer in self._layers}
+        self._model_factor_ids = self._model_factor_ids | {
+            id(new) for old, new in mapping.items() if old in self._model_factor_ids
+        }
+
     def remove_hooks(self) -> None:
         self._capture.remove()
 
@@ -158,12 +178,19 @@ class SVDLoRA(LoRAOptimizer):
     def _grad_of(self, layer) -> Optional[torch.Tensor]:
         return layer.A.grad if layer.A.grad is not None else layer.B.grad
 
+    def _factors(self, layer) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The whole ``(B: (d_out, r), A: (r, d_in))`` of a layer in the compute dtype (gathered under FSDP2)."""
+        A = full_tensor(layer.A.detach()).reshape(layer.rank, -1).to(self._dtype)
+        B = full_tensor(layer.B.detach()).reshape(layer.d_out, -1).to(self._dtype)
+        return B, A
+
     def _observed_gradients(self) -> List[Tuple[Dict[str, Any], torch.Tensor, Any, torch.Tensor]]:
         """``[(group, param, layer or None, gradient)]`` to update; raises (before any change) when the step cannot
         be taken as asked."""
         plans = []
         for group in self.param_groups:
             if group["lr"] == 0:
+                self._allocate_state(group)
                 continue
             for p in group["params"]:
                 if id(p) in self._b_ids:
@@ -171,7 +198,7 @@ class SVDLoRA(LoRAOptimizer):
                 layer = self._layer_of_a.get(id(p))
                 if layer is None:
                     if p.grad is not None:
-                        plans.append((group, p, None, p.grad.to(self._dtype)))
+                        plans.append((group, p, None, full_tensor(p.grad).to(self._dtype)))
                     continue
                 obs = self._capture.observation(layer)
                 if obs.empty:
@@ -183,11 +210,35 @@ class SVDLoRA(LoRAOptimizer):
                 plans.append((group, p, layer, G))
         return plans
 
+    def _allocate_state(self, group: Dict[str, Any]) -> None:
+        """A step at lr = 0 changes nothing but allocates the state (zeros, ``step`` 0: the next step is numerically
+        the same as from no state) of every parameter with a gradient. ``torch.distributed.checkpoint`` loads into
+        the state a fresh optimizer already has, and its ``set_state_dict`` / accelerate's FSDP2 loader make it by
+        calling ``step()`` once at lr = 0 with zero gradients."""
+        for p in group["params"]:
+            layer = self._layer_of_a.get(id(p))
+            grad = p.grad if layer is None else self._grad_of(layer)
+            state = self.state[p]
+            if grad is None or "step" in state:
+                continue
+            if id(p) in self._b_ids:  # B carries only the step count (see _all_or_nothing_step)
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                continue
+            shape = (layer.d_out, layer.d_in) if layer is not None else tuple(p.shape)
+            zeros = lambda: torch.zeros(shape, dtype=self._dtype, device=p.device)  # noqa: E731
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            if group["base"] == "sgd" and group["momentum"] != 0:
+                state["dense_momentum"] = zeros()
+            elif group["base"] == "adamw":
+                state["dense_exp_avg"], state["dense_exp_avg_sq"] = zeros(), zeros()
+
     def _check_factor_grads(self, layer, G: torch.Tensor) -> None:
         """The update comes from the captured ``G``, not from the factors' ``.grad``.  A non-finite ``.grad`` still
         skips the step (the backward that filled it was bad); an edited one (clipping, masking) is ignored, and a
         warning says so once."""
-        grads = [g for g in (layer.A.grad, layer.B.grad) if g is not None]
+        grad_a = None if layer.A.grad is None else full_tensor(layer.A.grad)
+        grad_b = None if layer.B.grad is None else full_tensor(layer.B.grad)
+        grads = [g for g in (grad_a, grad_b) if g is not None]
         if not grads:
             return
         if not self._finite(*grads):
@@ -196,9 +247,10 @@ class SVDLoRA(LoRAOptimizer):
         if getattr(self, "_warned_grad_edit", False):
             return
         root = layer.scaling
+        B, A = self._factors(layer)
         implied = [
-            (layer.A.grad, (layer.b_matrix(self._dtype).mT @ G * root).view_as(layer.A)),
-            (layer.B.grad, (G @ layer.a_matrix(self._dtype).mT * root).view_as(layer.B)),
+            (grad_a, (B.mT @ G * root).reshape(layer.A.shape)),
+            (grad_b, (G @ A.mT * root).reshape(layer.B.shape)),
         ]
         for grad, expected in implied:
             if grad is None:
@@ -249,6 +301,7 @@ class SVDLoRA(LoRAOptimizer):
             with torch.enable_grad():
                 loss = closure()
         try:
+            self._rebind_if_swapped()
             if self._check_step_lrs():
                 self._all_or_nothing_step()
         finally:
@@ -269,10 +322,11 @@ class SVDLoRA(LoRAOptimizer):
             update, new_state = self._direction(group, self.state[p], grad)
             states.append((p, new_state))
             if layer is None:
-                writes.append((p, p * (1 - lr * wd) - (lr * update).to(p.dtype)))
+                writes.append((p, full_tensor(p) * (1 - lr * wd) - (lr * update).to(p.dtype)))
                 continue
             root = math.sqrt(layer.scaling)
-            W = layer.b_matrix(self._dtype) @ layer.a_matrix(self._dtype) * layer.scaling
+            B0, A0 = self._factors(layer)
+            W = B0 @ A0 * layer.scaling
             W = W * (1 - lr * wd) - lr * update
             if not self._finite(W):
                 self._record_skipped(1, "non-finite update")
@@ -282,13 +336,16 @@ class SVDLoRA(LoRAOptimizer):
             except RuntimeError:  # torch.linalg.LinAlgError: the SVD did not converge
                 self._record_skipped(1, "SVD did not converge")
                 return
-            writes.append((layer.A, (A / root).view_as(layer.A)))
-            writes.append((layer.B, (B / root).view_as(layer.B)))
+            # B's update is part of A's: it keeps only the step count, so that every trainable parameter has state
+            # (torch.distributed.checkpoint's strict loading asks for it).
+            states.append((layer.B, {"step": new_state["step"]}))
+            writes.append((layer.A, (A / root).reshape(layer.A.shape)))
+            writes.append((layer.B, (B / root).reshape(layer.B.shape)))
         if not self._finite(*(new for _, new in writes), *(t for _, s in states for t in s.values())):
             self._record_skipped(1, "non-finite update")
             return
-        for param, new in writes:  # commit: every check passed
-            param.copy_(new)
+        for param, new in writes:  # commit: every check passed (each rank writes its shard under FSDP2)
+            write_full_(param, new)
         for param, new_state in states:
             self.state[param].update(new_state)
         for layer in self._layers:
