@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 __all__ = ["sgd_momentum_", "adam_"]
@@ -27,7 +28,7 @@ def sgd_momentum_(
 ) -> None:
     """``torch.optim.SGD`` with decoupled weight decay: ``buf <- momentum buf + (1 - dampening) g`` (the first
     buffer is ``g`` itself), ``param -= lr buf``.  ``buf`` is ``None`` when ``momentum == 0``."""
-    grad = grad.float()
+    grad = grad.to(buf.dtype if buf is not None else torch.promote_types(grad.dtype, torch.float32))
     if weight_decay:
         param.mul_(1.0 - lr * weight_decay)
     if momentum > 0:
@@ -53,7 +54,7 @@ def adam_(
 ) -> None:
     """Adam with bias correction and decoupled weight decay (AdamW); ``step`` is the index of this update (>= 1)."""
     beta1, beta2 = betas
-    grad = grad.float()
+    grad = grad.to(exp_avg.dtype)
     exp_avg.lerp_(grad, 1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
     if weight_decay:

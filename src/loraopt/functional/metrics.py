@@ -24,14 +24,16 @@ Scalar = Union[float, Tensor]
 
 
 def metric_ema(v: Tensor, stat: Tensor, beta2: float) -> Tensor:
-    """``beta2 v + (1 - beta2) stat``: the running ``v`` starts at one and is stored as is (reference behaviour)."""
+    """``beta2 v + (1 - beta2) stat``."""
     return v * beta2 + stat * (1.0 - beta2)
 
 
 def debias(v: Tensor, beta2: float, step: Scalar) -> Tensor:
-    """The EMA with its unit initialisation removed: ``(v - beta2^t) / (1 - beta2^t)`` (``t >= 1``)."""
-    decay = beta2 ** step
-    return (v - decay) / (1.0 - decay)
+    """Adam's bias correction of an EMA that started at zero: ``v / (1 - beta2^t)`` (``t >= 1``).
+
+    (Removing a unit start, ``(v - beta2^t) / (1 - beta2^t)``, would cancel catastrophically in fp32 when the
+    statistics are far below one, as output-gradient statistics are.)"""
+    return v / (1.0 - beta2 ** step)
 
 
 def metric_preconditioner(v: Tensor, damping: float, power: float) -> Tensor:
@@ -54,10 +56,10 @@ def metric_step(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """One metric update: ``(new v_in, new v_out, P_in, P_out)``; shapes ``(..., d_in)``, ``(..., d_out)``.
 
-    With ``bias_correction`` the preconditioner uses :func:`debias` of the EMA at ``step`` (1 for the first
-    update; a host number or a broadcastable tensor): the unit start is removed exactly, so the metric is the
-    average of the statistics seen so far instead of being pulled towards one for the first ~1/(1 - beta2) steps.
-    The stored EMA is the same either way.
+    With ``bias_correction`` the EMA must have started at zero, and the preconditioner uses :func:`debias` of it at
+    ``step`` (1 for the first update; a host number or a broadcastable tensor): the metric is then the weighted
+    average of the statistics seen so far, instead of being pulled towards the unit start for the first
+    ~1/(1 - beta2) steps.  Without it the EMA starts at one and is used as is (the reference).
 
     With ``relative=True`` the metric keeps its shape and drops its scale: the damping is relative to the mean
     of ``v`` (``(v + damping mean(v))^power``) and each preconditioner is divided by its mean, so ``P`` has mean 1

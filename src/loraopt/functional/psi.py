@@ -213,6 +213,13 @@ def psi_step(
     if grad.projected and config.variant == "proj":
         raise ValueError("Proj. PSI-LoRA needs G at the new factors: pass rows or the dense gradient, not projections")
     reference_noop = config.reference_compat and config.iters == 0
+    dtype = A.dtype  # the compute dtype: everything else is brought to it (state may be kept in another)
+    grad = Gradient(grad.left.to(dtype), None if grad.right is None else grad.right.to(dtype), grad.projected)
+    if momentum is not None:
+        momentum = tuple(t.to(dtype) for t in momentum)
+    if metric is not None:
+        metric = metric._replace(v_in=metric.v_in.to(dtype), v_out=metric.v_out.to(dtype),
+                                 stat_in=metric.stat_in.to(dtype), stat_out=metric.stat_out.to(dtype))
     p_in = p_out = None
     new_metric = None
     if metric is not None:

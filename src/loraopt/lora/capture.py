@@ -69,6 +69,7 @@ class LayerObservation:
 
     scaling: float = 1.0
     n_rows: int = 0
+    pairs: int = 0  # (input, output-gradient) pairs recorded, including empty ones (a zero-size batch)
     x_rows: List[Tensor] = field(default_factory=list)
     g_rows: List[Tensor] = field(default_factory=list)
     left: Optional[Tensor] = None  # (k_left, d_in):  L^T G for the left probes L (d_out, k_left)
@@ -85,10 +86,11 @@ class LayerObservation:
         return self.n_rows == 0
 
     def rows(self) -> Tuple[Tensor, Tensor]:
-        """``(X: (N, d_in), S: (N, d_out))`` of every recorded pair, concatenated; ``S`` in fp32."""
+        """``(X: (N, d_in), S: (N, d_out))`` of every recorded pair, concatenated; ``S`` in fp32 (fp64 rows stay
+        fp64)."""
         x = self.x_rows[0] if len(self.x_rows) == 1 else torch.cat(self.x_rows)
         g = self.g_rows[0] if len(self.g_rows) == 1 else torch.cat(self.g_rows)
-        return x, g.float() / self.scaling
+        return x, g.to(torch.promote_types(g.dtype, torch.float32)) / self.scaling
 
     def grad_sq_norm(self) -> Tensor:
         """``|G|_F^2`` exactly (rows mode) or the square of the per-micro-batch bound (stream mode)."""
@@ -96,7 +98,7 @@ class LayerObservation:
             return self.G.square().sum()
         if self.x_rows:
             x, s = self.rows()
-            return lowrank_sq_norm(s.mT, x.float())
+            return lowrank_sq_norm(s.mT, x.to(s.dtype))
         return self.grad_norm_bound.square()
 
 
@@ -236,10 +238,13 @@ class GradientCapture:
     def _record(self, layer: LoRALayer, x: Tensor, g: Tensor) -> None:
         if g.dtype == torch.float16:
             raise RuntimeError(
-                f"{layer.describe()}: fp16 gradients reached the LoRA hooks. With a GradScaler they carry the loss "
-                "scale, which this optimizer cannot see. Train in bf16 or fp32 instead."
+                f"{layer.describe()}: fp16 gradients reached the LoRA hooks of a loraopt optimizer, which does not "
+                "support fp16 training, with or without a GradScaler (without one fp16 gradients underflow; with "
+                "one they carry the loss scale, which the optimizer never sees). Train in bf16 "
+                "(torch.autocast(dtype=torch.bfloat16)) or fp32."
             )
         obs = self.observations[layer.index]
+        obs.pairs += 1
         scaling = layer.scaling
         obs.scaling = scaling
         # Each tensor op costs tens of microseconds of host time and this runs for every layer in every backward:

@@ -16,7 +16,14 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LoRALayer", "LoRAParameterSplit", "split_lora_parameters", "find_lora_layers", "NoLoRALayersError"]
+__all__ = [
+    "LoRALayer",
+    "LoRAParameterSplit",
+    "split_lora_parameters",
+    "find_lora_layers",
+    "is_lora_factor_name",
+    "NoLoRALayersError",
+]
 
 _A_MARK, _B_MARK = ".lora_A.", ".lora_B."
 _EMBEDDING_MARKS = (".lora_embedding_A.", ".lora_embedding_B.")
@@ -203,6 +210,11 @@ def split_lora_parameters(model: nn.Module, named_parameters: Optional[Iterable]
             raise ValueError(f"LoRA factor {name!r} has no trainable lora_A partner")
     other = [(n, p) for n, p in trainable.items() if n not in used]
     return LoRAParameterSplit(layers=layers, other=other)
+
+
+def is_lora_factor_name(name: str) -> bool:
+    """Whether a parameter name (``model.named_parameters()``) is a LoRA factor's (trainable or not)."""
+    return any(mark in name for mark in (_A_MARK, _B_MARK) + _EMBEDDING_MARKS)
 
 
 def find_lora_layers(model: nn.Module) -> List[LoRALayer]:

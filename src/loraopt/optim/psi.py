@@ -40,7 +40,13 @@ from ..functional.elementwise import adam_, sgd_momentum_
 from ..functional.metrics import stack_or_scalar
 from ..functional.psi import Gradient, MetricInput, PSIConfig, psi_step
 from ..lora.capture import GradientCapture, LayerObservation
-from ..lora.layers import LoRALayer, NoLoRALayersError, require_supported, split_lora_parameters
+from ..lora.layers import (
+    LoRALayer,
+    NoLoRALayersError,
+    is_lora_factor_name,
+    require_supported,
+    split_lora_parameters,
+)
 from .base import (
     DistributedContext,
     LoRAOptimizer,
@@ -72,6 +78,11 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
     _factory_name = ""
     _scaled = False
     _variant = "psi"  # functional.psi variant: "psi" (low-rank momentum) or "proj" (factor-space momentum)
+    # Hyperparameters added after the first release: a checkpoint without them takes the current group's values.
+    _optional_group_keys = frozenset(
+        {"momentum_balance", "momentum_prox", "other_optimizer", "adam_betas", "adam_eps", "bias_correction",
+         "metric_scale"}
+    )
 
     def __init__(
         self,
@@ -117,6 +128,11 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
         self._strict = strict
         self._dist = DistributedContext(process_group)
         self._warned: set = set()
+        self._consumed: Dict[int, Tuple[int, int]] = {}
+        self._checked_grad_edits = False
+        self._warned_accumulated_clip = False
+        # Every LoRA factor of the model, trainable or not: one added later by add_param_group would get no hooks.
+        self._model_factor_ids = {id(p) for name, p in model.named_parameters() if is_lora_factor_name(name)}
 
         lora_groups = [self.param_groups[i] for i in self._layers_by_group]
         streamable = self._variant == "psi" and all(g["inner_iters"] == 0 for g in lora_groups)
@@ -166,11 +182,12 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
 
     def _init_other_state(self, group: Dict[str, Any], param: Tensor) -> None:
         state = self.state[param]
+        dtype = torch.promote_types(param.dtype, torch.float32)
         if group["other_optimizer"] == "adam":
-            state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32)
-            state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(param, dtype=dtype)
+            state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype)
         elif group.get("momentum", 0.0) > 0:
-            state["momentum_buffer"] = torch.zeros_like(param, dtype=torch.float32)
+            state["momentum_buffer"] = torch.zeros_like(param, dtype=dtype)
 
     def _update_other(self, group: Dict[str, Any], param: Tensor, grad: Tensor) -> None:
         """The rule for parameters that are not LoRA factors: Adam(W) or SGD with the group's momentum."""
@@ -185,6 +202,20 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
                           dampening=group["dampening"], weight_decay=group["weight_decay"], first_step=step == 1)
 
     # ------------------------------------------------------------------------------------------- public API
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        factor_ids = getattr(self, "_model_factor_ids", None)
+        if factor_ids is not None and isinstance(param_group, dict):
+            params = param_group.get("params", [])
+            params = [params] if torch.is_tensor(params) else list(params)
+            params = [p[1] if isinstance(p, tuple) else p for p in params]
+            if any(id(p) in factor_ids for p in params):
+                raise ValueError(
+                    f"{type(self).__name__}.add_param_group: LoRA factors cannot be added after construction (their "
+                    "layer would get no capture hooks and would be stepped as a plain tensor). Unfreeze them first "
+                    f"and build a new optimizer, e.g. loraopt.{self._factory_name}(model, ...)."
+                )
+        super().add_param_group(param_group)
 
     @property
     def layers(self) -> List[LoRALayer]:
@@ -202,6 +233,20 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
 
     # ------------------------------------------------------------------------------------------- state
 
+    def _expected_state_shapes(self, param: Tensor, group: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
+        """The shape of every state tensor of ``param`` (checked by ``load_state_dict``)."""
+        counters = {"step": (), "skipped_steps": (), "solve_fallbacks": ()}
+        for layer in self._layers:
+            if param is layer.A or param is layer.B:
+                r_m = self._momentum_rank(group, layer)
+                if param is layer.A:
+                    return {**counters, "momentum_A": (r_m, layer.d_in), "metric_in": (layer.d_in,),
+                            "momentum_buffer": (layer.rank, layer.d_in), "previous_factor": (layer.rank, layer.d_in)}
+                return {**counters, "momentum_B": (layer.d_out, r_m), "metric_out": (layer.d_out,),
+                        "momentum_buffer": (layer.d_out, layer.rank), "previous_factor": (layer.d_out, layer.rank)}
+        shape = tuple(param.shape)
+        return {"step": (), "momentum_buffer": shape, "exp_avg": shape, "exp_avg_sq": shape}
+
     def _momentum_rank(self, group: Dict[str, Any], layer: LoRALayer) -> int:
         return max(1, int(round(layer.rank * group["rank_mult"])))
 
@@ -217,24 +262,31 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
         state_b["step"] = torch.zeros((), dtype=torch.float32)
         state_a["skipped_steps"] = torch.zeros((), dtype=torch.int64, device=device)
         state_a["solve_fallbacks"] = torch.zeros((), dtype=torch.int64, device=device)
+        dtype = _compute_dtype(layer)  # fp32 state for 16/32-bit factors, fp64 for fp64 ones
         if self._uses_momentum(group) and self._variant == "proj":
             # Factor-space heavy ball: buffers and the factors they were expressed at (zero: nothing to transport).
-            state_a["momentum_buffer"] = torch.zeros(layer.rank, layer.d_in, device=device)
-            state_b["momentum_buffer"] = torch.zeros(layer.d_out, layer.rank, device=device)
-            state_a["previous_factor"] = torch.zeros(layer.rank, layer.d_in, device=device)
-            state_b["previous_factor"] = torch.zeros(layer.d_out, layer.rank, device=device)
+            state_a["momentum_buffer"] = torch.zeros(layer.rank, layer.d_in, device=device, dtype=dtype)
+            state_b["momentum_buffer"] = torch.zeros(layer.d_out, layer.rank, device=device, dtype=dtype)
+            state_a["previous_factor"] = torch.zeros(layer.rank, layer.d_in, device=device, dtype=dtype)
+            state_b["previous_factor"] = torch.zeros(layer.d_out, layer.rank, device=device, dtype=dtype)
         elif self._uses_momentum(group):
             r_m = self._momentum_rank(group, layer)
             # Seeded by (seed, layer index), not the global RNG, so every DDP rank starts from the same subspace.
             gen = torch.Generator().manual_seed(self._seed * 1_000_003 + layer.index)
-            state_a["momentum_A"] = torch.randn(r_m, layer.d_in, generator=gen).to(device)
-            state_b["momentum_B"] = torch.zeros(layer.d_out, r_m, device=device)
+            state_a["momentum_A"] = torch.randn(r_m, layer.d_in, generator=gen).to(device=device, dtype=dtype)
+            state_b["momentum_B"] = torch.zeros(layer.d_out, r_m, device=device, dtype=dtype)
         self._init_metric_state(layer)
 
     def _ensure_other_state(self, group: Dict[str, Any], param: Tensor) -> None:
         if "step" not in self.state[param]:
             self.state[param]["step"] = torch.zeros((), dtype=torch.float32)
             self._init_other_state(group, param)
+
+    def _group_index(self, layer: LoRALayer) -> int:
+        for i, layers in self._layers_by_group.items():
+            if layer in layers:
+                return i
+        raise KeyError(layer.a_name)
 
     def _group_of(self, layer: LoRALayer) -> Dict[str, Any]:
         for i, layers in self._layers_by_group.items():
@@ -251,12 +303,13 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
         with torch.no_grad():
             self._ensure_layer_state(group, layer)
             root = math.sqrt(layer.scaling)
-            left = [layer.b_matrix(torch.float32) * root]
-            right = [layer.a_matrix(torch.float32).mT * root]
+            dtype = _compute_dtype(layer)
+            left = [layer.b_matrix(dtype) * root]
+            right = [layer.a_matrix(dtype).mT * root]
             state_a, state_b = self.state[layer.A], self.state[layer.B]
             if "momentum_A" in state_a:
-                left.append(state_b["momentum_B"])
-                right.append(state_a["momentum_A"].mT)
+                left.append(state_b["momentum_B"].to(dtype))
+                right.append(state_a["momentum_A"].mT.to(dtype))
             probes = (torch.cat(left, dim=1), torch.cat(right, dim=1))
         self._probe_cache[layer.index] = probes
         return probes
@@ -277,6 +330,8 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
         return loss
 
     def _step(self) -> None:
+        if not self._check_step_lrs():  # a NaN/inf lr (a broken scheduler): counted, warned, nothing changes
+            return
         anything = False
         active_groups = []
         for gi, group in enumerate(self.param_groups):
@@ -293,8 +348,8 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
             for layer in layers:
                 obs = self._capture.observation(layer)
                 if obs.empty:
-                    if layer.A.grad is not None or layer.B.grad is not None:
-                        self._missing(layer)
+                    if layer.A.grad is not None or layer.B.grad is not None or obs.pairs:
+                        self._missing(layer, obs)
                     continue
                 observed.append((layer, obs))
             with_grad = [p for p in others if p.grad is not None]
@@ -318,13 +373,24 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
                 self._ensure_other_state(group, p)
                 others.append((group, p, p.grad if c is None else p.grad * c))
         oks += [commit.ok for commit in commits]
+        observed_layers = [layer for _, observed, _ in active_groups for layer, _ in observed]
+        factor_grads = [p.grad for layer in observed_layers for p in (layer.A, layer.B) if p.grad is not None]
+        if factor_grads:
+            # PSI steps with the captured G, not .grad; a non-finite .grad still means this batch is broken.
+            oks.append(torch.isfinite(torch.stack(torch._foreach_norm(factor_grads))))
+            if not self._checked_grad_edits:
+                self._checked_grad_edits = True
+                self._warn_if_grads_edited(active_groups, reduced)
         if others:
             oks.append(self._update_others(others))
         ok = torch.stack([o.all() for o in oks]).all() if len(oks) > 1 else oks[0].all()
         for commit in commits:
             commit.write(ok)
         self._restore_others_unless(ok)
-        self._count_step([layer for _, observed, _ in active_groups for layer, _ in observed], ok)
+        self._count_step(observed_layers, ok)
+        self._record_skipped((~ok).to(torch.int64), "non-finite gradient, loss or update")
+        # Remember which gradients this step consumed: a second step() on the same ones is named as such.
+        self._consumed = {layer.index: _grad_version(layer) for layer in observed_layers}
 
     def _count_step(self, layers: List[LoRALayer], ok: Tensor) -> None:
         """Count the step (and a skipped one) per observed layer without a host synchronisation."""
@@ -354,17 +420,32 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
                 t.copy_(torch.where(ok, t, old))
         self._others_before = []
 
-    def _missing(self, layer: Optional[LoRALayer]) -> None:
+    def _missing(self, layer: Optional[LoRALayer], obs: Optional[LayerObservation] = None) -> None:
+        name = type(self).__name__
         if layer is None:
             msg = (
-                f"{type(self).__name__}.step() was called without a preceding backward: no LoRA layer recorded "
-                "activations and no parameter has a gradient. Run loss.backward() before step()."
+                f"{name}.step() was called without a preceding backward: no LoRA layer recorded activations and no "
+                "parameter has a gradient. Run loss.backward() before step(). (If the model switched adapters with "
+                "set_adapter(), the layers this optimizer hooks were not used: build an optimizer for the active "
+                "adapter.)"
+            )
+        elif obs is not None and obs.pairs:
+            msg = (
+                f"{name}: {layer.describe()} received an empty batch (0 rows reached it since the last step). Skip "
+                "empty batches before the forward pass (e.g. DataLoader(drop_last=True) or a length check)."
+            )
+        elif self._consumed.get(layer.index) == _grad_version(layer):
+            msg = (
+                f"{name}.step() was called again on the gradient of a backward that an earlier step() already "
+                "used (each backward's activations are consumed by one step). Call optimizer.zero_grad(), then "
+                "forward and backward, before each step()."
             )
         else:
             msg = (
-                f"{type(self).__name__}: {layer.describe()} has a gradient but no captured activations. Create the "
-                "optimizer before the forward pass (its hooks record the LoRA inputs), keep torch.is_grad_enabled() "
-                "during that forward, and do not call optimizer.zero_grad() between backward() and step()."
+                f"{name}: {layer.describe()} has a gradient but no captured activations. Create the optimizer before "
+                "the forward pass (its hooks record the LoRA inputs), keep torch.is_grad_enabled() during that "
+                "forward, and do not call optimizer.zero_grad() (or another optimizer's) between backward() and "
+                "step()."
             )
         if self._strict:
             raise RuntimeError(msg)
@@ -372,6 +453,40 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(msg + " (strict=False: skipped)", stacklevel=4)
+
+    def _warn_if_grads_edited(self, active_groups, reduced) -> None:
+        """Once, on the first step: warn if the LoRA factors' ``.grad`` no longer matches the captured gradient
+        (``clip_grad_norm_``, masking or scaling after backward).  PSI steps with the captured full-weight gradient,
+        so such edits would be silently ignored.  One host synchronisation, on the first step only."""
+        worst = []
+        for _, observed, _ in active_groups:
+            for layer, obs in observed:
+                if layer.A.grad is None or obs.left is None and obs.G is None and not obs.x_rows:
+                    continue
+                root = math.sqrt(layer.scaling)
+                f64 = torch.float64  # once per optimizer: precision over speed
+                B_eff = layer.b_matrix(f64) * root
+                if obs.left is not None:  # stream: left[:r] = B~^T G
+                    BtG = reduced[id(obs)]["left"][: layer.rank].to(f64)
+                elif obs.G is not None:
+                    BtG = B_eff.mT @ obs.G.to(f64)
+                else:
+                    X, S = obs.rows()
+                    BtG = (S.to(f64) @ B_eff).mT @ X.to(f64)
+                expected = BtG * root  # dL/dA = s B^T G = sqrt(s) B~^T G
+                got = layer.A.grad.detach().to(f64).reshape(expected.shape)
+                scale = expected.norm() + got.norm() + 1e-30
+                # A 16-bit .grad is rounded (~1e-2 relative); an edit (clipping, masking) changes far more.
+                tol = 1e-3 if layer.A.grad.dtype in (torch.float32, torch.float64) else 5e-2
+                worst.append((got - expected).norm() / scale / tol)
+        if worst and bool(torch.stack(worst).max() > 1.0) and not self._dist.active:
+            warnings.warn(
+                f"{type(self).__name__}: the LoRA factors' .grad differs from the gradient captured in backward (was it "
+                "clipped, masked or scaled after loss.backward()?). PSI optimizers step with the captured full-weight "
+                "gradient and ignore such edits: clip with the optimizer's max_grad_norm=, and mask or scale the loss "
+                "instead of .grad.",
+                stacklevel=4,
+            )
 
     # ------------------------------------------------------------------------------------------- reductions
 
@@ -440,6 +555,16 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
                     parts.append(obs.grad_sq_norm())
                 else:
                     bounds.append(obs.grad_norm_bound)
+                    if obs.pairs > 1 and not self._warned_accumulated_clip:
+                        self._warned_accumulated_clip = True
+                        warnings.warn(
+                            f"{type(self).__name__}: gradient accumulation with max_grad_norm > 0 in streaming mode "
+                            "(inner_iters=0) clips by the sum of the micro-batches' gradient norms, an upper bound "
+                            "of the accumulated gradient's norm: when clipping is active the step is smaller than "
+                            "that of one large batch. For exact clipping under accumulation pass capture='rows' "
+                            "(it keeps the rows or the dense gradient until step()).",
+                            stacklevel=4,
+                        )
             grads += [p.grad for p in with_grad]
         device = (dense + bounds + grads + parts)[0].device
         if dense:
@@ -514,12 +639,13 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
         A_params, B_params = [layer.A for layer in layers], [layer.B for layer in layers]
         # Plain fp32 matrices (PEFT Linear with fp32 adapters) are stacked as they are: a per-layer reshape/cast
         # would cost a dispatcher call per layer, and host time is what bounds this step.
-        plain = all(a.dim() == 2 and a.dtype == torch.float32 for a in A_params + B_params)
+        dtype = _compute_dtype(layers[0])
+        plain = all(a.dim() == 2 and a.dtype == dtype for a in A_params + B_params)
         if plain:
             A_raw, B_raw = torch.stack(A_params), torch.stack(B_params)
         else:
-            A_raw = torch.stack([layer.a_matrix(torch.float32) for layer in layers])
-            B_raw = torch.stack([layer.b_matrix(torch.float32) for layer in layers])
+            A_raw = torch.stack([layer.a_matrix(dtype) for layer in layers])
+            B_raw = torch.stack([layer.b_matrix(dtype) for layer in layers])
         first = items[0][1]
         if first.left is not None:
             grad = Gradient(torch.stack([red["left"] for red in reds]), torch.stack([red["right"] for red in reds]),
@@ -816,8 +942,12 @@ class ScaledPSILoRA(_ProjectedSubspaceOptimizer):
         return self._loss_reduction == "mean"
 
     def _init_metric_state(self, layer):
-        self.state[layer.A]["metric_in"] = torch.ones(layer.d_in, device=layer.A.device)
-        self.state[layer.B]["metric_out"] = torch.ones(layer.d_out, device=layer.B.device)
+        # The reference starts the EMA at one; a bias-corrected EMA starts at zero (functional.metrics.debias).
+        group = self.param_groups[self._group_index(layer)]
+        start = torch.zeros if group.get("bias_correction", False) else torch.ones
+        dtype = _compute_dtype(layer)
+        self.state[layer.A]["metric_in"] = start(layer.d_in, device=layer.A.device, dtype=dtype)
+        self.state[layer.B]["metric_out"] = start(layer.d_out, device=layer.B.device, dtype=dtype)
 
     def _metric_input(self, group, layers, reds) -> MetricInput:
         """The stacked metric EMAs and this step's statistics (``(L, d_in)``, ``(L, d_out)``)."""
@@ -931,6 +1061,17 @@ def create_proj_psi_lora_optimizer(
 create_psi_lora_optimizer.forwards_to = PSILoRA  # type: ignore[attr-defined]
 create_proj_psi_lora_optimizer.forwards_to = ProjPSILoRA  # type: ignore[attr-defined]
 create_scaled_psi_lora_optimizer.forwards_to = ScaledPSILoRA  # type: ignore[attr-defined]
+
+
+def _compute_dtype(layer: LoRALayer) -> torch.dtype:
+    """fp32 for 16- and 32-bit factors (state and math stay fp32), fp64 for fp64 factors (the reference tests)."""
+    return torch.promote_types(layer.A.dtype, torch.float32)
+
+
+def _grad_version(layer: LoRALayer) -> Tuple[int, int]:
+    """Identity and in-place version of ``lora_A``'s gradient: host-side, no synchronisation."""
+    grad = layer.A.grad
+    return (0, -1) if grad is None else (id(grad), grad._version)
 
 
 def _check_balance(value: str) -> None:
