@@ -4,6 +4,11 @@ Each configuration runs 5 fp32 steps three ways under FSDP2: plain, with 2 micro
 per step, and resumed in the middle (after step 2 the model and optimizer state are saved with
 ``torch.distributed.checkpoint`` state dicts, a fresh sharded model and optimizer are built and loaded, and training
 goes on). Every way must end within 1e-5 of the uninterrupted single-process run on the whole batch.
+
+On CPU the ranks use gloo. ``LORAOPT_TEST_DEVICE=cuda`` runs the same ranks on two GPUs with NCCL (the reference
+single process stays on the CPU):
+
+    LORAOPT_TEST_DEVICE=cuda python -m pytest tests/test_fsdp.py -q -p no:xdist
 """
 
 import os
@@ -18,6 +23,9 @@ import loraopt
 from toys import loss_fn, make_batch, make_model
 
 STEPS, BATCH, WORLD, RESUME_AT, TOL = 5, 16, 2, 2, 1e-5
+DEVICE = os.environ.get("LORAOPT_TEST_DEVICE", "cpu")
+if DEVICE == "cuda" and torch.cuda.device_count() < WORLD:
+    pytest.skip(f"LORAOPT_TEST_DEVICE=cuda needs {WORLD} GPUs", allow_module_level=True)
 
 CONFIGS = {
     "adamw": ("adamw", dict(lr=1e-2, weight_decay=0.01)),
@@ -44,7 +52,7 @@ def shard_model(model):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    mesh = init_device_mesh(DEVICE, (dist.get_world_size(),))
     for module in model.modules():
         if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
             fully_shard(module, mesh=mesh)
@@ -57,6 +65,8 @@ def _build(config, sharded, swap=False, configs=CONFIGS):
     model, shard the model, then replace the optimizer's parameters by the sharded ones (matched by name)."""
     name, kwargs = configs[config]
     model = make_model("mlp")
+    if sharded and DEVICE != "cpu":
+        model.to(torch.device(DEVICE, torch.cuda.current_device()))
     if sharded and not swap:
         shard_model(model)
     opt = loraopt.create_optimizer(name, model, **kwargs)
@@ -79,6 +89,8 @@ def _one_step(config, model, opt, t, rank, world, accum):
     x, y = make_batch("mlp", n=BATCH, seed=100 + t)
     per_rank = BATCH // world
     x, y = x[rank * per_rank : (rank + 1) * per_rank], y[rank * per_rank : (rank + 1) * per_rank]
+    device = next(model.parameters()).device
+    x, y = x.to(device), y.to(device)
     opt.zero_grad()
     micro = 2 if accum else 1
     size = per_rank // micro
@@ -111,13 +123,19 @@ def train(config, mode="plain", rank=0, world=1, sharded=False, ckpt=None):
         if mode == "resume" and t == RESUME_AT and sharded:
             model, opt = _save_and_reload(config, model, opt, ckpt)
         _one_step(config, model, opt, t, rank, world, accum=mode == "accum")
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()}
+    return {
+        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone()
+        for n, p in model.named_parameters()
+    }
 
 
 def _worker(rank, out_dir, configs):
     torch.set_num_threads(1)
     rendezvous = "file://" + os.path.join(out_dir, "rendezvous")
-    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=WORLD)
+    if DEVICE == "cuda":
+        torch.cuda.set_device(rank)
+    backend = "nccl" if DEVICE == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=rendezvous, rank=rank, world_size=WORLD)
     try:
         for config, (name, kwargs) in REFUSED.items():
             try:
@@ -178,7 +196,7 @@ def test_fsdp2_two_ranks_equal_single_process(config, mode, fsdp_results):
         worst = max(worst, float((a - p).abs().max()))
     print(f"{config} {mode}: max |FSDP2 - single| = {worst:.2e}")
     assert worst <= TOL, (config, mode, worst)
-    moved = max(float((single[n] - p).abs().max()) for n, p in make_model("mlp").named_parameters())
+    moved = max(float((single[n] - p.detach()).abs().max()) for n, p in make_model("mlp").named_parameters())
     assert moved > 1e-4, "the run did not train"
 
 
@@ -203,3 +221,39 @@ def test_deepspeed_and_fsdp1_are_refused_naming_fsdp2(name, wrapper):
     with pytest.raises(NotImplementedError, match="FSDP2") as info:
         loraopt.create_optimizer(name, wrapped, **kwargs)
     assert wrapper in str(info.value) and "fully_shard" in str(info.value)
+
+
+EXAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "fsdp2_trainer.py")
+
+
+def test_fsdp2_trainer_example_builds_its_arguments():
+    import subprocess
+
+    out = subprocess.run([sys.executable, EXAMPLE, "--check"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "fsdp: True 2 optimizer: svdlora" in out.stdout, out.stdout
+
+
+def test_accelerate_config_selects_fsdp_version_2():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(os.path.join(os.path.dirname(EXAMPLE), "accelerate_fsdp2.yaml"))
+    assert str(config.distributed_type) == "FSDP" or config.distributed_type.value == "FSDP"
+    assert config.fsdp_config["fsdp_version"] == 2
+    assert config.fsdp_config["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+
+
+@pytest.mark.slow
+def test_fsdp2_trainer_example_trains_and_resumes_with_torchrun(tmp_path):
+    """A real 2-process run of the example on CPU. accelerate runs it as plain data parallelism there (it enables
+    FSDP only on accelerators); the run still exercises the factory, Trainer and resume_from_checkpoint."""
+    import subprocess
+
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    out = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", EXAMPLE,
+         "--optimizer", "svdlora", "--resume-check", "--output-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=os.path.dirname(EXAMPLE),
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "max |diff| = 0.00e+00" in out.stdout, out.stdout
