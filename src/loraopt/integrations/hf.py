@@ -24,6 +24,12 @@ Scaled PSI-LoRA never read the LoRA ``.grad`` and clip internally instead.  Fact
 
 Checkpoints: Trainer saves ``optimizer.state_dict()`` and reloads it with ``torch.load(..., weights_only=True)``;
 loraopt state is tensor-only, so ``trainer.train(resume_from_checkpoint=...)`` restores the optimizer exactly.
+
+FSDP2 (accelerate's FSDP plugin with ``fsdp_version: 2``): use the factory path. Trainer builds the optimizer on the
+unsharded model and accelerate then swaps the sharded (DTensor) parameters into it; the loraopt optimizers follow
+that swap at their next ``step()``. Sharded checkpoints (``SHARDED_STATE_DICT``) go through
+``torch.distributed.checkpoint``. See ``examples/fsdp2_trainer.py`` and ``benchmarks/notes/distributed.md`` for
+which optimizers run under FSDP2.
 """
 
 from __future__ import annotations
@@ -338,8 +344,9 @@ class LoKOTrainer(Trainer):
             )
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             raise NotImplementedError(
-                "LoKOTrainer does not support FSDP or DeepSpeed (sharded or flattened parameters): use DDP or a "
-                "single process"
+                "LoKOTrainer does not support FSDP or DeepSpeed (sharded or flattened parameters): its output "
+                "observations need per-output Jacobian rows of the whole parameters. Use DDP or a single process, or "
+                "LoKOScalarTrainer (observation='loss'), which runs under FSDP2"
             )
 
     def loko_observation(self, model: nn.Module, logits: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
