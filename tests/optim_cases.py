@@ -41,7 +41,8 @@ CASES = [
     Case("riemannian-adamw", "riemannian-adamw", dict(lr=2e-3), kinds=("mlp", "gpt2")),
     Case("psi-k1-momentum", "psi-lora", dict(lr=0.1, inner_iters=1, momentum=0.9), structured=True),
     Case("psi-k0-stream", "psi-lora", dict(lr=0.1, inner_iters=0, momentum=0.9), structured=True, streams=True),
-    Case("psi-k2-clip", "psi-lora", dict(lr=0.1, inner_iters=2, max_grad_norm=0.5, weight_decay=0.01), structured=True),
+    Case("psi-k2-clip", "psi-lora", dict(lr=0.1, inner_iters=2, max_grad_norm=0.5, weight_decay=0.01, momentum=0.0,
+                                         other_optimizer="sgd"), structured=True),
     Case("scaled-k0-kfac", "scaled-psi-lora", dict(lr=0.1, other_lr=1e-2), structured=True, streams=True),
     Case(
         "scaled-k1-shampoo", "scaled-psi-lora",
@@ -359,7 +360,8 @@ def _load_rows(case: Case) -> List[ErrorInput]:
     ]
     stateless = case.name in ("sgd", "riemannian-sgd") and not case.kwargs.get("momentum")
     # PSI-LoRA without momentum (and an SGD head without momentum) keeps only scalar counters.
-    no_shaped_state = case.name == "psi-lora" and not case.kwargs.get("momentum")
+    no_shaped_state = (case.name == "psi-lora" and case.kwargs.get("momentum") == 0
+                       and case.kwargs.get("other_optimizer") == "sgd")
     if stateless or case.name == "svdlora" or no_shaped_state:
         rows.append(ErrorInput(
             "other-lora-ranks-untagged", "load", lambda c, o, m: _strip_tags(_trained(c, r=2)[1].state_dict()),

@@ -116,7 +116,8 @@ def test_proj_without_momentum_is_psi_without_momentum(inner_iters):
 def test_proj_jacobi_without_momentum_is_peft_riemannian_sgd():
     lr, lmbd, jitter = 0.05, 0.1, 1e-6
     a, b = make_model("mlp", lora_alpha=4), make_model("mlp", lora_alpha=4)
-    proj = loraopt.create_optimizer("proj-psi-lora", a, lr=lr, inner_iters=0, lmbd=lmbd, jitter=jitter, momentum=0.0)
+    proj = loraopt.create_optimizer("proj-psi-lora", a, lr=lr, inner_iters=0, lmbd=lmbd, jitter=jitter, momentum=0.0,
+                                    max_grad_norm=0.0, other_optimizer="sgd")
     rp = loraopt.create_optimizer("riemannian-sgd", b, lr=lr, reg=lr * lmbd + jitter)
     for t in range(3):
         x, y = make_batch("mlp", seed=t)
@@ -135,7 +136,8 @@ def test_proj_two_steps_equal_a_dense_hand_computation():
     lam = lr * lmbd
     model = _lora_model(dtype=F64)
     layer = find_lora_layers(model)[0]
-    opt = loraopt.create_optimizer("proj-psi-lora", model, lr=lr, inner_iters=0, lmbd=lmbd, jitter=0.0, momentum=mu)
+    opt = loraopt.create_optimizer("proj-psi-lora", model, lr=lr, inner_iters=0, lmbd=lmbd, jitter=0.0, momentum=mu,
+                                   max_grad_norm=0.0)
     base = model.base_model.model[0].base_layer
     W0, bias = base.weight.detach().clone(), base.bias.detach().clone()
     g = torch.Generator().manual_seed(0)

@@ -127,6 +127,8 @@ class ScaledSetting:
 # Used by --quick (no sweep): what the full sweep picks in the deterministic mode.
 QUICK_SCALED = ScaledSetting(lr=0.3, beta1=0.0, max_grad_norm=0.0)
 SCALED_LR_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+# The paper's metric (the library's defaults are the scale-free metric, chosen on the realistic suites).
+SCALED_PAPER_SETTINGS = dict(metric_scale="absolute", bias_correction=False, damping=1e-5, momentum_prox=None)
 SCALED_BETA1_GRID = (0.9, 0.0)  # library default, and no momentum (the deterministic protocol's μ = 0)
 SCALED_CLIP_GRID = (1.0, 0.0)  # library default internal clipping, and none (no other method here clips)
 
@@ -249,11 +251,12 @@ def method_config(
         setting = scaled or QUICK_SCALED
         return "scaled-psi-lora", dict(
             lr=setting.lr, betas=(setting.beta1, 0.99), max_grad_norm=setting.max_grad_norm, loss_reduction="sum",
-            seed=seed,
+            seed=seed, **SCALED_PAPER_SETTINGS,
         )
     iters, rank_mult = _parse_psi(method)
     return "psi-lora", dict(
-        lr=lrs["psi"], inner_iters=iters, lmbd=PSI_LMBD, momentum=mu, rank_mult=rank_mult, seed=seed
+        lr=lrs["psi"], inner_iters=iters, lmbd=PSI_LMBD, momentum=mu, rank_mult=rank_mult, seed=seed,
+        max_grad_norm=0.0,
     )
 
 

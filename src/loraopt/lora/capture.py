@@ -262,12 +262,12 @@ class GradientCapture:
         obs.n_rows += n
         s_inv = 1.0 / scaling
         if self.mode == "rows":
-            if self._dense_rows(layer, obs) and obs.G is not None and not self.shampoo_stats:
+            # Shampoo statistics are computed once at step time from the whole step's G (exact under
+            # accumulation, see observation()).
+            if self._dense_rows(layer, obs) and obs.G is not None:
                 self._gram(layer, g_rows, x_rows, s_inv, out=obs.G)  # accumulate in place: one launch
             elif self._dense_rows(layer, obs):
                 gm = self._gram(layer, g_rows, x_rows, s_inv)
-                if self.shampoo_stats:  # per micro-batch, before earlier rows are folded in
-                    self._shampoo_from_dense(obs, gm)
                 if obs.x_rows:  # earlier micro-batches were kept as rows: fold them in, keep one representation
                     for xr, gr in zip(obs.x_rows, obs.g_rows):
                         gm = gm.add_(self._gram(layer, gr, xr, s_inv))
@@ -283,8 +283,6 @@ class GradientCapture:
                     )
                 obs.x_rows.append(x_rows)
                 obs.g_rows.append(g_rows)
-                if self.shampoo_stats:
-                    self._shampoo_from_rows(obs, g_rows, x_rows, s_inv)
         else:
             probes = self._probes_ref()
             if probes is None:  # the optimizer that owned these hooks is gone
@@ -386,14 +384,25 @@ class GradientCapture:
         obs.shampoo_out = _add(obs.shampoo_out, sq.sum(1))  # diag(G_m G_m^T)
 
     def _shampoo_from_rows(self, obs: LayerObservation, g_rows: Tensor, x_rows: Tensor, s_inv: float) -> None:
-        xf, sf = x_rows.float(), g_rows.float() * s_inv
+        dtype = torch.promote_types(x_rows.dtype, torch.float32)
+        xf, sf = x_rows.to(dtype), g_rows.to(dtype) * s_inv
         obs.shampoo_in = _add(obs.shampoo_in, (xf * ((sf @ sf.mT) @ xf)).sum(0))
         obs.shampoo_out = _add(obs.shampoo_out, (sf * ((xf @ xf.mT) @ sf)).sum(0))
 
     # ------------------------------------------------------------------------------------------------ access
 
     def observation(self, layer: LoRALayer) -> LayerObservation:
-        return self.observations[layer.index]
+        """What ``layer`` recorded since the last clear.  In rows mode the Shampoo statistics are computed here,
+        from the whole step's gradient: ``diag(G^T G)`` of the accumulated ``G``, exact under gradient accumulation
+        (stream mode can only sum per-micro-batch statistics)."""
+        obs = self.observations[layer.index]
+        if self.mode == "rows" and self.shampoo_stats and not obs.empty and obs.shampoo_in is None:
+            if obs.G is not None:
+                self._shampoo_from_dense(obs, obs.G)
+            else:
+                x, s = obs.rows()
+                self._shampoo_from_rows(obs, s, x, 1.0)
+        return obs
 
     def clear(self) -> None:
         """Drop everything recorded (after a step, or on ``zero_grad``)."""
