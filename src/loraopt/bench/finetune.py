@@ -37,6 +37,7 @@ import argparse
 import ast
 import difflib
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -114,7 +115,7 @@ TASK_INSTALL = {MNIST: assets.INSTALL_COMMANDS["mnist5k"], DIGITS: assets.INSTAL
 
 # Used when --lr is not given: per method, an lr that did well in both GPU sweeps of benchmarks/README.md (SST-2 /
 # MiniLM and Fashion-MNIST / EfficientNet), preferring the safer side (AdamW 1e-2 won on SST-2 but diverged on
-# EfficientNet). PSI-LoRA's default has no momentum, so its lr is ~10x the sweeps' (which used momentum 0.9).
+# EfficientNet). The PSI family is absent: its factories' defaults are the recommended settings (lr included).
 # Methods not swept keep the spec's value (psi-lora.md §7) or the optimizer's own default.
 DEFAULT_LRS = {
     "adamw": 3e-3,
@@ -123,12 +124,20 @@ DEFAULT_LRS = {
     "lora-plus": 3e-4,
     "riemannian-sgd": 2e-3,
     "riemannian-adamw": 3e-3,
-    "psi-lora": 3e-2,
-    "proj-psi-lora": 1e-2,
-    "scaled-psi-lora": 0.2,
     "svdlora": 1e-2,
     "loko": 1.0,
 }
+# Optimizers whose factory carries the recommended lr (FinetuneConfig.resolved_lr reads it from there).
+LIBRARY_LR_OPTIMIZERS = ("psi-lora", "proj-psi-lora", "scaled-psi-lora")
+
+
+def _library_lr(name: str) -> float:
+    from ..optim.registry import optimizer_hyperparameters
+
+    default = optimizer_hyperparameters(name).get("lr", inspect.Parameter.empty)
+    return 1e-3 if default is inspect.Parameter.empty else float(default)
+
+
 # These clip the full-weight gradient themselves (README: "no clip_grad_norm_"); LoKO has no gradient to clip.
 CLIPS_INTERNALLY = ("psi-lora", "proj-psi-lora", "scaled-psi-lora", "loko")
 LOKO = "loko"
@@ -159,7 +168,7 @@ EXIT_DIVERGED = 3
 class FinetuneConfig:
     """Everything one fine-tuning run depends on; written verbatim to ``config.json``.
 
-    ``lr=None`` takes :data:`DEFAULT_LRS`; ``lora_alpha=None`` is the rank (LoRA scale 1); ``lora_dropout=None``
+    ``lr=None`` takes :data:`DEFAULT_LRS`, or the factory's default lr (the PSI family); ``lora_alpha=None`` is the rank (LoRA scale 1); ``lora_dropout=None``
     is the model recipe's. ``hp`` holds extra optimizer hyperparameters (``create_optimizer`` keyword arguments).
     ``eval_every=0`` evaluates only before and after training. ``schedule="auto"`` is a linear decay to 0 for
     gradient optimizers and constant for LoKO, whose Kalman gain shrinks by itself.
@@ -235,7 +244,12 @@ class FinetuneConfig:
         return self.optimizer.lower().replace("_", "-")
 
     def resolved_lr(self) -> float:
-        return float(self.lr) if self.lr is not None else DEFAULT_LRS.get(self.optimizer_key, 1e-3)
+        if self.lr is not None:
+            return float(self.lr)
+        if self.optimizer_key in DEFAULT_LRS:
+            return DEFAULT_LRS[self.optimizer_key]
+        # The optimizers with recommended settings carry their lr as the factory's default.
+        return _library_lr(self.optimizer_key)
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -1387,7 +1401,9 @@ def finetune_parser() -> argparse.ArgumentParser:
                              "images and labels, or hf:NAME[:CONFIG]")
     parser.add_argument("--optimizer", required=True, help=f"one of: {', '.join(sorted(OPTIMIZERS))}")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: per optimizer, "
-                        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LRS.items()) + ")")
+                        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LRS.items())
+                        + "; " + ", ".join(f"{k} {_library_lr(k):g}" for k in LIBRARY_LR_OPTIMIZERS)
+                        + " (the library's defaults))")
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the LoRA initialisation and the batch order")
     parser.add_argument("--out", default=None, help="run directory (default runs/finetune/<model>-<task>-<opt>-<time>)")
@@ -1565,9 +1581,10 @@ DEMO_PACKAGES = {  # import name -> the pip command that installs it (all pure d
 # to two decades too small on image streams).
 DEMO_METHODS = {
     "adamw": ("AdamW", {"lr": 3e-3}),
-    "psi-lora": ("PSI-LoRA", {"lr": 1e-2, "hp": {"momentum": 0.9}}),
-    # The fresh head takes Adam at 1e-3 (the default 1e-4 suits epochs of training, not 100 steps).
-    "scaled-psi-lora": ("Scaled PSI-LoRA", {"lr": 0.6, "hp": {"other_lr": 1e-3}}),
+    # The PSI family at the library's defaults (no lr given): what a user gets from create_optimizer(name, model).
+    "psi-lora": ("PSI-LoRA", {"lr": None}),
+    "proj-psi-lora": ("Proj. PSI-LoRA", {"lr": None}),
+    "scaled-psi-lora": ("Scaled PSI-LoRA", {"lr": None}),
     "loko": ("LoKO", {"lr": 1.0, "hp": {"p_init": "score"}}),
 }
 DEMO_PROTOCOL = dict(steps=100, batch_size=16, eval_every=25, image_size=32, eval_limit=500)
