@@ -1683,9 +1683,9 @@ def _write_demo_outputs(out: Path, results: Dict[str, Any], wall: float) -> None
     for key, (label, config, metrics) in results.items():
         history = metrics["history"]
         start_acc, final_acc = history[0]["accuracy"], metrics["final"]["accuracy"]
-        rows.append([label, f"{config.lr:g}", f"{start_acc:.3f}", f"{final_acc:.3f}",
+        rows.append([label, f"{config.resolved_lr():g}", f"{start_acc:.3f}", f"{final_acc:.3f}",
                      f"{metrics['final']['eval_loss']:.3f}", f"{metrics['seconds_per_step']:.3f}"])
-        payload[key] = {"label": label, "lr": config.lr, "hp": config.hp, "history": history,
+        payload[key] = {"label": label, "lr": config.resolved_lr(), "hp": config.hp, "history": history,
                         "final": metrics["final"], "seconds_per_step": metrics["seconds_per_step"]}
         for ax, x in ((axes[0], "step"), (axes[1], "seconds")):
             ax.plot([r[x] for r in history], [r["accuracy"] for r in history], marker="o", label=label)
