@@ -357,7 +357,7 @@ def convert_smollm2(*, cache_dir: str | os.PathLike | None = None, force: bool =
         stamp = {
             "gguf_file": str(gguf_path),
             "gguf_sha256": source_hash,
-            "converted_by": "loraopt.bench.assets.convert_smollm2",
+            "converted_by": "loraopt_bench.assets.convert_smollm2",
             "conversion_seconds": round(time.perf_counter() - started, 1),
         }
         (staging / SMOLLM2_STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
