@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from .._optional import require
 from ..lora.layers import NoLoRALayersError, split_lora_parameters
 from .base import (
     CheckedStateDict,
@@ -315,7 +316,7 @@ def create_lora_plus_optimizer(
 ) -> Optimizer:
     """LoRA+ (Hayou et al. 2024, arXiv 2402.12354): ``lora_B`` at ``lr * loraplus_lr_ratio``.  This is PEFT's
     ``create_loraplus_optimizer``; extra keyword arguments go to the base optimizer (AdamW by default)."""
-    from peft.optimizers import create_loraplus_optimizer
+    create_loraplus_optimizer = require("peft.optimizers", "peft", "lora-plus").create_loraplus_optimizer
 
     _check_lr(lr)
     check_positive("loraplus_lr_ratio", loraplus_lr_ratio)
@@ -342,7 +343,7 @@ def create_rplora_optimizer(
     ``g_B <- g_B (A A^T + reg I)^-1``, then ``optimizer_cls``.  This is PEFT's ``create_riemannian_optimizer``
     (which preconditions the raw factors, i.e. assumes LoRA scaling 1), made closure-friendly.
     """
-    from peft.optimizers import create_riemannian_optimizer
+    create_riemannian_optimizer = require("peft.optimizers", "peft", "riemannian-adamw").create_riemannian_optimizer
 
     _check_lr(lr)
     check_positive("reg", reg)
