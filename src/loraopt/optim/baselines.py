@@ -93,8 +93,7 @@ class _BaselineGuard(SkippedStepCounter, CheckedStateDict):
         super().add_param_group(param_group)  # type: ignore[misc]
 
     def _grads_finite(self) -> bool:
-        by_device: Dict[Any, list] = {}
-        sharded = []
+        grads, sharded = [], []
         for group in self.param_groups:  # type: ignore[attr-defined]
             for p in group["params"]:
                 g = p.grad
@@ -103,13 +102,9 @@ class _BaselineGuard(SkippedStepCounter, CheckedStateDict):
                 if is_dtensor(g):  # FSDP2: check this rank's shard, then agree with the other ranks below
                     sharded.append(g)
                     g = g.to_local()
-                by_device.setdefault(g.device, []).append(g.coalesce()._values() if g.is_sparse else g)
-        finite = True
-        for grads in by_device.values():
-            norms = torch._foreach_norm(grads, float("inf"))  # max |g|: NaN/inf iff some entry is
-            if not bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
-                finite = False
-                break
+                grads.append(g.coalesce()._values() if g.is_sparse else g)
+        # max |g| over every gradient: NaN/inf iff some entry is
+        finite = not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, float("inf"))))
         # One rank skipping while another steps would make the shards of one parameter disagree.
         return all_ranks_true(finite, sharded)
 

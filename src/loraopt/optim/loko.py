@@ -1263,14 +1263,14 @@ def _lr_value(lr: Any) -> float:
 
 
 def _flatten(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
-    """``(sum numel,)``: the tensors concatenated in order, in ``dtype`` (one C++ call instead of a reshape and a cast
-    per tensor; called under ``no_grad``)."""
-    return torch._C._nn.flatten_dense_tensors(list(tensors)).to(dtype)
+    """``(sum numel,)``: the tensors concatenated in order, in ``dtype`` (one cast for all; called under
+    ``no_grad``)."""
+    return torch.cat([t.reshape(-1) for t in tensors]).to(dtype)
 
 
 def _unflatten(flat: Tensor, like: Sequence[Tensor]) -> List[Tensor]:
     """Views of ``flat`` shaped like ``like`` (the inverse of :func:`_flatten`)."""
-    return list(torch._C._nn.unflatten_dense_tensors(flat, list(like)))
+    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in like]), like)]
 
 
 def _per_coordinate(active, key: str, dtype: torch.dtype, device: torch.device) -> Union[float, Tensor]:

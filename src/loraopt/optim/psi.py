@@ -568,15 +568,12 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
             grads += [p.grad for p in with_grad]
         device = (dense + bounds + grads + parts)[0].device
         if dense:
-            parts.append(torch.stack(torch._foreach_norm(dense)).square().sum())
+            parts.append(torch.nn.utils.get_total_norm(dense).square())
         if bounds:
             parts.append(torch.stack(bounds).square().sum())
-        if grads:
-            norms = [torch.linalg.vector_norm(g.float()) for g in grads if g.dtype != torch.float32]
-            fp32 = [g for g in grads if g.dtype == torch.float32]
-            if fp32:
-                norms += list(torch._foreach_norm(fp32))
-            parts.append(torch.stack([t.to(device) for t in norms]).square().sum())
+        if grads:  # in fp32 at least (a bf16 norm would round the clipping coefficient)
+            grads = [g if g.dtype == torch.float32 else g.float() for g in grads]
+            parts.append(torch.nn.utils.get_total_norm(grads).square())
         sq = torch.stack([t.to(device) for t in parts]).sum()
         norm = self._dist.mean(sq.sqrt())
         coefs: List[Optional[Tensor]] = []
