@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import platform
 import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional, Tuple, Union
@@ -38,6 +39,7 @@ __all__ = [
     "busy_cores",
     "set_cpu_threads",
     "torch_threads",
+    "versions",
 ]
 
 GRADIENT, OUTPUTS, LOSS = "gradient", "outputs", "loss"
@@ -154,6 +156,17 @@ def mean_std(values: Any) -> Tuple[Any, Any]:
     if mean.ndim == 0:
         return float(mean), float(std)
     return mean, std
+
+
+def versions() -> dict:
+    """The versions a result depends on: loraopt, torch, transformers, peft, python."""
+    import peft
+    import transformers
+
+    from loraopt import __version__ as loraopt_version
+
+    return {"loraopt": loraopt_version, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "python": platform.python_version()}
 
 
 # ------------------------------------------------------------------------------------------------- threads

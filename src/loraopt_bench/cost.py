@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .common import feed
+from .common import feed, versions
 
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -385,13 +385,7 @@ def cmd_run(args) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     os.makedirs(args.out, exist_ok=True)
     info: Dict[str, Any] = dict(label=args.label, torch=torch.__version__, device=str(device))
-    try:
-        import peft
-        import transformers
-
-        info.update(transformers=transformers.__version__, peft=peft.__version__)
-    except Exception:
-        pass
+    info.update(versions())
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
         info["gpu_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory

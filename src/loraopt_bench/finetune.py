@@ -77,7 +77,7 @@ from .data import (
     tokenize_text,
     train_test_split,
 )
-from .common import feed, jsonable, set_cpu_threads
+from .common import feed, jsonable, set_cpu_threads, versions
 from .report import OutputPathError, check_output_dir, check_output_file, save_figure_atomic, write_atomic
 
 __all__ = [
@@ -834,16 +834,6 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _versions() -> Dict[str, str]:
-    import peft
-    import transformers
-
-    from loraopt import __version__ as loraopt_version
-
-    return {"loraopt": loraopt_version, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "python": platform.python_version()}
-
-
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
@@ -989,7 +979,7 @@ def run_finetune(
             "model_info": jsonable(spec.info),
             "data": jsonable(task.info),
             "device": _device_name(device),
-            "versions": _versions(),
+            "versions": versions(),
             "command": command,
         },
     }

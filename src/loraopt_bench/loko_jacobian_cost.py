@@ -50,7 +50,7 @@ from torch import nn
 
 import loraopt
 
-from .common import feed, set_cpu_threads
+from .common import feed, set_cpu_threads, versions
 from .cost import Timer, build_model
 from .data import project_root
 
@@ -375,13 +375,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     info: Dict[str, Any] = dict(torch=torch.__version__, device=str(device), quick=args.quick,
                                 threads=torch.get_num_threads(), argv=sys.argv[1:])
-    try:
-        import peft
-        import transformers
-
-        info.update(transformers=transformers.__version__, peft=peft.__version__)
-    except Exception:
-        pass
+    info.update(versions())
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
         torch.backends.cuda.matmul.allow_tf32 = False  # the library's setting (fp32 filter math)

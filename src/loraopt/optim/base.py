@@ -512,6 +512,14 @@ class LoRAOptimizer(SkippedStepCounter, CheckedStateDict, Optimizer):
                 optimizer.state[param][key] = value.to(device=param.device, copy=True)
 
     @staticmethod
+    def _evaluate_closure(closure: Optional[Callable[[], Any]]) -> Any:
+        """``closure()`` with autograd enabled (``step`` runs under ``no_grad``), or ``None`` without a closure."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+    @staticmethod
     def _require_names(groups: List[Dict[str, Any]], factory: str) -> None:
         for group in groups:
             names = group.get("param_names")
