@@ -1,6 +1,6 @@
 """Datasets for the benchmarks and ``loraopt finetune``, read from local files only.
 
-Sources (see ``../shared/specs/assets.md``):
+Sources (see ``docs/specs/assets.md``):
 
 - SST-2 (``<data dir>/sst2/{train,dev}.tsv``, label first) and any ``label<TAB>text`` file.
 - tiny-shakespeare (``<data dir>/tinyshakespeare/input.txt``) or any text file, as fixed-length token blocks.

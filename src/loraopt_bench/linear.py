@@ -1,4 +1,4 @@
-"""``loraopt bench linear``: the synthetic linear task of the PSI-LoRA paper (``../shared/specs/psi-lora.md`` §7.1).
+"""``loraopt bench linear``: the synthetic linear task of the PSI-LoRA paper (``docs/specs/psi-lora.md`` §7.1).
 
 A rank-8 LoRA adapter on a zeroed, frozen ``nn.Linear(200, 600, bias=False)`` fits ``W★ᵀ`` with
 ``W★ = randn(200, 600)``; the inputs are the rows of ``I_200`` and the loss is ``Σ ‖ŷ − y‖²``.  The rank-8 optimum

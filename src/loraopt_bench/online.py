@@ -1,4 +1,4 @@
-"""``loraopt bench online``: single-pass, batch-1 streams on pretrained models (``specs/loko.md`` §11).
+"""``loraopt bench online``: single-pass, batch-1 streams on pretrained models (``docs/specs/loko.md`` §11).
 
 Every stream is *prequential*: each sample is predicted first (the prediction counts for the online metric) and
 then learned from, once. Methods: LoKO (softmax observation and the scalar-loss variant), AdamW and AdaGrad with a

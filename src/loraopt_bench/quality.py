@@ -2,7 +2,7 @@
 
 Suites (every method gets the same step budget, batch and data order per seed):
 
-- ``sst2``: GLUE SST-2 / MiniLM-L6, LoRA r = 8 on query, value + classifier (specs/psi-lora.md §7.4 stand-in);
+- ``sst2``: GLUE SST-2 / MiniLM-L6, LoRA r = 8 on query, value + classifier (docs/specs/psi-lora.md §7.4 stand-in);
   train on ``sst2/train.tsv``, dev accuracy.
 - ``lm``: causal LM / SmolLM2-135M on tiny-shakespeare (90/10 contiguous split), LoRA r = 8 on q/k/v/o
   (§7.6); validation loss and perplexity. LoKO observes the loss there (reported as LoKO-scalar).
@@ -122,7 +122,7 @@ SUITES: Dict[str, SuiteSpec] = {
         "lm", "Causal LM / SmolLM2-135M on tiny-shakespeare (validation loss)", "smollm2", "tinyshakespeare",
         tuple(LOKO_SCALAR if m.key == "loko" else m for m in _ALL),
         dict(steps=30, batch_size=4, block_size=128, eval_every=10, eval_limit=32, eval_batch_size=8),
-        notes=("LoKO observes the mean loss (observation='loss', specs/loko.md §9): a softmax observation over "
+        notes=("LoKO observes the mean loss (observation='loss', docs/specs/loko.md §9): a softmax observation over "
                "49,152 tokens is out of reach, so it is reported as LoKO-scalar.",),
     ),
     "vision": SuiteSpec(

@@ -1,4 +1,4 @@
-"""Hugging Face ``Trainer`` integration (``specs/integration.md`` §4).
+"""Hugging Face ``Trainer`` integration (``docs/specs/integration.md`` §4).
 
 Three ways to train with a loraopt optimizer:
 

@@ -1,4 +1,4 @@
-"""Lightning integration (``specs/integration.md`` §6).
+"""Lightning integration (``docs/specs/integration.md`` §6).
 
 Automatic optimization needs nothing from here: return the optimizer from ``configure_optimizers`` and Lightning's
 ``optimizer.step(closure)`` runs the closure (forward, ``zero_grad``, backward) inside the step, which PSI-LoRA,

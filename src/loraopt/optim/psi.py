@@ -815,7 +815,7 @@ class ProjPSILoRA(PSILoRA):
     preconditioned factor gradients ``g_A = (B^T B + lam I)^-1 B^T G``, ``g_B = G A^T (A A^T + lam I)^-1``, the old
     buffers transported to the new factors (``T_A = (B^T B + lam I)^-1 B^T B_prev buf_A``, likewise ``T_B``),
     ``buf <- momentum T + (1 - dampening) c g`` and ``A -= lr momentum T_A``, ``B -= lr momentum T_B``
-    (specs/psi-lora.md §3b; the variant the paper's authors ran on GLUE).  The momentum costs two factor-shaped
+    (docs/specs/psi-lora.md §3b; the variant the paper's authors ran on GLUE).  The momentum costs two factor-shaped
     buffers per factor and no extra LoRSum.  Other trainable parameters: SGD with momentum.
     Build it with :func:`create_proj_psi_lora_optimizer` or ``loraopt.create_optimizer("proj-psi-lora", model)``.
 """
