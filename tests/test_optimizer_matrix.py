@@ -1,15 +1,13 @@
 """The torch.optim contract over the whole registry (specs/integration.md §1 and §9)."""
 
 import io
-import sys
-import types
 
 import pytest
 import torch
 
 import loraopt
 from optim_cases import CASE_IDS, CASES, train_step
-from toys import SUPPORTED, UNSUPPORTED, loss_fn, make_batch, make_model, params_snapshot
+from toys import SUPPORTED, UNSUPPORTED, loss_fn, make_batch, make_model, params_snapshot, sharding_wrapper
 
 MODEL_CASES = [(c, k) for c in CASES for k in SUPPORTED if k in c.kinds]
 MODEL_IDS = [f"{c.id}-{k}" for c, k in MODEL_CASES]
@@ -247,20 +245,7 @@ STRUCTURED_HP = {"psi-lora": dict(lr=1e-2), "scaled-psi-lora": dict(lr=0.1), "sv
 @pytest.mark.parametrize("name", sorted(STRUCTURED_HP))
 @pytest.mark.parametrize("wrapper", ["FullyShardedDataParallel", "DeepSpeedEngine"])
 def test_structured_optimizers_refuse_sharding_wrappers(name, wrapper, monkeypatch):
-    inner = make_model("mlp")
-    if wrapper == "DeepSpeedEngine":  # DeepSpeed is not installed here: a stand-in module that has the class
-        deepspeed = types.ModuleType("deepspeed")
-        deepspeed.DeepSpeedEngine = type(wrapper, (torch.nn.Module,), {})
-        monkeypatch.setitem(sys.modules, "deepspeed", deepspeed)
-        cls = deepspeed.DeepSpeedEngine
-    else:  # a subclass of the real FSDP class with nn.Module's lookups (FSDP's own need a process group)
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        cls = type(wrapper, (FullyShardedDataParallel,), {"__getattr__": torch.nn.Module.__getattr__,
-                                                          "named_parameters": torch.nn.Module.named_parameters})
-    sharded = cls.__new__(cls)
-    torch.nn.Module.__init__(sharded)
-    torch.nn.Module.__setattr__(sharded, "module", inner)
+    sharded = sharding_wrapper(wrapper, make_model("mlp"), monkeypatch)
     with pytest.raises(NotImplementedError, match="DDP or a single"):
         loraopt.create_optimizer(name, sharded, **STRUCTURED_HP[name])
 
