@@ -77,7 +77,7 @@ from .data import (
     tokenize_text,
     train_test_split,
 )
-from .common import feed, jsonable, set_cpu_threads, versions
+from .common import available_cores, busy_cores, feed, jsonable, set_cpu_threads, versions  # noqa: F401
 from .report import OutputPathError, check_output_dir, check_output_file, save_figure_atomic, write_atomic
 
 __all__ = [

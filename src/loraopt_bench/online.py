@@ -403,6 +403,14 @@ def _optimizer_kwargs(method: MethodSpec, hparams: Mapping[str, Any], num_classe
     return kwargs
 
 
+def _learn(update: str, optimizer, logits: torch.Tensor, target: torch.Tensor) -> None:
+    """One update from one sample's logits; :func:`~loraopt_bench.common.feed` decides backward vs observe from the
+    optimizer (``update``, the method's declared kind, orders the work queue only)."""
+    optimizer.zero_grad(set_to_none=True)
+    feed(optimizer, logits, target)
+    optimizer.step()
+
+
 def run_one(task: RunTask) -> Dict[str, Any]:
     """Run one stream pass and return its per-seed record (correct flags, held-out accuracies, timings)."""
     if task.threads:
@@ -425,9 +433,7 @@ def run_one(task: RunTask) -> Dict[str, Any]:
         start = time.perf_counter()
         logits = adapter.forward(x)
         prediction = int(logits.detach().argmax(-1))  # scored before the update: prequential
-        optimizer.zero_grad(set_to_none=True)
-        feed(optimizer, logits, target)
-        optimizer.step()
+        _learn(method.update, optimizer, logits, target)
         elapsed += time.perf_counter() - start
         if i == 0 and method.optimizer == "loko":
             # After the first step: "score" has calibrated P0 by then. Kept to choose q on the drift stream.
