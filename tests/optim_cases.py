@@ -13,6 +13,9 @@ from typing import Any, Dict, List
 import torch
 
 import loraopt
+from torch import nn
+
+from loraopt_bench.common import GRADIENT, feed, learning_signal
 from toys import loss_fn
 
 
@@ -68,20 +71,12 @@ CASE_IDS = [c.id for c in CASES]
 
 
 def train_step(case: Case, model, optimizer, x, y, accumulate: int = 1):
-    """One optimizer step on (x, y), split into ``accumulate`` micro-batches for gradient-based optimizers."""
+    """One optimizer step on (x, y), split into ``accumulate`` micro-batches for gradient-based optimizers; how each
+    optimizer is fed (backward, observe(outputs, y), observe(loss) + backward) is loraopt_bench's ``feed``."""
     optimizer.zero_grad()
-    if case.observes_outputs:
-        optimizer.observe(model(x), y)
-        optimizer.step()
-        return
-    if case.observes_loss:
-        loss = loss_fn(model, x, y)
-        optimizer.observe(loss)
-        loss.backward()
-        optimizer.step()
-        return
-    for xm, ym in zip(x.chunk(accumulate), y.chunk(accumulate)):
-        (loss_fn(model, xm, ym) / accumulate).backward()
+    chunks = accumulate if learning_signal(optimizer) == GRADIENT else 1
+    for xm, ym in zip(x.chunk(chunks), y.chunk(chunks)):
+        feed(optimizer, model(xm), ym, lambda out, target: nn.functional.cross_entropy(out, target) / chunks)
     optimizer.step()
 
 

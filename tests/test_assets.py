@@ -1,4 +1,4 @@
-"""Model and dataset loading (loraopt.bench.assets, loraopt.bench.data).
+"""Model and dataset loading (loraopt_bench.assets, loraopt_bench.data).
 
 The readers are tested on small files made here. Tests that need an installed model package or shared data are
 marked ``assets`` and skip when it is absent; those that take more than ~10 s are also ``slow``.
@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from loraopt.bench import assets, data
+from loraopt_bench import assets, data
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

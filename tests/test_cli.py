@@ -126,7 +126,7 @@ def test_optimizers_into_head():
 
 
 def test_every_demo_and_evaluate_option_has_help_text():
-    from loraopt.bench.finetune import demo_parser, evaluate_parser, finetune_parser
+    from loraopt_bench.finetune import demo_parser, evaluate_parser, finetune_parser
 
     for parser in (demo_parser(), evaluate_parser(), finetune_parser()):
         for action in parser._actions:

@@ -20,9 +20,9 @@ import pytest
 import torch
 from torch import nn
 
-from loraopt.bench import assets, finetune
-from loraopt.bench.assets import IMAGE_CLASSIFICATION, LoraRecipe, ModelSpec
-from loraopt.bench.data import ImageData
+from loraopt_bench import assets, common, finetune
+from loraopt_bench.assets import IMAGE_CLASSIFICATION, LoraRecipe, ModelSpec
+from loraopt_bench.data import ImageData
 from loraopt.cli import main as cli_main
 
 WORDS = ("good great fine nice fun bad awful poor dull sad the a movie film plot acting was is very not and "
@@ -172,7 +172,7 @@ def test_evaluate_reloads_adapter_and_reproduces_final_metric(tmp_path, tiny_ber
 
 @pytest.mark.parametrize("optimizer", ["adamw", "loko"])
 def test_causal_lm_finetune_and_evaluate(tmp_path, tiny_llama, corpus, optimizer):
-    from loraopt.bench.data import split_text
+    from loraopt_bench.data import split_text
 
     run = _run(tmp_path, "--model", str(tiny_llama), "--task", str(corpus), "--optimizer", optimizer,
                "--lr", LRS[optimizer], "--block-size", "16", *FAST)
@@ -400,7 +400,7 @@ def _needs(*modules: str):
 
 
 def _needs_sst2():
-    from loraopt.bench.data import resolve_data_dir
+    from loraopt_bench.data import resolve_data_dir
 
     try:
         resolve_data_dir(must_contain="sst2/train.tsv")
@@ -442,7 +442,7 @@ def _record(final: float, seed: int, metric: str = "accuracy") -> dict:
 
 
 def test_quality_plan_is_seed_major_with_loko_first_and_skips_done_runs():
-    from loraopt.bench import quality
+    from loraopt_bench import quality
 
     suite = quality.SUITES["sst2"]
     methods = [quality.METHODS["adamw"], quality.METHODS["loko"]]
@@ -455,7 +455,7 @@ def test_quality_plan_is_seed_major_with_loko_first_and_skips_done_runs():
 
 
 def test_quality_aggregate_picks_best_lr_and_reports_spread(tmp_path):
-    from loraopt.bench import quality
+    from loraopt_bench import quality
 
     suite = quality.SUITES["sst2"]
     method = replace_lrs(quality.METHODS["adamw"], (1e-3, 1e-2))
@@ -474,7 +474,7 @@ def test_quality_aggregate_picks_best_lr_and_reports_spread(tmp_path):
 
 
 def test_quality_resume_keeps_runs_with_the_same_settings(tmp_path):
-    from loraopt.bench import quality
+    from loraopt_bench import quality
 
     suite = quality.SUITES["sst2"]
     adamw, scaled = quality.METHODS["adamw"], quality.METHODS["scaled-psi-lora"]
@@ -887,14 +887,14 @@ def test_divergence_monitor():
 def test_default_threads_use_idle_cores(monkeypatch):
     threads = torch.get_num_threads()
     try:
-        monkeypatch.setattr(finetune, "available_cores", lambda: 4)
-        monkeypatch.setattr(finetune, "busy_cores", lambda interval=0.2: 0.1)
+        monkeypatch.setattr(common, "available_cores", lambda: 4)
+        monkeypatch.setattr(common, "busy_cores", lambda interval=0.2: 0.1)
         assert finetune.set_cpu_threads(None) == 4
-        monkeypatch.setattr(finetune, "busy_cores", lambda interval=0.2: 1.2)
+        monkeypatch.setattr(common, "busy_cores", lambda interval=0.2: 1.2)
         assert finetune.set_cpu_threads(None) == 3
-        monkeypatch.setattr(finetune, "busy_cores", lambda interval=0.2: 7.9)
+        monkeypatch.setattr(common, "busy_cores", lambda interval=0.2: 7.9)
         assert finetune.set_cpu_threads(None) == 1
-        monkeypatch.setattr(finetune, "busy_cores", lambda interval=0.2: None)
+        monkeypatch.setattr(common, "busy_cores", lambda interval=0.2: None)
         assert finetune.set_cpu_threads(None) == 4
         assert finetune.set_cpu_threads(2) == 2
     finally:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import loraopt
-from toys import loss_fn, make_batch, make_model
+from toys import loss_fn, make_batch, make_model, sharding_wrapper
 
 STEPS, BATCH, WORLD, RESUME_AT, TOL = 5, 16, 2, 2, 1e-5
 DEVICE = os.environ.get("LORAOPT_TEST_DEVICE", "cpu")
@@ -213,10 +213,9 @@ def test_unsupported_optimizers_refuse_fsdp2_clearly(config, fsdp_results):
 
 @pytest.mark.parametrize("name", ["svdlora", "loko", "psi-lora", "scaled-psi-lora", "proj-psi-lora"])
 @pytest.mark.parametrize("wrapper", ["DeepSpeedEngine", "FullyShardedDataParallel"])
-def test_deepspeed_and_fsdp1_are_refused_naming_fsdp2(name, wrapper):
+def test_deepspeed_and_fsdp1_are_refused_naming_fsdp2(name, wrapper, monkeypatch):
     """ZeRO and FSDP1 flatten the parameters: refused, and the message names FSDP2 as the supported sharded path."""
-    wrapped = type(wrapper, (torch.nn.Module,), {})()
-    wrapped.module = make_model("mlp")
+    wrapped = sharding_wrapper(wrapper, make_model("mlp"), monkeypatch)
     kwargs = {"loko": dict(num_outputs=None, observation="loss")}.get(name, dict(lr=1e-2))
     with pytest.raises(NotImplementedError, match="FSDP2") as info:
         loraopt.create_optimizer(name, wrapped, **kwargs)

@@ -24,6 +24,7 @@ from loraopt.integrations.hf import (
     LoKOScalarTrainer,
     LoKOTrainer,
     LoRAOptFactory,
+    LoRAOptTrainer,
     PSILoRAFactory,
     RPLoRAFactory,
     ScaledPSILoRAFactory,
@@ -161,11 +162,11 @@ def test_optimizers_slot_takes_a_prebuilt_optimizer_and_the_warning_callback(tmp
 @pytest.mark.parametrize(
     "factory,kwargs,trainer_cls,max_grad_norm,expected",
     [
-        (PSILoRAFactory, {"lr": 0.1}, Trainer, 1.0, "PSILoRA computes the LoRA update"),
-        (ScaledPSILoRAFactory, {"lr": 0.1}, Trainer, 0.5, "ScaledPSILoRA computes the LoRA update"),
+        (PSILoRAFactory, {"lr": 0.1}, LoRAOptTrainer, 1.0, "PSILoRA computes the LoRA update"),
+        (ScaledPSILoRAFactory, {"lr": 0.1}, LoRAOptTrainer, 0.5, "ScaledPSILoRA computes the LoRA update"),
         (LoKOFactory, {"observation": "loss"}, LoKOScalarTrainer, 1.0, "LoKO-scalar"),
-        (PSILoRAFactory, {"lr": 0.1}, Trainer, 0.0, None),
-        (LoRAOptFactory.for_optimizer("adamw"), {"lr": 1e-3}, Trainer, 1.0, None),
+        (PSILoRAFactory, {"lr": 0.1}, LoRAOptTrainer, 0.0, None),
+        (LoRAOptFactory.for_optimizer("adamw"), {"lr": 1e-3}, LoRAOptTrainer, 1.0, None),
     ],
     ids=["psi", "scaled", "loko-scalar", "psi-no-trainer-clipping", "adamw"],
 )
@@ -182,7 +183,7 @@ def test_trainer_clipping_warning(factory, kwargs, trainer_cls, max_grad_norm, e
         assert clipping == []
     else:
         assert len(clipping) == 1 and expected in clipping[0] and "max_grad_norm=0" in clipping[0]
-    # The factory registered the callback with the calling trainer, once.
+    # The trainer (LoRAOptTrainerMixin) registered the callback, once.
     assert sum(isinstance(c, TrainerClippingWarningCallback) for c in trainer.callback_handler.callbacks) == 1
 
 

@@ -7,7 +7,7 @@ import torch
 
 import loraopt
 from optim_cases import CASE_IDS, CASES, train_step
-from toys import SUPPORTED, UNSUPPORTED, loss_fn, make_batch, make_model, params_snapshot
+from toys import SUPPORTED, UNSUPPORTED, loss_fn, make_batch, make_model, params_snapshot, sharding_wrapper
 
 MODEL_CASES = [(c, k) for c in CASES for k in SUPPORTED if k in c.kinds]
 MODEL_IDS = [f"{c.id}-{k}" for c, k in MODEL_CASES]
@@ -244,10 +244,8 @@ STRUCTURED_HP = {"psi-lora": dict(lr=1e-2), "scaled-psi-lora": dict(lr=0.1), "sv
 
 @pytest.mark.parametrize("name", sorted(STRUCTURED_HP))
 @pytest.mark.parametrize("wrapper", ["FullyShardedDataParallel", "DeepSpeedEngine"])
-def test_structured_optimizers_refuse_sharding_wrappers(name, wrapper):
-    inner = make_model("mlp")
-    sharded = type(wrapper, (torch.nn.Module,), {})()
-    sharded.module = inner
+def test_structured_optimizers_refuse_sharding_wrappers(name, wrapper, monkeypatch):
+    sharded = sharding_wrapper(wrapper, make_model("mlp"), monkeypatch)
     with pytest.raises(NotImplementedError, match="DDP or a single"):
         loraopt.create_optimizer(name, sharded, **STRUCTURED_HP[name])
 

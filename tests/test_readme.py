@@ -174,7 +174,7 @@ def test_run_sh_lines_name_existing_jobs():
 
 @pytest.mark.parametrize("argv", _loraopt_invocations(), ids=" ".join)
 def test_command_line_parses(argv, capsys):
-    from loraopt.bench import finetune
+    from loraopt_bench import finetune
 
     command, args = argv[0], argv[1:]
     if command == "finetune":

@@ -121,3 +121,27 @@ def tiny_bert_classifier(seed: int = 0, *, vocab: int = 64, num_labels: int = 3)
     )
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], lora_dropout=0.0, task_type="SEQ_CLS")
     return get_peft_model(BertForSequenceClassification(config), lora)
+
+
+def sharding_wrapper(name: str, inner: nn.Module, monkeypatch) -> nn.Module:
+    """A stand-in for a model wrapped by FSDP1 (``"FullyShardedDataParallel"``) or DeepSpeed (``"DeepSpeedEngine"``)
+    that passes the optimizers' ``isinstance`` checks: a subclass of torch's real FSDP class with ``nn.Module``'s
+    lookups (FSDP's own need a process group), or the class of a stand-in ``deepspeed`` module (DeepSpeed is not
+    installed here). ``inner`` is registered as its ``module``."""
+    import sys
+    import types
+
+    if name == "DeepSpeedEngine":
+        deepspeed = types.ModuleType("deepspeed")
+        deepspeed.DeepSpeedEngine = type(name, (nn.Module,), {})
+        monkeypatch.setitem(sys.modules, "deepspeed", deepspeed)
+        cls = deepspeed.DeepSpeedEngine
+    else:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        cls = type(name, (FullyShardedDataParallel,), {"__getattr__": nn.Module.__getattr__,
+                                                       "named_parameters": nn.Module.named_parameters})
+    wrapper = cls.__new__(cls)
+    nn.Module.__init__(wrapper)
+    nn.Module.__setattr__(wrapper, "module", inner)
+    return wrapper

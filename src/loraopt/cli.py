@@ -6,10 +6,13 @@
     loraopt bench linear [options]     the synthetic linear task of the PSI-LoRA paper
     loraopt bench online [options]     online (streaming) fine-tuning with LoKO and baselines
     loraopt bench quality --suite S    quality benchmarks on real models (sst2, lm, vision)
+    loraopt bench digits [options]     a seconds-long CPU stability probe (scikit-learn digits, LoRA MLP)
     loraopt optimizers                 list the registered optimizers and their hyperparameters
     loraopt --version                  the installed version
 
 ``loraopt COMMAND --help`` and ``loraopt bench NAME --help`` show each command's options.
+Every command but ``optimizers`` and ``--version`` runs in the ``loraopt_bench`` package and needs the ``bench``
+extra: ``pip install "loraopt[bench]"``.
 Exit status: 0 success, 2 bad input (a one-line error on stderr; nothing written), 3 a fine-tuning run diverged
 (see ``loraopt finetune --help``).
 """
@@ -24,16 +27,18 @@ import sys
 from typing import List, Optional
 
 BENCHMARKS = {
-    "linear": ("loraopt.bench.linear", "the synthetic linear task of the PSI-LoRA paper (CPU, seconds to minutes)"),
-    "online": ("loraopt.bench.online", "online (streaming) fine-tuning: LoKO against tuned baselines"),
-    "quality": ("loraopt.bench.quality", "quality suites on real models: --suite sst2 | lm | vision"),
+    "linear": ("loraopt_bench.linear", "the synthetic linear task of the PSI-LoRA paper (CPU, seconds to minutes)"),
+    "online": ("loraopt_bench.online", "online (streaming) fine-tuning: LoKO against tuned baselines"),
+    "quality": ("loraopt_bench.quality", "quality suites on real models: --suite sst2 | lm | vision"),
+    "digits": ("loraopt_bench.digits", "a seconds-long CPU stability probe (scikit-learn digits, LoRA MLP)"),
 }
 # Commands whose module parses its own arguments (they take many options; argparse here would duplicate them).
 COMMANDS = {
-    "finetune": ("loraopt.bench.finetune", "finetune_main", "LoRA fine-tuning of a pretrained model"),
-    "evaluate": ("loraopt.bench.finetune", "evaluate_main", "score a saved adapter on a data file"),
-    "demo": ("loraopt.bench.finetune", "demo_main", "compare LoKO, Scaled PSI-LoRA, PSI-LoRA and AdamW in minutes"),
+    "finetune": ("loraopt_bench.finetune", "finetune_main", "LoRA fine-tuning of a pretrained model"),
+    "evaluate": ("loraopt_bench.finetune", "evaluate_main", "score a saved adapter on a data file"),
+    "demo": ("loraopt_bench.finetune", "demo_main", "compare LoKO, Scaled PSI-LoRA, PSI-LoRA and AdamW in minutes"),
 }
+EXIT_NEEDS_EXTRA = 2  # a missing optional dependency is an installation problem the user fixes, like bad input
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away (`... | head`)
 
 
@@ -84,10 +89,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class MissingExtraError(ImportError):
+    """A command needs a package of an extra that is not installed (the message names the extra)."""
+
+
+# Top-level modules of the packages the 'bench' extra installs (pyproject.toml); scikit-learn imports as sklearn.
+BENCH_EXTRA_MODULES = frozenset({"numpy", "tqdm", "matplotlib", "transformers", "peft", "sklearn", "safetensors"})
+
+
+def _run_bench(module: str, function: str, argv: List[str], command: str) -> int:
+    """Run ``module.function(argv)`` of ``loraopt_bench``, imported now; a missing package of the bench extra, at
+    import or at run time, raises :class:`MissingExtraError`."""
+    try:
+        return int(getattr(importlib.import_module(module), function)(argv) or 0)
+    except ModuleNotFoundError as error:
+        missing = (error.name or "").split(".")[0]
+        if missing not in BENCH_EXTRA_MODULES:
+            raise
+        raise MissingExtraError(
+            f"loraopt {command} needs the 'bench' extra ({missing} is not installed): pip install \"loraopt[bench]\""
+        ) from error
+
+
 def _run(argv: List[str]) -> int:
     if argv and argv[0] in COMMANDS:
         module, function, _ = COMMANDS[argv[0]]
-        return int(getattr(importlib.import_module(module), function)(argv[1:]) or 0)
+        return _run_bench(module, function, argv[1:], argv[0])
     if argv and argv[0] == "bench":
         rest = argv[1:]
         if not rest or rest[0] in ("-h", "--help"):
@@ -98,8 +125,7 @@ def _run(argv: List[str]) -> int:
             print(f"loraopt bench: error: unknown benchmark {name!r}; choose one of: {', '.join(BENCHMARKS)} "
                   "(`loraopt bench --help`)", file=sys.stderr)
             return 2
-        module = importlib.import_module(BENCHMARKS[name][0])
-        return int(module.main(rest[1:]) or 0)
+        return _run_bench(BENCHMARKS[name][0], "main", rest[1:], f"bench {name}")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "optimizers":
@@ -113,6 +139,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         try:
             status = _run(argv)
+        except MissingExtraError as error:
+            print(f"loraopt: error: {error}", file=sys.stderr)
+            return EXIT_NEEDS_EXTRA
         except SystemExit:  # argparse's --help, --version and usage errors
             sys.stdout.flush()
             raise

@@ -1,4 +1,4 @@
-"""Extended Kalman filter over a flat parameter vector: the math of LoKO (arXiv 2410.11551, ``specs/loko.md``).
+"""Extended Kalman filter over a flat parameter vector: the math of LoKO (arXiv 2410.11551, ``docs/specs/loko.md``).
 
 State-space model (parameters treated as the hidden state, observed through the network):
 
@@ -176,7 +176,7 @@ def floor_ones_direction(R: Tensor, r_min: float) -> Tensor:
 
     ``rho = 1^T R 1 / m``; returns ``R + (max(rho, r_min) - rho) 1 1^T / m``. For a softmax observation the
     innovations and Jacobian rows are orthogonal to ``1``, so the EMA shrinks this direction geometrically and ``S``
-    would become singular; the floor restores invertibility without touching the update (``specs/loko.md`` §4).
+    would become singular; the floor restores invertibility without touching the update (``docs/specs/loko.md`` §4).
     """
     m = R.shape[-1]
     rho = R.sum() / m
@@ -241,7 +241,7 @@ def diag_ekf_update(
     cfg: EKFConfig = EKFConfig(),
     residual: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> EKFResult:
-    """One diagonal-covariance EKF step (``specs/loko.md`` §3), single sample or joint batch (§8).
+    """One diagonal-covariance EKF step (``docs/specs/loko.md`` §3), single sample or joint batch (§8).
 
     Args:
         theta: ``(n,)`` mean before the step.
@@ -308,7 +308,7 @@ def diag_ekf_update(
 def scalar_ekf_update(
     theta: Tensor, p: Tensor, R: Tensor, g: Tensor, loss: Tensor, cfg: EKFConfig = EKFConfig()
 ) -> EKFResult:
-    """Scalar-loss observation (``specs/loko.md`` §9; "LoKO-scalar", not the paper's method).
+    """Scalar-loss observation (``docs/specs/loko.md`` §9; "LoKO-scalar", not the paper's method).
 
     The observation is the mean loss itself: ``h = L(x; theta)``, target 0, so ``H = g^T`` (the ordinary gradient)
     and ``e = -L``. ``O(n)`` work, no factorisation.

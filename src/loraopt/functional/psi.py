@@ -10,8 +10,8 @@ Shapes (``L`` layers stacked on a leading dimension; one layer is a batch of one
   ``(buf_A, buf_B, prev_A, prev_B)`` of the factor shapes (factor-space momentum of Proj. PSI-LoRA).
 * metric state (Scaled PSI-LoRA): ``v_in: (L, d_in)``, ``v_out: (L, d_out)`` and this step's statistics.
 
-Variants (``specs/psi-lora.md`` §3, §3b, §4), with ``g = grad_coef`` (``(1 - dampening) c`` or ``(1 - beta1) c``,
-``c`` the clip factor) and ``m = momentum_coef``:
+Variants (``docs/specs/psi-lora.md`` §3, §3b, §4), with ``g = grad_coef`` (``(1 - dampening) c`` or
+``(1 - beta1) c``, ``c`` the clip factor) and ``m = momentum_coef``:
 
 * ``"psi"``: ``(A, B) <- LoRSum(anchor (c0, B, A); (-lr g, G), (-lr m, M_B M_A); K, lam)`` and
   ``(M_B, M_A) <- LoRSum(anchor (m, M_B, M_A); (g, G); K, lam_momentum)``.  With a metric this is Scaled PSI-LoRA

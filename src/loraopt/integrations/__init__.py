@@ -1,5 +1,5 @@
-"""Framework integrations: Hugging Face ``Trainer`` (:mod:`loraopt.integrations.hf`) and Lightning
-(:mod:`loraopt.integrations.lightning`, needs ``pip install lightning``).
+"""Framework integrations: Hugging Face ``Trainer`` (:mod:`loraopt.integrations.hf`, the ``hf`` extra) and Lightning
+(:mod:`loraopt.integrations.lightning`, the ``lightning`` extra).
 
 Names are resolved on first use, so importing this package imports neither transformers' Trainer nor Lightning.
 """
@@ -16,6 +16,8 @@ _LAZY = {
     "LoKOFactory": "loraopt.integrations.hf",
     "RPLoRAFactory": "loraopt.integrations.hf",
     "TrainerClippingWarningCallback": "loraopt.integrations.hf",
+    "LoRAOptTrainerMixin": "loraopt.integrations.hf",
+    "LoRAOptTrainer": "loraopt.integrations.hf",
     "LoKOTrainer": "loraopt.integrations.hf",
     "LoKOScalarMixin": "loraopt.integrations.hf",
     "LoKOScalarTrainer": "loraopt.integrations.hf",

@@ -1,12 +1,12 @@
-"""Hugging Face ``Trainer`` integration (``specs/integration.md`` §4).
+"""Hugging Face ``Trainer`` integration (``docs/specs/integration.md`` §4).
 
 Three ways to train with a loraopt optimizer:
 
 1. ``optimizer_cls_and_kwargs`` with a factory class (the supported path; also accepted under FSDP, where
    ``optimizers=`` is refused)::
 
-       Trainer(model=peft_model, args=args, train_dataset=ds,
-               optimizer_cls_and_kwargs=(PSILoRAFactory, {"lr": 0.1, "max_grad_norm": 1.0}))
+       LoRAOptTrainer(model=peft_model, args=args, train_dataset=ds,
+                      optimizer_cls_and_kwargs=(PSILoRAFactory, {"lr": 0.1, "max_grad_norm": 1.0}))
 
    Trainer treats a class that is not a ``torch.optim.Optimizer`` as a factory and calls ``cls()(model, **kwargs)``
    (transformers >= 5; ``transformers.trainer_optimizer.is_optimizer_factory``).  Any registry name works through
@@ -19,8 +19,9 @@ Three ways to train with a loraopt optimizer:
    the loss next to the ordinary backward), each with ``optimizer_cls_and_kwargs=(LoKOFactory, {...})``.
 
 Trainer's own clipping (``TrainingArguments.max_grad_norm``, default 1.0) rescales ``.grad`` only; PSI-LoRA and
-Scaled PSI-LoRA never read the LoRA ``.grad`` and clip internally instead.  Factories called by a Trainer register
-``TrainerClippingWarningCallback``, which warns at ``on_train_begin`` when the two would conflict.
+Scaled PSI-LoRA never read the LoRA ``.grad`` and clip internally instead.  ``LoRAOptTrainer`` (a ``Trainer`` with
+``LoRAOptTrainerMixin``; the LoKO trainers include it) registers ``TrainerClippingWarningCallback``, which warns at
+``on_train_begin`` when the two would conflict; with a plain ``Trainer`` pass the callback in ``callbacks``.
 
 Checkpoints: Trainer saves ``optimizer.state_dict()`` and reloads it with ``torch.load(..., weights_only=True)``;
 loraopt state is tensor-only, so ``trainer.train(resume_from_checkpoint=...)`` restores the optimizer exactly.
@@ -34,7 +35,6 @@ which optimizers run under FSDP2.
 
 from __future__ import annotations
 
-import sys
 import warnings
 import weakref
 from typing import Any, Callable, Dict, Optional, Tuple, Type
@@ -42,7 +42,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Type
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from transformers import Trainer, TrainerCallback
+from .._optional import require
 
 from ..optim.registry import create_optimizer, load_optimizer
 from ._common import trainer_clipping_conflict, unwrap_optimizer
@@ -54,11 +54,16 @@ __all__ = [
     "LoKOFactory",
     "RPLoRAFactory",
     "TrainerClippingWarningCallback",
+    "LoRAOptTrainerMixin",
+    "LoRAOptTrainer",
     "LoKOTrainer",
     "LoKOScalarMixin",
     "LoKOScalarTrainer",
     "unwrap_optimizer",
 ]
+
+_transformers = require("transformers", "hf", "loraopt.integrations.hf")
+Trainer, TrainerCallback = _transformers.Trainer, _transformers.TrainerCallback
 
 IGNORE_INDEX = -100  # the label value transformers' losses skip
 
@@ -97,25 +102,20 @@ def _ensure_clipping_check(trainer: Trainer) -> None:
         trainer.add_callback(TrainerClippingWarningCallback())
 
 
-def _calling_trainer(max_depth: int = 4) -> Optional[Trainer]:
-    """The ``Trainer`` whose ``create_optimizer`` is calling a factory, if any.
+class LoRAOptTrainerMixin:
+    """Trainer mixin for loraopt optimizers: registers :class:`TrainerClippingWarningCallback` (once), which warns at
+    ``on_train_begin`` when ``TrainingArguments.max_grad_norm`` would clip ``.grad`` that the optimizer does not use.
 
-    Trainer calls ``cls()(model, **kwargs)`` and passes nothing else, so a factory has no handle on the trainer it
-    builds for; the caller's frame is the only place to find it.  Only ``self`` of the nearest few frames is looked
-    at, and only a ``Trainer`` instance is accepted, so a factory called elsewhere simply finds nothing.
+    Use as ``class MyTrainer(LoRAOptTrainerMixin, Trainer)`` or take :class:`LoRAOptTrainer`.
     """
-    try:
-        frame = sys._getframe(2)  # skip this function and the factory's __call__
-    except ValueError:  # a call stack this shallow has no caller to look at
-        return None
-    for _ in range(max_depth):
-        if frame is None:
-            return None
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, Trainer):
-            return candidate
-        frame = frame.f_back
-    return None
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        _ensure_clipping_check(self)
+
+
+class LoRAOptTrainer(LoRAOptTrainerMixin, Trainer):
+    """``Trainer`` with :class:`LoRAOptTrainerMixin`: the Trainer to pair with the factories below."""
 
 
 def _retire_previous_hooks(model: nn.Module, optimizer: Optimizer) -> None:
@@ -155,8 +155,9 @@ class LoRAOptFactory:
       ``(LoRAOptFactory, {"optimizer_name": "lora-plus", "lr": 2e-4})``.
 
     Hyperparameters are those of ``loraopt.create_optimizer(name, model, ...)``; unknown ones raise a
-    ``ValueError`` that lists the valid ones.  When a Trainer is the caller, the factory also registers
-    ``TrainerClippingWarningCallback`` with it.
+    ``ValueError`` that lists the valid ones.  A factory has no handle on the Trainer that calls it: train with
+    :class:`LoRAOptTrainer` (or :class:`LoRAOptTrainerMixin`), which registers ``TrainerClippingWarningCallback``,
+    or pass ``callbacks=[TrainerClippingWarningCallback()]`` to a plain ``Trainer``.
     """
 
     optimizer_name: Optional[str] = None
@@ -196,9 +197,6 @@ class LoRAOptFactory:
     def __call__(self, model: nn.Module, **hyperparameters: Any) -> Optimizer:
         optimizer = self.build(model, **hyperparameters)
         _retire_previous_hooks(model, optimizer)
-        trainer = _calling_trainer()
-        if trainer is not None:
-            _ensure_clipping_check(trainer)
         return optimizer
 
     def __repr__(self) -> str:
@@ -309,7 +307,7 @@ def _require_loko(trainer: Trainer, *, scalar: bool):
     return optimizer
 
 
-class LoKOTrainer(Trainer):
+class LoKOTrainer(LoRAOptTrainerMixin, Trainer):
     """``Trainer`` for LoKO with output observations (``observation="softmax"`` or ``"regression"``).
 
     Each training step runs the forward, hands ``(logits, labels)`` to ``optimizer.observe`` and returns the
@@ -420,7 +418,7 @@ class LoKOTrainer(Trainer):
         return loss.detach()
 
 
-class LoKOScalarMixin:
+class LoKOScalarMixin(LoRAOptTrainerMixin):
     """Trainer mixin for LoKO-scalar (``LoKOFactory`` with ``observation="loss"``): the ordinary forward and
     backward run unchanged, and the detached loss of each optimizer step is handed to ``optimizer.observe`` before
     Trainer's ``optimizer.step()``.  A callback cannot do this: callbacks never see the loss.
@@ -437,7 +435,6 @@ class LoKOScalarMixin:
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._loko_loss_sum: Optional[Tensor] = None
-        _ensure_clipping_check(self)
 
     def training_step(
         self, model: nn.Module, inputs: Dict[str, Any], num_items_in_batch: Optional[Any] = None

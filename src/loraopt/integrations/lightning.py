@@ -1,4 +1,4 @@
-"""Lightning integration (``specs/integration.md`` §6).
+"""Lightning integration (``docs/specs/integration.md`` §6).
 
 Automatic optimization needs nothing from here: return the optimizer from ``configure_optimizers`` and Lightning's
 ``optimizer.step(closure)`` runs the closure (forward, ``zero_grad``, backward) inside the step, which PSI-LoRA,
@@ -27,10 +27,12 @@ from __future__ import annotations
 import warnings
 from typing import Any, Optional
 
-import lightning.pytorch as pl
 from torch import Tensor
 
+from .._optional import require
 from ._common import trainer_clipping_conflict, unwrap_optimizer
+
+pl = require("lightning.pytorch", "lightning", "loraopt.integrations.lightning")
 
 __all__ = ["loko_step", "LightningClippingWarningCallback"]
 

@@ -38,6 +38,7 @@ in ``stream`` mode the sum over micro-batches of per-micro-batch norms, an upper
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import weakref
 from dataclasses import dataclass, field
@@ -113,14 +114,6 @@ _TF32_SPEEDUP = 6.0
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     """``t.to(dtype)`` without a dispatcher call when it is already that dtype (this runs per layer per backward)."""
     return t if t.dtype == dtype else t.to(dtype)
-
-
-class _NoOp:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 class _TF32:
@@ -342,7 +335,7 @@ class GradientCapture:
         gf, xf = _as(g_rows, dtype), _as(x_rows, dtype)
         tf32 = (gf.is_cuda and dtype == torch.float32 and g_rows.dtype == torch.float32
                 and x_rows.dtype == torch.float32 and self._is_sixteen(layer))
-        with _TF32() if tf32 else _NoOp():
+        with _TF32() if tf32 else contextlib.nullcontext():
             if out is not None:
                 return out.addmm_(gf.mT, xf, alpha=s_inv)
             gm = gf.mT @ xf

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from .._optional import require
 from ..lora.layers import NoLoRALayersError, split_lora_parameters
 from .base import (
     CheckedStateDict,
@@ -92,8 +93,7 @@ class _BaselineGuard(SkippedStepCounter, CheckedStateDict):
         super().add_param_group(param_group)  # type: ignore[misc]
 
     def _grads_finite(self) -> bool:
-        by_device: Dict[Any, list] = {}
-        sharded = []
+        grads, sharded = [], []
         for group in self.param_groups:  # type: ignore[attr-defined]
             for p in group["params"]:
                 g = p.grad
@@ -102,13 +102,9 @@ class _BaselineGuard(SkippedStepCounter, CheckedStateDict):
                 if is_dtensor(g):  # FSDP2: check this rank's shard, then agree with the other ranks below
                     sharded.append(g)
                     g = g.to_local()
-                by_device.setdefault(g.device, []).append(g.coalesce()._values() if g.is_sparse else g)
-        finite = True
-        for grads in by_device.values():
-            norms = torch._foreach_norm(grads, float("inf"))  # max |g|: NaN/inf iff some entry is
-            if not bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
-                finite = False
-                break
+                grads.append(g.coalesce()._values() if g.is_sparse else g)
+        # max |g| over every gradient: NaN/inf iff some entry is
+        finite = not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, float("inf"))))
         # One rank skipping while another steps would make the shards of one parameter disagree.
         return all_ranks_true(finite, sharded)
 
@@ -315,7 +311,7 @@ def create_lora_plus_optimizer(
 ) -> Optimizer:
     """LoRA+ (Hayou et al. 2024, arXiv 2402.12354): ``lora_B`` at ``lr * loraplus_lr_ratio``.  This is PEFT's
     ``create_loraplus_optimizer``; extra keyword arguments go to the base optimizer (AdamW by default)."""
-    from peft.optimizers import create_loraplus_optimizer
+    create_loraplus_optimizer = require("peft.optimizers", "peft", "lora-plus").create_loraplus_optimizer
 
     _check_lr(lr)
     check_positive("loraplus_lr_ratio", loraplus_lr_ratio)
@@ -342,7 +338,7 @@ def create_rplora_optimizer(
     ``g_B <- g_B (A A^T + reg I)^-1``, then ``optimizer_cls``.  This is PEFT's ``create_riemannian_optimizer``
     (which preconditions the raw factors, i.e. assumes LoRA scaling 1), made closure-friendly.
     """
-    from peft.optimizers import create_riemannian_optimizer
+    create_riemannian_optimizer = require("peft.optimizers", "peft", "riemannian-adamw").create_riemannian_optimizer
 
     _check_lr(lr)
     check_positive("reg", reg)

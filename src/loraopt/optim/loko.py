@@ -2,7 +2,7 @@
 
 Fine-tuning as online filtering: the trainable parameters (LoRA factors, DoRA magnitudes, a trained head) are the
 state of an extended Kalman filter with a diagonal covariance, observed through the model outputs. No public
-implementation by the authors is known; this follows ``specs/loko.md``. The math lives in
+implementation by the authors is known; this follows ``docs/specs/loko.md``. The math lives in
 :mod:`loraopt.functional.ekf`; this module only builds the Jacobian ``H`` and innovation ``e`` from the model outputs
 and writes the results back into the parameters and the optimizer state.
 
@@ -282,7 +282,7 @@ class LoKO(LoRAOptimizer):
     r"""LoKO: diagonal-covariance extended Kalman filter over the trainable (LoRA) parameters (arXiv 2410.11551).
 
     All parameters of all groups form one state vector :math:`\theta` with diagonal covariance :math:`p`, observed
-    through the model outputs :math:`h(x;\theta)` with noise :math:`R` (``specs/loko.md`` §2-4)::
+    through the model outputs :math:`h(x;\theta)` with noise :math:`R` (``docs/specs/loko.md`` §2-4)::
 
         input: theta, p (P0 draw), R = r0 I, beta, q, lr
         for each observation (b samples, m outputs each):
@@ -353,7 +353,7 @@ class LoKO(LoRAOptimizer):
         reduce_simplex: softmax only, observe ``m - 1`` classes.
         seed: seed of the P0 draw (identical on every rank).
         exact_residual: use the exact post-update residual ``y - h(x; theta_new)`` in the ``R`` update instead of
-            the linearised ``e - lr H delta`` (``specs/loko.md`` §4). It costs one more forward per sample, so
+            the linearised ``e - lr H delta`` (``docs/specs/loko.md`` §4). It costs one more forward per sample, so
             ``observe`` then needs ``forward=lambda i: model(x[i:i+1])``; softmax and regression observations only,
             single process. The mean and covariance updates are the same either way; only ``R`` (and therefore
             later steps) differ, and for a model linear in its parameters the two residuals coincide.
@@ -369,7 +369,7 @@ class LoKO(LoRAOptimizer):
             ``optimizer.jacobian``.
         model: the model, for ``observe(..., inputs=x)`` (the factory passes it); never saved in the state.
 
-    ``p_init="score"`` (our design; it replaces the gradient-magnitude mapping sketched in ``specs/loko.md`` §5,
+    ``p_init="score"`` (our design; it replaces the gradient-magnitude mapping sketched in ``docs/specs/loko.md`` §5,
     which gives ``p_low`` to every ``lora_A`` entry because their gradient is exactly 0 at the standard ``B = 0``
     init): P0 is the seeded uniform draw on ``(1e-4, 1e-2)`` rescaled, at the first update that sees the parameter,
     by one scalar ``c`` chosen so that the prior predictive variance of the observed outputs is a tenth of the
@@ -1263,14 +1263,14 @@ def _lr_value(lr: Any) -> float:
 
 
 def _flatten(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
-    """``(sum numel,)``: the tensors concatenated in order, in ``dtype`` (one C++ call instead of a reshape and a cast
-    per tensor; called under ``no_grad``)."""
-    return torch._C._nn.flatten_dense_tensors(list(tensors)).to(dtype)
+    """``(sum numel,)``: the tensors concatenated in order, in ``dtype`` (one cast for all; called under
+    ``no_grad``)."""
+    return torch.cat([t.reshape(-1) for t in tensors]).to(dtype)
 
 
 def _unflatten(flat: Tensor, like: Sequence[Tensor]) -> List[Tensor]:
     """Views of ``flat`` shaped like ``like`` (the inverse of :func:`_flatten`)."""
-    return list(torch._C._nn.unflatten_dense_tensors(flat, list(like)))
+    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in like]), like)]
 
 
 def _per_coordinate(active, key: str, dtype: torch.dtype, device: torch.device) -> Union[float, Tensor]:
@@ -1393,7 +1393,7 @@ def create_loko_optimizer(
 
     Paper: H. Abdi, M. Sun, A. Zhang, S. Kaski, W. Pan, "LoKO: Low-Rank Kalman Optimizer for Online Fine-Tuning of
     Large Models", arXiv:2410.11551 (https://arxiv.org/abs/2410.11551). No reference repository is published by the
-    authors; this implementation follows ``specs/loko.md``.
+    authors; this implementation follows ``docs/specs/loko.md``.
 
     Two named groups share one filter: ``"lora"`` (``lora_A``/``lora_B``, embedding LoRA, DoRA magnitudes) and
     ``"other"`` (every other trainable parameter, e.g. a ``modules_to_save`` classifier head), with ``lr`` and

@@ -568,15 +568,12 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
             grads += [p.grad for p in with_grad]
         device = (dense + bounds + grads + parts)[0].device
         if dense:
-            parts.append(torch.stack(torch._foreach_norm(dense)).square().sum())
+            parts.append(torch.nn.utils.get_total_norm(dense).square())
         if bounds:
             parts.append(torch.stack(bounds).square().sum())
-        if grads:
-            norms = [torch.linalg.vector_norm(g.float()) for g in grads if g.dtype != torch.float32]
-            fp32 = [g for g in grads if g.dtype == torch.float32]
-            if fp32:
-                norms += list(torch._foreach_norm(fp32))
-            parts.append(torch.stack([t.to(device) for t in norms]).square().sum())
+        if grads:  # in fp32 at least (a bf16 norm would round the clipping coefficient)
+            grads = [g if g.dtype == torch.float32 else g.float() for g in grads]
+            parts.append(torch.nn.utils.get_total_norm(grads).square())
         sq = torch.stack([t.to(device) for t in parts]).sum()
         norm = self._dist.mean(sq.sqrt())
         coefs: List[Optional[Tensor]] = []
@@ -818,7 +815,7 @@ class ProjPSILoRA(PSILoRA):
     preconditioned factor gradients ``g_A = (B^T B + lam I)^-1 B^T G``, ``g_B = G A^T (A A^T + lam I)^-1``, the old
     buffers transported to the new factors (``T_A = (B^T B + lam I)^-1 B^T B_prev buf_A``, likewise ``T_B``),
     ``buf <- momentum T + (1 - dampening) c g`` and ``A -= lr momentum T_A``, ``B -= lr momentum T_B``
-    (specs/psi-lora.md §3b; the variant the paper's authors ran on GLUE).  The momentum costs two factor-shaped
+    (docs/specs/psi-lora.md §3b; the variant the paper's authors ran on GLUE).  The momentum costs two factor-shaped
     buffers per factor and no extra LoRSum.  Other trainable parameters: SGD with momentum.
     Build it with :func:`create_proj_psi_lora_optimizer` or ``loraopt.create_optimizer("proj-psi-lora", model)``.
 """

@@ -296,10 +296,7 @@ class SVDLoRA(LoRAOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._evaluate_closure(closure)
         try:
             self._rebind_if_swapped()
             if self._check_step_lrs():
@@ -354,20 +351,11 @@ class SVDLoRA(LoRAOptimizer):
                 self._consumed[layer.index] = weakref.ref(grad)
 
 
-def create_svdlora_optimizer(
-    model: nn.Module,
-    *,
-    lr: float,
-    base: str = "sgd",
-    momentum: float = 0.0,
-    betas: Tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    compute_dtype: torch.dtype = torch.float32,
-) -> SVDLoRA:
-    """SVDLoRA oracle (arXiv 2602.16456, §1): dense step + truncated SVD, for small models and tests."""
+def create_svdlora_optimizer(model: nn.Module, *, lr: float, **kwargs: Any) -> SVDLoRA:
+    """SVDLoRA oracle (arXiv 2602.16456, §1): dense step + truncated SVD, for small models and tests. The keywords
+    are those of :class:`SVDLoRA`."""
     require_unsharded_model(model, "SVDLoRA")
-    return SVDLoRA(
-        model=model, lr=lr, base=base, momentum=momentum, betas=betas, eps=eps, weight_decay=weight_decay,
-        compute_dtype=compute_dtype,
-    )
+    return SVDLoRA(model=model, lr=lr, **kwargs)
+
+
+create_svdlora_optimizer.forwards_to = SVDLoRA  # type: ignore[attr-defined]

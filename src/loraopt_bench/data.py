@@ -1,6 +1,6 @@
 """Datasets for the benchmarks and ``loraopt finetune``, read from local files only.
 
-Sources (see ``../shared/specs/assets.md``):
+Sources (see ``docs/specs/assets.md``):
 
 - SST-2 (``<data dir>/sst2/{train,dev}.tsv``, label first) and any ``label<TAB>text`` file.
 - tiny-shakespeare (``<data dir>/tinyshakespeare/input.txt``) or any text file, as fixed-length token blocks.
@@ -152,8 +152,8 @@ def train_test_split(data: ImageData | LabelledTexts, test_fraction: float = 0.2
 # ---------------------------------------------------------------------------------------------------------------
 
 def project_root() -> Path:
-    """The repository root for a source checkout (``src/loraopt/bench/data.py`` -> three levels up)."""
-    return Path(__file__).resolve().parents[3]
+    """The repository root for a source checkout (``src/loraopt_bench/data.py`` -> two levels up)."""
+    return Path(__file__).resolve().parents[2]
 
 
 def _data_dir_candidates(data_dir: str | os.PathLike | None) -> list[Path]:

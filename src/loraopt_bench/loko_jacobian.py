@@ -1,7 +1,7 @@
 """LoKO micro-benchmarks (CPU): Jacobian construction, joint vs sequential batches, P0 initialisation.
 
-    python benchmarks/loko_jacobian.py            # everything (a few minutes on 2 cores)
-    python benchmarks/loko_jacobian.py --only jacobian,cost,quality,p0 --seeds 3 --threads 1
+    python -m loraopt_bench.loko_jacobian            # everything (a few minutes on 2 cores)
+    python -m loraopt_bench.loko_jacobian --only jacobian,cost,quality,p0 --seeds 3 --threads 1
 
 Prints markdown tables; ``benchmarks/notes/loko.md`` records one run and its reading.
 
@@ -27,6 +27,8 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from loraopt.optim.loko import create_loko_optimizer, output_jacobian
+
+from .common import feed, set_cpu_threads
 
 
 # ------------------------------------------------------------------------------------------------- models
@@ -203,14 +205,10 @@ def run_stream(seed: int, b: int, make_opt: Callable, kind: str = "loko", task: 
         x, y = Xtr[start : start + b], ytr[start : start + b]
         logits = model(x)
         correct += int((logits.argmax(-1) == y).sum())  # predicted before the update (prequential)
-        if kind == "loko":
-            seq = opt.param_groups[0]["batch_mode"] == "sequential" and len(y) > 1
-            opt.observe(logits, y, **({"forward": lambda i: model(x[i : i + 1])} if seq else {}))
-            opt.step()
-        else:
-            opt.zero_grad()
-            nn.functional.cross_entropy(logits, y).backward()
-            opt.step()
+        seq = kind == "loko" and opt.param_groups[0]["batch_mode"] == "sequential" and len(y) > 1
+        opt.zero_grad(set_to_none=True)
+        feed(opt, logits, y, **({"forward": lambda i: model(x[i : i + 1])} if seq else {}))
+        opt.step()
     elapsed = time.perf_counter() - t0
     with torch.no_grad():
         test = float((model(Xte).argmax(-1) == yte).float().mean())
@@ -271,7 +269,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: stable timings on shared CPUs)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    set_cpu_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     sections = {"jacobian": bench_jacobian, "cost": bench_cost, "quality": bench_quality, "p0": bench_p0}
     for name in args.only.split(","):

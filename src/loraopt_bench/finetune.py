@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import difflib
 import importlib.util
 import inspect
@@ -57,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..optim.registry import OPTIMIZERS, create_optimizer, load_optimizer, optimizer_hyperparameters
+from loraopt.optim.registry import OPTIMIZERS, create_optimizer, load_optimizer, optimizer_hyperparameters
 from . import assets
 from .assets import CAUSAL_LM, IMAGE_CLASSIFICATION, SEQUENCE_CLASSIFICATION, MissingAssetError, ModelSpec
 from .data import (
@@ -77,6 +78,7 @@ from .data import (
     tokenize_text,
     train_test_split,
 )
+from .common import available_cores, busy_cores, feed, jsonable, set_cpu_threads, versions  # noqa: F401
 from .report import OutputPathError, check_output_dir, check_output_file, save_figure_atomic, write_atomic
 
 __all__ = [
@@ -749,25 +751,11 @@ def _optimizer_kwargs(config: FinetuneConfig, kind: str, num_labels: Optional[in
     return kwargs
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (str, int, bool)) or value is None:
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, torch.dtype):
-        return str(value)
-    return repr(value)
-
-
 def _group_hyperparameters(optimizer: torch.optim.Optimizer) -> List[Dict[str, Any]]:
     """Each parameter group's settings (without the tensors), as they were at construction."""
     rows = []
     for group in optimizer.param_groups:
-        row = {k: _jsonable(v) for k, v in group.items() if k not in ("params", "param_names")}
+        row = {k: jsonable(v) for k, v in group.items() if k not in ("params", "param_names")}
         row["num_parameters"] = sum(p.numel() for p in group["params"])
         rows.append(row)
     return rows
@@ -858,16 +846,6 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
-
-
-def _versions() -> Dict[str, str]:
-    import peft
-    import transformers
-
-    from .. import __version__ as loraopt_version
-
-    return {"loraopt": loraopt_version, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "python": platform.python_version()}
 
 
 def _device_name(device: torch.device) -> str:
@@ -994,10 +972,10 @@ def run_finetune(
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     config_record = {
-        "config": _jsonable(asdict(config)),
+        "config": jsonable(asdict(config)),
         "resolved": {
             "lr": lr,
-            "optimizer_kwargs": _jsonable(kwargs),
+            "optimizer_kwargs": jsonable(kwargs),
             "optimizer_class": type(optimizer).__name__,
             "param_groups": _group_hyperparameters(optimizer),
             "schedule": schedule,
@@ -1007,15 +985,15 @@ def run_finetune(
             "metric": io.metric,
             "higher_is_better": io.higher_is_better,
             "num_labels": task.num_labels,
-            "lora": _jsonable({k: v for k, v in model.peft_config["default"].to_dict().items()
+            "lora": jsonable({k: v for k, v in model.peft_config["default"].to_dict().items()
                                if k in ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save",
                                         "task_type", "use_rslora", "fan_in_fan_out")}),
             "trainable_parameters": sum(p.numel() for p in trainable),
             "model_source": spec.source,
-            "model_info": _jsonable(spec.info),
-            "data": _jsonable(task.info),
+            "model_info": jsonable(spec.info),
+            "data": jsonable(task.info),
             "device": _device_name(device),
-            "versions": _versions(),
+            "versions": versions(),
             "command": command,
         },
     }
@@ -1059,27 +1037,20 @@ def run_finetune(
             _freeze_frozen_norm_statistics(model)
             started = time.perf_counter()
             if loko_softmax:
-                if batch_rows or config.batch_size == 1:
+                # Rows from one-sample graphs (forward=) unless the batch graph gives them: then the batch outputs
+                # only give shapes and the train loss, and need no graph (LoKO.observe docstring).
+                per_sample = not (batch_rows or config.batch_size == 1)
+                with torch.no_grad() if per_sample else contextlib.nullcontext():
                     logits = io.logits(model, inputs)
-                    optimizer.observe(logits, targets)
+                if per_sample:
+                    loss = feed(optimizer, logits.detach().requires_grad_(True), targets,
+                                forward=lambda i: io.sample_logits(model, inputs, i))
                 else:
-                    # The update's Jacobian rows come from one-sample graphs (forward=); the batch outputs only give
-                    # shapes and the train loss, so they need no graph (LoKO.observe docstring).
-                    with torch.no_grad():
-                        logits = io.logits(model, inputs)
-                    optimizer.observe(logits.detach().requires_grad_(True), targets,
-                                      forward=lambda i: io.sample_logits(model, inputs, i))
-                loss = F.cross_entropy(logits.detach().float(), targets)
-                optimizer.step()
+                    loss = feed(optimizer, logits, targets)
             else:
-                loss = io.loss(model, inputs, targets)
-                if is_loko:
-                    optimizer.observe(loss)
-                loss.backward()
-                if clip > 0:
-                    torch.nn.utils.clip_grad_norm_(trainable, clip)
-                optimizer.step()
-                loss = loss.detach()
+                clip_grads = (lambda: torch.nn.utils.clip_grad_norm_(trainable, clip)) if clip > 0 else None
+                loss = feed(optimizer, None, targets, loss=io.loss(model, inputs, targets), before_step=clip_grads)
+            optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             loss_value = float(loss)
@@ -1122,7 +1093,7 @@ def run_finetune(
         if is_loko:
             metrics["loko_skipped_steps"] = optimizer.skipped_steps
         if run_dir is not None:
-            write_atomic(staged.path("metrics.json"), json.dumps(_jsonable(metrics), indent=2) + "\n")
+            write_atomic(staged.path("metrics.json"), json.dumps(jsonable(metrics), indent=2) + "\n")
             plot_run(metrics, staged.path("curves.png"), title=f"{config.model} / {config.task} / "
                                                                f"{config.optimizer_key} lr={lr:g}")
             if config.save_adapter:
@@ -1431,59 +1402,6 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     )
 
 
-def available_cores() -> int:
-    """The CPU cores this process may run on (its affinity mask, e.g. a container's cpuset), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
-
-def busy_cores(interval: float = 0.2) -> Optional[float]:
-    """How many cores other work keeps busy right now (from two reads of /proc/stat ``interval`` seconds apart;
-    this process sleeps meanwhile). ``None`` where /proc/stat does not exist.
-
-    The load average would do instead, but it trails by a minute: right after a pip install it still reports a full
-    machine.
-    """
-
-    def sample() -> Tuple[int, int, int]:
-        with open("/proc/stat", encoding="ascii") as handle:
-            lines = handle.read().splitlines()
-        values = [int(v) for v in lines[0].split()[1:]]
-        cpus = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
-        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-        return sum(values[:8]), idle, cpus
-
-    try:
-        total0, idle0, cpus = sample()
-        time.sleep(interval)
-        total1, idle1, _ = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    elapsed = total1 - total0
-    if elapsed <= 0 or cpus <= 0:
-        return None
-    return cpus * (1.0 - (idle1 - idle0) / elapsed)
-
-
-def set_cpu_threads(requested: Optional[int]) -> int:
-    """Use ``requested`` torch threads; by default one per core that other work leaves idle, at least 1.
-
-    Idle cores are measured now (:func:`busy_cores`), not from the load average. On a machine whose cores are all
-    busy with other jobs one thread is used: there every parallel region waits for a descheduled thread (measured on
-    a shared 2-core machine, 2 threads ran EfficientNet and MiniLM steps about 10x slower than 1).
-    """
-    if requested:
-        torch.set_num_threads(requested)
-        return torch.get_num_threads()
-    cores = available_cores()
-    busy = busy_cores()
-    free = cores if busy is None else cores - int(math.floor(min(busy, cores) + 0.5))
-    torch.set_num_threads(max(1, free))
-    return torch.get_num_threads()
-
-
 USER_ERRORS = (ValueError, TypeError, OSError, MissingAssetError, NotImplementedError)
 
 
@@ -1557,7 +1475,7 @@ def evaluate_main(argv: Optional[Sequence[str]] = None) -> int:
         check_output_file(out, "--out" if args.out else "the scores file")  # before minutes of scoring
         scores = evaluate_run(args.adapter, args.data, limit=args.limit, batch_size=args.batch_size,
                               device=args.device)
-        write_atomic(out, json.dumps(_jsonable(scores), indent=2) + "\n")
+        write_atomic(out, json.dumps(jsonable(scores), indent=2) + "\n")
     except USER_ERRORS as error:
         return _fail("loraopt evaluate", error)
     name = scores["metric"]
@@ -1698,7 +1616,7 @@ def _write_demo_outputs(out: Path, results: Dict[str, Any], wall: float) -> None
     save_figure_atomic(fig, out / "comparison.png", dpi=110)
     plt.close(fig)
     table = markdown_table(["method", "lr", "acc before", "acc after", "test loss", "s/step"], rows)
-    write_atomic(out / "results.json", json.dumps(_jsonable({"methods": payload, "wall_seconds": wall}), indent=2))
+    write_atomic(out / "results.json", json.dumps(jsonable({"methods": payload, "wall_seconds": wall}), indent=2))
     write_atomic(out / "results.md", table)
     print()
     print(table)

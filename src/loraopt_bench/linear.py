@@ -1,4 +1,4 @@
-"""``loraopt bench linear``: the synthetic linear task of the PSI-LoRA paper (``../shared/specs/psi-lora.md`` §7.1).
+"""``loraopt bench linear``: the synthetic linear task of the PSI-LoRA paper (``docs/specs/psi-lora.md`` §7.1).
 
 A rank-8 LoRA adapter on a zeroed, frozen ``nn.Linear(200, 600, bias=False)`` fits ``W★ᵀ`` with
 ``W★ = randn(200, 600)``; the inputs are the rows of ``I_200`` and the loss is ``Σ ‖ŷ − y‖²``.  The rank-8 optimum
@@ -28,7 +28,6 @@ import math
 import shlex
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -37,7 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..optim.registry import create_optimizer
+from loraopt.optim.registry import create_optimizer
+from .common import drive, jsonable, mean_std, torch_threads
 from .report import CurveBand, format_number, markdown_table, plot_curve_bands
 
 __all__ = [
@@ -260,34 +260,11 @@ def method_config(
     )
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, torch.dtype):
-        return str(value).replace("torch.", "")
-    if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, float) and not math.isfinite(value):
-        return None  # strict JSON has no nan/inf; a diverged run reads as null
-    return value
-
-
 # ------------------------------------------------------------------------------------------------- training
 
 
-@contextmanager
-def _torch_threads(count: Optional[int]):
-    """Run with ``count`` intra-op threads.  The matrices here are at most 600×200: OpenMP fork/join costs more
-    than it saves, and on a loaded 2-core machine it was 10–40× slower than one thread (see summary.md)."""
-    if count is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+def _sum_of_squares(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return (predictions - targets).square().sum()
 
 
 def _excess_loss(model: nn.Module, task: LinearTask) -> float:
@@ -317,10 +294,7 @@ def train_seed(
     for _ in range(epochs):
         order = torch.randperm(D_IN, generator=shuffle) if protocol.shuffle else torch.arange(D_IN)
         for rows in order.split(protocol.batch_size):
-            optimizer.zero_grad()
-            loss = (model(task.inputs[rows]) - task.targets[rows]).square().sum()
-            loss.backward()
-            optimizer.step()
+            drive(optimizer, model, (task.inputs[rows], task.targets[rows]), _sum_of_squares)
         curve.append(_excess_loss(model, task))
     info: Dict[str, Any] = {"optimizer": name, "hyperparameters": hyperparameters}
     momentum = _momentum_factor_singular_values(model, optimizer)
@@ -345,13 +319,6 @@ def _momentum_factor_singular_values(
         sigma = torch.linalg.svdvals(matrix.double())
         out[key] = [float(sigma[0]), float(sigma[-1])]
     return out
-
-
-def _mean_std(curves: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Across seeds (axis 0): mean and the sample standard deviation (0 for one seed)."""
-    ddof = 1 if curves.shape[0] > 1 else 0
-    with np.errstate(invalid="ignore", over="ignore"):
-        return curves.mean(axis=0), curves.std(axis=0, ddof=ddof)
 
 
 def _final_level_score(curve: np.ndarray, floor: float) -> float:
@@ -451,7 +418,7 @@ def run_linear(
         for method in mode_methods:
             method_label(method)  # reject unknown names before any work
     results: Dict[str, Dict[str, Dict[str, Any]]] = {}
-    with _torch_threads(threads):
+    with torch_threads(threads):
         tasks = [make_task(seed, dtype) for seed in seeds]
         settings: Dict[str, ScaledSetting] = dict(scaled or {})
         tuning: Dict[str, Dict[str, Any]] = {}
@@ -478,7 +445,7 @@ def run_linear(
                         momentum_sv.append(config["momentum_factor_sv"])
                     bar.update()
                 curves = np.stack(curves)
-                mean, std = _mean_std(curves)
+                mean, std = mean_std(curves)
                 record = {
                     "epoch": list(range(epochs + 1)),
                     "excess_loss_mean": mean.tolist(),
@@ -496,7 +463,7 @@ def run_linear(
                     record["momentum_factor_sv"] = momentum_sv
                 if method == "scaled-psi" and mode in tuning:
                     record["tuning"] = tuning[mode]
-                results[mode][method] = _jsonable(record)
+                results[mode][method] = jsonable(record)
         bar.close()
     return results
 

@@ -1,7 +1,7 @@
 """LoKO's step cost for every Jacobian path against fused AdamW, on the models of issue 10 (one command).
 
-    PYTHONPATH=src python benchmarks/loko_jacobian_cost.py --out DIR              # CUDA: the full set
-    PYTHONPATH=src python benchmarks/loko_jacobian_cost.py --out DIR --quick      # CPU: small shapes, minutes
+    python -m loraopt_bench.loko_jacobian_cost --out DIR              # CUDA: the full set
+    python -m loraopt_bench.loko_jacobian_cost --out DIR --quick      # CPU: small shapes, minutes
 
 Configurations (``--only`` takes a comma-separated subset of the ids):
 
@@ -11,12 +11,12 @@ Configurations (``--only`` takes a comma-separated subset of the ids):
   64 random tokens with an all-ones attention mask. ``minilm-b32-padded``: the same with lengths 16-64 padded to
   64 (a mask with zeros: Hugging Face's mask check cannot run under ``vmap``, so ``auto`` falls back to
   one-sample graphs and ``func`` records an error).
-* ``cls-b1``, ``cls-b8``: the 10-class Llama-shaped classifier of ``benchmarks/cost.py`` (SmolLM2-135M shapes, bf16
+* ``cls-b1``, ``cls-b8``: the 10-class Llama-shaped classifier of ``loraopt_bench/cost.py`` (SmolLM2-135M shapes, bf16
   base, fp32 LoRA r = 8 on q/k/v/o/gate/up/down), sequence 512, batch 1 and 8.
 * ``--quick`` (CPU): the same models at small shapes (images 32 px batch 4, 16 tokens batch 4, the cost.py smoke
   Llama at batch 1 and 4), plus two stand-ins that need no model package (``bert-tiny-b8``, ``conv-tiny-b8``).
 
-Models load as in ``benchmarks/cost.py`` and ``loraopt.bench.assets``: from a carried bundle under ``--assets``
+Models load as in ``loraopt_bench/cost.py`` and ``loraopt_bench.assets``: from a carried bundle under ``--assets``
 (``load_gpu_bundle``; default ``.gpu_assets``) when it is there, else from the installed packages. A missing
 model, an OOM or any other failure is recorded in that row (``error``) and the run goes on.
 
@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
 import sys
 import time
@@ -49,12 +48,11 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "src"))
+import loraopt
 
-import loraopt  # noqa: E402
-from cost import Timer, build_model  # noqa: E402
+from .common import feed, set_cpu_threads, versions
+from .cost import Timer, build_model
+from .data import project_root
 
 # Targets of issue 10 (e2e step time against fused AdamW).
 TARGETS = {"cls-b8": 3.0, "cls-b1": 1.5, "effnet-b32": 5.0}
@@ -74,7 +72,7 @@ def _bundle(args, name: str) -> Optional[Path]:
 
 
 def _effnet(args, batch: int, device: torch.device, image_size: int = 32):
-    from loraopt.bench import assets
+    from loraopt_bench import assets
 
     bundle = _bundle(args, assets.EFFNET_BUNDLE)
     if bundle is not None:
@@ -90,7 +88,7 @@ def _effnet(args, batch: int, device: torch.device, image_size: int = 32):
 
 
 def _minilm(args, batch: int, seq: int, padded: bool, device: torch.device):
-    from loraopt.bench import assets
+    from loraopt_bench import assets
 
     bundle = _bundle(args, assets.MINILM_BUNDLE)
     if bundle is not None:
@@ -215,15 +213,9 @@ def _make_optimizer(method: str, model: nn.Module, m: int, device: torch.device)
 def _step_fn(method: str, model: nn.Module, opt, x: Any, y: torch.Tensor, timer: Timer) -> Callable:
     def one_step():
         t0 = timer.mark()
-        if method == "adamw-fused":
-            loss = nn.functional.cross_entropy(_logits(_call(model, x)).float(), y)
-            loss.backward()
-        else:
-            logits = _logits(_call(model, x))
-            if method == "loko-batch":
-                opt.observe(logits, y)
-            else:
-                opt.observe(logits, y, inputs=x)
+        logits = _logits(_call(model, x))
+        feed(opt, logits.float() if method == "adamw-fused" else logits, y,
+             **({"inputs": x} if method.startswith("loko-") and method != "loko-batch" else {}))
         t1 = timer.mark()
         opt.step()
         t2 = timer.mark()
@@ -372,24 +364,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--budget", type=float, default=30.0, help="seconds of timed steps per method at most")
-    ap.add_argument("--assets", default=str(HERE.parent / ".gpu_assets"), help="folder of carried model bundles")
+    ap.add_argument("--assets", default=str(project_root() / ".gpu_assets"), help="folder of carried model bundles")
     ap.add_argument("--threads", type=int, default=0, help="CPU intra-op threads (0: torch's default)")
     ap.add_argument("--no-check", action="store_true", help="skip the rows-equality check")
     args = ap.parse_args(argv)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_cpu_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.quick else "cpu"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     info: Dict[str, Any] = dict(torch=torch.__version__, device=str(device), quick=args.quick,
                                 threads=torch.get_num_threads(), argv=sys.argv[1:])
-    try:
-        import peft
-        import transformers
-
-        info.update(transformers=transformers.__version__, peft=peft.__version__)
-    except Exception:
-        pass
+    info.update(versions())
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
         torch.backends.cuda.matmul.allow_tf32 = False  # the library's setting (fp32 filter math)

@@ -22,6 +22,8 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
+from .common import drive, set_cpu_threads
+
 __all__ = ["run_digits", "main"]
 
 
@@ -82,12 +84,7 @@ def run_digits(optimizer: str, lr: Optional[float], seed: int = 0, steps: int = 
             order, pos = torch.randperm(len(ytr), generator=g), 0
         idx = order[pos : pos + batch]
         pos += batch
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(xtr[idx]), ytr[idx])
-        if getattr(opt, "observes_loss", False):
-            opt.observe(loss)
-        loss.backward()
-        opt.step()
+        loss = drive(opt, model, (xtr[idx], ytr[idx]))
         if t % log_every == 0 or t == steps:
             entry = dict(step=t, loss=float(loss.detach()))
             entry.update(_diagnostics(opt))
@@ -129,7 +126,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.error(f"--set takes KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         hp[key] = _parse_value(value)
-    torch.set_num_threads(1)
+    set_cpu_threads(1)
     runs = []
     for name in args.optimizers:
         for lr in args.lrs:
