@@ -134,7 +134,7 @@ LIBRARY_LR_OPTIMIZERS = ("psi-lora", "proj-psi-lora", "scaled-psi-lora")
 
 
 def _library_lr(name: str) -> float:
-    from ..optim.registry import optimizer_hyperparameters
+    from loraopt.optim.registry import optimizer_hyperparameters
 
     default = optimizer_hyperparameters(name).get("lr", inspect.Parameter.empty)
     return 1e-3 if default is inspect.Parameter.empty else float(default)
