@@ -906,3 +906,20 @@ def test_busy_cores_reads_this_machine():
     if busy is None:
         pytest.skip("no /proc/stat")
     assert 0.0 <= busy <= (os.cpu_count() or 1) + 1e-6
+
+
+def test_demo_outputs_report_the_library_default_lr(tmp_path):
+    """The demo runs the PSI family with lr=None (the library default): its tables name the lr that ran."""
+    history = [{"step": 0, "seconds": 0.0, "accuracy": 0.1, "eval_loss": 2.3},
+               {"step": 10, "seconds": 1.0, "accuracy": 0.6, "eval_loss": 1.1}]
+    metrics = {"history": history, "final": {"accuracy": 0.6, "eval_loss": 1.1}, "seconds_per_step": 0.1}
+    results = {
+        "psi-lora": ("PSI-LoRA", finetune.FinetuneConfig(model="m", task="t", optimizer="psi-lora", lr=None), metrics),
+        "adamw": ("AdamW", finetune.FinetuneConfig(model="m", task="t", optimizer="adamw", lr=3e-3), metrics),
+    }
+    finetune._write_demo_outputs(tmp_path, results, 1.0)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    from loraopt.optim.registry import optimizer_hyperparameters
+
+    assert saved["methods"]["psi-lora"]["lr"] == optimizer_hyperparameters("psi-lora")["lr"] == 0.03
+    assert "| PSI-LoRA | 0.03 |" in (tmp_path / "results.md").read_text()

@@ -1,7 +1,7 @@
 """loraopt: optimizers built for LoRA fine-tuning.
 
     import loraopt
-    optimizer = loraopt.create_optimizer("scaled-psi-lora", peft_model, lr=0.2)
+    optimizer = loraopt.create_optimizer("proj-psi-lora", peft_model)   # the recommended settings
 
 Every optimizer is an ordinary ``torch.optim.Optimizer``; ``loraopt.OPTIMIZERS`` lists them.
 """

@@ -2,7 +2,7 @@
 
     loraopt finetune --model M --task T --optimizer NAME [options]   LoRA fine-tuning, writes a run directory
     loraopt evaluate --adapter RUN_DIR [--data FILE]                   score a saved adapter
-    loraopt demo                                                       4 optimizers on a real model, CPU, minutes
+    loraopt demo                                                       5 optimizers on a real model, CPU, minutes
     loraopt bench linear [options]     the synthetic linear task of the PSI-LoRA paper
     loraopt bench online [options]     online (streaming) fine-tuning with LoKO and baselines
     loraopt bench quality --suite S    quality benchmarks on real models (sst2, lm, vision)
@@ -36,7 +36,7 @@ BENCHMARKS = {
 COMMANDS = {
     "finetune": ("loraopt_bench.finetune", "finetune_main", "LoRA fine-tuning of a pretrained model"),
     "evaluate": ("loraopt_bench.finetune", "evaluate_main", "score a saved adapter on a data file"),
-    "demo": ("loraopt_bench.finetune", "demo_main", "compare LoKO, Scaled PSI-LoRA, PSI-LoRA and AdamW in minutes"),
+    "demo": ("loraopt_bench.finetune", "demo_main", "compare LoKO, the PSI family and AdamW on a real model in minutes"),
 }
 EXIT_NEEDS_EXTRA = 2  # a missing optional dependency is an installation problem the user fixes, like bad input
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away (`... | head`)

@@ -18,7 +18,7 @@ Every run writes a run directory::
 
 Examples::
 
-    loraopt finetune --model minilm --task sst2 --optimizer scaled-psi-lora --lr 0.2 --steps 300 --out runs/sst2
+    loraopt finetune --model minilm --task sst2 --optimizer proj-psi-lora --steps 300 --out runs/sst2
     loraopt finetune --model smollm2 --task tinyshakespeare --optimizer adamw --lr 1e-3 --steps 40 --batch-size 4
     loraopt finetune --model effnet-lite0 --task mnist --optimizer loko --hp p_init=score
     loraopt evaluate --adapter runs/sst2 --data ../shared/data/sst2/dev.tsv
