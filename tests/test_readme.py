@@ -108,7 +108,7 @@ def _lora_moved(model) -> bool:
 
 @pytest.fixture(scope="module")
 def peft_run(tiny_model_folder):
-    return _run_block('create_optimizer("scaled-psi-lora"', tiny_model_folder)
+    return _run_block('create_optimizer("proj-psi-lora"', tiny_model_folder)
 
 
 def test_readme_has_the_snippets_this_file_runs():
