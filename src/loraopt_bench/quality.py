@@ -91,6 +91,8 @@ METHODS: Dict[str, MethodSpec] = {
         MethodSpec("scaled-psi-lora-rel", "scaled-psi-lora", "Scaled PSI-LoRA (relative metric)",
                    (0.1, 0.3, 1.0, 3.0), {"other_lr": 1e-3, "metric_scale": "relative", "bias_correction": True,
                                           "damping": 1e-2, "momentum_prox": 1e-2}),
+        MethodSpec("scaled-psi-lora-default", "scaled-psi-lora", "Scaled PSI-LoRA (library defaults)", (0.3,),
+                   {}),
         MethodSpec("scaled-psi-lora-rel-lrprox", "scaled-psi-lora", "Scaled PSI-LoRA (relative metric, lr prox)",
                    (0.3, 1.0), {"other_lr": 1e-3, "metric_scale": "relative", "bias_correction": True,
                                 "damping": 1e-2}),
