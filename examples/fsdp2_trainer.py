@@ -14,9 +14,9 @@ How it fits together:
   optimizer is built over the sharded (DTensor) parameters, which is what loraopt needs: its optimizers gather the
   whole LoRA factors they need, compute the same update on every rank and write back each rank's shard.
 * ``optimizers=(optimizer, None)`` is refused by Trainer under FSDP: use the factory.
-* Supported under FSDP2: ``svdlora``, ``psi-lora`` / ``proj-psi-lora`` / ``scaled-psi-lora`` (when this loraopt
-  version lists them in ``benchmarks/notes/distributed.md``), the baselines ``adamw``, ``sgd``, ``adagrad``,
-  ``lora-plus``, and LoKO-scalar (``--optimizer loko``: ``observation="loss"`` through ``LoKOScalarTrainer``).
+* Supported under FSDP2: ``psi-lora``, ``proj-psi-lora``, ``scaled-psi-lora``, ``svdlora``, the baselines
+  ``adamw``, ``sgd``, ``adagrad``, ``lora-plus``, and LoKO-scalar (``--optimizer loko``: ``observation="loss"``
+  through ``LoKOScalarTrainer``).
   Riemannian LoRA (PEFT's) and LoKO's output observations raise ``NotImplementedError`` under FSDP2.
 * Checkpoints: ``fsdp_state_dict_type: SHARDED_STATE_DICT`` saves model and optimizer with
   ``torch.distributed.checkpoint``; ``--resume-check`` trains ``--steps`` steps straight through, then again with a

@@ -35,7 +35,15 @@ CONFIGS = {
     "svdlora-sgd": ("svdlora", dict(lr=0.1, momentum=0.9)),
     "svdlora-adamw": ("svdlora", dict(lr=1e-2, base="adamw", weight_decay=0.01)),
     "loko-loss": ("loko", dict(num_outputs=None, observation="loss")),
+    "psi-k1-rows": ("psi-lora", dict(lr=0.1, inner_iters=1, momentum=0.9)),
+    "psi-k0-stream": ("psi-lora", dict(lr=0.1, inner_iters=0, momentum=0.9)),
+    "psi-k0-adam-other": ("psi-lora", dict(lr=0.1, inner_iters=0, momentum=0.9, other_optimizer="adam")),
+    "proj-psi-k1": ("proj-psi-lora", dict(lr=0.1, inner_iters=1, momentum=0.9)),
+    "scaled-k0-kfac": ("scaled-psi-lora", dict(lr=0.1, other_lr=1e-2, max_grad_norm=0.0)),
+    "scaled-k1-kfac": ("scaled-psi-lora", dict(lr=0.1, other_lr=1e-2, inner_iters=1, max_grad_norm=0.0)),
 }
+# Not here: internal clipping (max_grad_norm > 0) and the Shampoo metric, whose data-parallel versions use per-rank
+# norms / statistics, as under DDP (specs/psi-lora.md §10.4), so they are not equal to one process by construction.
 # LoKO-scalar updates from one observed loss per step: it has no gradient accumulation to test.
 NO_ACCUMULATION = {"loko-loss"}
 MODES = ("plain", "accum", "resume", "swap")

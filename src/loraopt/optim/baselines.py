@@ -360,7 +360,8 @@ def create_rplora_optimizer(
 _RIEMANNIAN_SHARDED = (
     "Riemannian LoRA (PEFT's create_riemannian_optimizer) does not run under FSDP2 / DTensor (sharded) parameters: "
     "its preconditioner builds (B^T B + reg I)^-1 from a sharded factor and a plain identity, which DTensor refuses. "
-    "Under FSDP2 use 'adamw', 'sgd', 'lora-plus', 'svdlora' or LoKO-scalar ('loko' with observation='loss'); "
+    "Under FSDP2 use 'psi-lora' (its K = 0 round is the Riemannian-preconditioned step), 'scaled-psi-lora', 'adamw', "
+    "'lora-plus', 'svdlora' or LoKO-scalar ('loko' with observation='loss'); "
     "Riemannian LoRA runs under DDP or in a single process"
 )
 

@@ -21,7 +21,9 @@ Implementation notes:
   PSI-LoRA and Scaled PSI-LoRA stream the projections ``[B~ | M_B]^T G`` and ``G [A~ | M_A]^T`` and keep no rows
   (``capture="auto"``).
 * Under ``torch.distributed`` every rank-local quantity is averaged (projections, statistics) so all ranks compute
-  the update of the concatenated batch.
+  the update of the concatenated batch.  Under FSDP2 (``fully_shard``, DTensor factors) each step gathers the
+  whole r x d factors it needs, computes that same update on every rank and writes back each rank's shard; build
+  the optimizer after sharding, or let accelerate swap the sharded parameters in (followed at the next step).
 * A step is all or nothing: a non-finite gradient, lr, loss or result anywhere leaves every parameter and every
   state tensor as it was, and is counted (``optimizer.skipped_steps``) and warned about.  A step with lr = 0
   allocates the state and changes nothing.
@@ -55,8 +57,11 @@ from .base import (
     check_nonnegative,
     check_positive,
     check_range,
+    full_tensor,
+    is_dtensor,
     named_trainable_parameters,
     require_unsharded_model,
+    write_full_,
 )
 
 __all__ = [
@@ -78,6 +83,10 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
 
     _factory_name = ""
     _scaled = False
+    # FSDP2: the whole factors are gathered for the step (they are r x d), every rank computes the same update from
+    # the rank-averaged captured products and writes back its own shard; other parameters take their elementwise
+    # rule on each rank's shard.
+    supports_dtensor = True
     _variant = "psi"  # functional.psi variant: "psi" (low-rank momentum) or "proj" (factor-space momentum)
     # Hyperparameters added after the first release: a checkpoint without them takes the current group's values.
     _optional_group_keys = frozenset(
@@ -193,6 +202,9 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
     def _update_other(self, group: Dict[str, Any], param: Tensor, grad: Tensor) -> None:
         """The rule for parameters that are not LoRA factors: Adam(W) or SGD with the group's momentum."""
         state = self.state[param]
+        if is_dtensor(param):  # FSDP2: an elementwise rule, applied by each rank to its own shard (and state shard)
+            param, grad = param.to_local(), _local(grad)
+            state = {k: _local(v) for k, v in state.items()}
         state["step"] += 1
         step = float(state["step"])  # a CPU tensor, as in torch.optim: no device sync
         if group["other_optimizer"] == "adam":
@@ -227,6 +239,16 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
         """Detach the capture hooks (the optimizer cannot step afterwards)."""
         self._capture.remove()
 
+    def _parameters_swapped(self, mapping: Dict[int, Tensor]) -> None:
+        for layer in self._layers:  # the hooks hold these layer objects: they see the new factors too
+            layer.A = mapping.get(id(layer.A), layer.A)
+            layer.B = mapping.get(id(layer.B), layer.B)
+        self._factor_ids = {id(p) for layer in self._layers for p in (layer.A, layer.B)}
+        self._model_factor_ids = self._model_factor_ids | {
+            id(new) for old, new in mapping.items() if old in self._model_factor_ids
+        }
+        self._probe_cache.clear()
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear ``.grad`` and the captured activations: discarding a gradient means both."""
         super().zero_grad(set_to_none=set_to_none)
@@ -247,6 +269,9 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
                         "momentum_buffer": (layer.d_out, layer.rank), "previous_factor": (layer.d_out, layer.rank)}
         shape = tuple(param.shape)
         return {"step": (), "momentum_buffer": shape, "exp_avg": shape, "exp_avg_sq": shape}
+
+    def _sharded(self) -> bool:
+        return any(is_dtensor(p) for g in self.param_groups for p in g["params"])
 
     def _momentum_rank(self, group: Dict[str, Any], layer: LoRALayer) -> int:
         return max(1, int(round(layer.rank * group["rank_mult"])))
@@ -300,13 +325,15 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
         cached = self._probe_cache.get(layer.index)
         if cached is not None:
             return cached
+        self._rebind_if_swapped()  # the first backward after accelerate swapped in sharded parameters
         group = self._group_of(layer)
         with torch.no_grad():
             self._ensure_layer_state(group, layer)
             root = math.sqrt(layer.scaling)
             dtype = _compute_dtype(layer)
-            left = [layer.b_matrix(dtype) * root]
-            right = [layer.a_matrix(dtype).mT * root]
+            # FSDP2: gathered here, in the backward, in the same layer order on every rank.
+            left = [_whole_b(layer, dtype) * root]
+            right = [_whole_a(layer, dtype).mT * root]
             state_a, state_b = self.state[layer.A], self.state[layer.B]
             if "momentum_A" in state_a:
                 left.append(state_b["momentum_B"].to(dtype))
@@ -331,6 +358,7 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
         return loss
 
     def _step(self) -> None:
+        self._rebind_if_swapped()
         if not self._check_step_lrs():  # a NaN/inf lr (a broken scheduler): counted, warned, nothing changes
             return
         anything = False
@@ -375,7 +403,7 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
                 others.append((group, p, p.grad if c is None else p.grad * c))
         oks += [commit.ok for commit in commits]
         observed_layers = [layer for _, observed, _ in active_groups for layer, _ in observed]
-        factor_grads = [p.grad for layer in observed_layers for p in (layer.A, layer.B) if p.grad is not None]
+        factor_grads = [_local(p.grad) for layer in observed_layers for p in (layer.A, layer.B) if p.grad is not None]
         if factor_grads:
             # PSI steps with the captured G, not .grad; a non-finite .grad still means this batch is broken.
             oks.append(torch.isfinite(torch.stack(torch._foreach_norm(factor_grads))))
@@ -385,6 +413,9 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
         if others:
             oks.append(self._update_others(others))
         ok = torch.stack([o.all() for o in oks]).all() if len(oks) > 1 else oks[0].all()
+        if self._dist.active and self._sharded():
+            # Local shards were checked (factor .grad, other parameters): every rank must take the same decision.
+            ok = self._dist.mean(ok.to(torch.float32)) == 1.0
         for commit in commits:
             commit.write(ok)
         self._restore_others_unless(ok)
@@ -410,9 +441,10 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
             state = self.state[param]
             # `step` (a CPU counter) is left out: reading a device flag into it would synchronise.
             tensors = [param] + [v for k, v in state.items() if torch.is_tensor(v) and k != "step"]
+            tensors = [_local(t) for t in tensors]  # FSDP2: this rank's shards
             self._others_before.append((tensors, [t.clone() for t in tensors], state))
             self._update_other(group, param, grad)
-            finite.append(torch.isfinite(grad).all() & torch.isfinite(param).all())
+            finite.append(torch.isfinite(_local(grad)).all() & torch.isfinite(_local(param)).all())
         return torch.stack(finite)
 
     def _restore_others_unless(self, ok: Tensor) -> None:
@@ -459,6 +491,8 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
         """Once, on the first step: warn if the LoRA factors' ``.grad`` no longer matches the captured gradient
         (``clip_grad_norm_``, masking or scaling after backward).  PSI steps with the captured full-weight gradient,
         so such edits would be silently ignored.  One host synchronisation, on the first step only."""
+        if self._dist.active:
+            return  # the warning is issued in single-process runs only (rank-local .grad differs from the mean)
         worst = []
         for _, observed, _ in active_groups:
             for layer, obs in observed:
@@ -567,6 +601,12 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
                             stacklevel=4,
                         )
             grads += [p.grad for p in with_grad]
+        sharded = [_local(g) for g in grads if is_dtensor(g)]
+        grads = [g for g in grads if not is_dtensor(g)]
+        if sharded:
+            # FSDP2: shards of the rank-averaged gradient; the sum over ranks of their squares is its squared norm.
+            local_sq = torch.stack(torch._foreach_norm([g.float() for g in sharded])).square().sum()
+            parts.append(self._dist.sum_many([local_sq])[0])
         device = (dense + bounds + grads + parts)[0].device
         if dense:
             parts.append(torch.nn.utils.get_total_norm(dense).square())
@@ -638,12 +678,12 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
         # Plain fp32 matrices (PEFT Linear with fp32 adapters) are stacked as they are: a per-layer reshape/cast
         # would cost a dispatcher call per layer, and host time is what bounds this step.
         dtype = _compute_dtype(layers[0])
-        plain = all(a.dim() == 2 and a.dtype == dtype for a in A_params + B_params)
+        plain = all(a.dim() == 2 and a.dtype == dtype and not is_dtensor(a) for a in A_params + B_params)
         if plain:
             A_raw, B_raw = torch.stack(A_params), torch.stack(B_params)
         else:
-            A_raw = torch.stack([layer.a_matrix(dtype) for layer in layers])
-            B_raw = torch.stack([layer.b_matrix(dtype) for layer in layers])
+            A_raw = torch.stack([_whole_a(layer, dtype) for layer in layers])
+            B_raw = torch.stack([_whole_b(layer, dtype) for layer in layers])
         first = items[0][1]
         if first.left is not None:
             grad = Gradient(torch.stack([red["left"] for red in reds]), torch.stack([red["right"] for red in reds]),
@@ -693,6 +733,10 @@ class _Commit:
         """Copy the new values (where ``ok``; the old ones elsewhere) into the parameters and state tensors."""
         for destinations, new, old in self.targets:
             value = torch.where(ok, new, old)
+            if any(is_dtensor(d) for d in destinations):  # FSDP2 parameters: each rank writes its shard
+                for v, d in zip(value.unbind(0), destinations):
+                    write_full_(d, v.reshape(d.shape))
+                continue
             torch._foreach_copy_(destinations, [v.view_as(d) for v, d in zip(value.unbind(0), destinations)])
 
 
@@ -1097,6 +1141,25 @@ create_scaled_psi_lora_optimizer.forwards_to = ScaledPSILoRA  # type: ignore[att
 def _compute_dtype(layer: LoRALayer) -> torch.dtype:
     """fp32 for 16- and 32-bit factors (state and math stay fp32), fp64 for fp64 factors (the reference tests)."""
     return torch.promote_types(layer.A.dtype, torch.float32)
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (FSDP2), the tensor itself otherwise."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def _whole_a(layer: LoRALayer, dtype: torch.dtype) -> Tensor:
+    """``A`` as a whole ``(r, d_in)`` matrix in ``dtype`` (gathered when FSDP2 shards it)."""
+    if is_dtensor(layer.A):
+        return full_tensor(layer.A.detach()).reshape(layer.rank, -1).to(dtype)
+    return layer.a_matrix(dtype)
+
+
+def _whole_b(layer: LoRALayer, dtype: torch.dtype) -> Tensor:
+    """``B`` as a whole ``(d_out, r)`` matrix in ``dtype`` (gathered when FSDP2 shards it)."""
+    if is_dtensor(layer.B):
+        return full_tensor(layer.B.detach()).reshape(layer.d_out, -1).to(dtype)
+    return layer.b_matrix(dtype)
 
 
 def _grad_version(layer: LoRALayer) -> Tuple[int, int]:
