@@ -13,8 +13,8 @@ layers, hold the state, gather tensors, call it and write the results back:
 
 Which to use (one epoch of SST-2 on MiniLM-L6, r = 8, 3 seeds, H200; ``benchmarks/notes/psi.md``): at the
 factories' defaults PSI-LoRA reached 85.6 ± 0.2 % dev accuracy, Proj. PSI-LoRA 85.9 ± 0.4 % and Scaled PSI-LoRA
-85.4 ± 0.5 % (2 seeds), against 86.6 ± 0.5 % for AdamW at its best lr: still slightly behind AdamW, but far less
-sensitive to the lr (PSI-LoRA within 1.2 points over lr 0.01-0.1, where AdamW spans 20 points over 3e-4-1e-2).
+85.1 ± 0.4 %, against 86.6 ± 0.5 % for AdamW at its best lr: still slightly behind AdamW, but far less sensitive to
+the lr (PSI-LoRA within 0.8 points over lr 0.01-0.1, where AdamW spans 20 points over 3e-4-1e-2).
 
 Implementation notes:
 * K = 0 is the Jacobi round (the Riemannian-preconditioned / ScaledGD step), never a no-op.  At K = 0 the hooks of
