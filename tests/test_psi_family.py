@@ -248,6 +248,13 @@ def test_debiased_ema_is_the_weighted_average_of_the_statistics():
 # ------------------------------------------------------------------------------------------------ solves
 
 
+def test_escalated_solve_keeps_an_anchor_that_solves_the_system():
+    gram = torch.zeros(3, 3)
+    anchor = torch.randn(3, 2)
+    x, failed = spd_solve(gram, gram @ anchor, jitter=0.0, anchor=anchor)
+    assert failed.item() == 1 and torch.allclose(x, anchor, atol=1e-6)
+
+
 def test_spd_solve_escalates_the_jitter_on_an_ill_conditioned_gram():
     """A Gram matrix that is PSD in exact arithmetic but fails Cholesky in fp32 gets the solution of a slightly more
     damped system (finite, flagged), not an LU solve of a singular matrix."""
@@ -383,3 +390,24 @@ def test_exact_clipping_under_accumulation_with_rows_capture():
     pa, pb = params_snapshot(models[0]), params_snapshot(models[1])
     for n in pa:
         assert torch.allclose(pa[n], pb[n], atol=1e-6), n
+
+
+def test_solve_fallbacks_are_counted_and_warned():
+    """Rank-deficient factors with no proximal weight make the r x r Gram singular: the escalated-jitter solve takes
+    over, the step goes through, and the optimizer says so."""
+    model = make_model("mlp")
+    with torch.no_grad():
+        for layer in find_lora_layers(model):
+            layer.B.zero_()  # B^T B = 0: singular without lmbd / jitter
+    opt = loraopt.create_optimizer("psi-lora", model, lr=0.1, lmbd=0.0, jitter=0.0, inner_iters=1)
+    before = {layer.a_name: layer.A.detach().clone() for layer in opt.layers}
+    loss_fn(model, *make_batch("mlp")).backward()
+    with pytest.warns(RuntimeWarning, match="raised jitter"):
+        opt.step()
+    assert sum(int(opt.state[layer.A]["solve_fallbacks"]) for layer in opt.layers) > 0
+    assert opt.skipped_steps == 0
+    for layer in opt.layers:
+        # The extra damping pulls towards the anchor, as the proximal term does: A (its half-step has B = 0 and
+        # nothing to fit) stays where it was instead of collapsing to zero; B takes the step.
+        assert torch.allclose(layer.A, before[layer.a_name], rtol=1e-4, atol=1e-6)
+        assert torch.isfinite(layer.B).all() and layer.B.abs().sum() > 0

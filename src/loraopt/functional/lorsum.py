@@ -62,12 +62,15 @@ class LoRSumResult(NamedTuple):
     fallbacks: Tensor
 
 
-def spd_solve(gram: Tensor, rhs: Tensor, *, jitter: float) -> Tuple[Tensor, Tensor]:
+def spd_solve(gram: Tensor, rhs: Tensor, *, jitter: float, anchor: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Solve ``(gram + jitter*I) X = rhs`` for a symmetric positive (semi)definite ``gram: (r, r)``.
 
     Cholesky first.  Where it fails (an ill-conditioned Gram matrix of nearly collinear factors, rounded in fp32
     or built from bf16 weights), a second Cholesky with the jitter raised to ``1e-4`` of the system's mean
     diagonal; the solution is then that of a slightly more damped system, which is what a proximal step wants.
+    With ``anchor`` (the proximal target, shaped like ``X``) the extra damping pulls towards it, as the proximal
+    term does (``rhs`` gains ``extra * anchor``), so an anchor that solves the system stays its solution; without
+    it the extra damping pulls towards zero.
     Where that fails too (the system is indefinite, not just ill-conditioned), LU.  A non-finite input stays
     non-finite, and the caller's finiteness guard skips the step.  Every route is evaluated and selected with
     ``torch.where``, so no host synchronisation is needed (an r x r solve is negligible next to the products).
@@ -81,9 +84,9 @@ def spd_solve(gram: Tensor, rhs: Tensor, *, jitter: float) -> Tuple[Tensor, Tens
     chol, info = torch.linalg.cholesky_ex(system)
     x_chol = torch.cholesky_solve(rhs, chol)
     scale = system.diagonal(dim1=-2, dim2=-1).abs().mean(-1)[..., None, None]
-    escalated = system + (1e-4 * scale + torch.finfo(gram.dtype).tiny ** 0.5) * eye
-    chol2, info2 = torch.linalg.cholesky_ex(escalated)
-    x_escalated = torch.cholesky_solve(rhs, chol2)
+    extra = 1e-4 * scale + torch.finfo(gram.dtype).tiny ** 0.5
+    chol2, info2 = torch.linalg.cholesky_ex(system + extra * eye)
+    x_escalated = torch.cholesky_solve(rhs if anchor is None else rhs + extra * anchor, chol2)
     x_lu, _ = torch.linalg.solve_ex(system, rhs)
     failed = info != 0  # one flag per system of a batch
     x_fallback = torch.where((info2 != 0)[..., None, None], x_lu, x_escalated)
@@ -141,7 +144,7 @@ def _a_half_step(c0, B0, A0, B, BtDelta, lam, p_in_inv, p_out, jitter):
     lam = lam + jitter  # the jitter acts as extra proximal weight, so it never biases A away from the anchor
     if _nonzero(lam):
         rhs = rhs + lam * A0
-    return spd_solve(BtP @ B, rhs, jitter=lam)
+    return spd_solve(BtP @ B, rhs, jitter=lam, anchor=A0)
 
 
 def _b_half_step(c0, B0, A0, A, DeltaAt, lam, p_in, p_out_inv, jitter):
@@ -153,7 +156,7 @@ def _b_half_step(c0, B0, A0, A, DeltaAt, lam, p_in, p_out_inv, jitter):
     if _nonzero(lam):
         rhs = rhs + lam * B0
     # B G = rhs with G symmetric  <=>  G B^T = rhs^T
-    Bt, failed = spd_solve(AP @ A.mT, rhs.mT, jitter=lam)
+    Bt, failed = spd_solve(AP @ A.mT, rhs.mT, jitter=lam, anchor=B0.mT)
     return Bt.mT, failed
 
 

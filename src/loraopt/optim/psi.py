@@ -74,6 +74,7 @@ __all__ = [
 ]
 
 _SCALED_LAM_FLOOR = 1e-5
+_FALLBACK_CHECK_INTERVAL = 64  # steps between the (synchronising) reads of the solve-fallback counters
 
 
 class _ProjectedSubspaceOptimizer(LoRAOptimizer):
@@ -141,6 +142,8 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
         self._consumed: Dict[int, Tuple[int, int]] = {}
         self._checked_grad_edits = False
         self._warned_accumulated_clip = False
+        self._steps_counted = 0
+        self._fallbacks_warned_at = 0.1  # warn at the first fallback, then at 10x growth
         # Every LoRA factor of the model, trainable or not: one added later by add_param_group would get no hooks.
         self._model_factor_ids = {id(p) for name, p in model.named_parameters() if is_lora_factor_name(name)}
 
@@ -432,6 +435,26 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
         states_a = [self.state[layer.A] for layer in layers]
         torch._foreach_add_([st["skipped_steps"] for st in states_a], [skipped] * len(layers))
         torch._foreach_add_([st["step"] for st in states_a] + [self.state[layer.B]["step"] for layer in layers], 1.0)
+        self._steps_counted += 1
+        if self._steps_counted % _FALLBACK_CHECK_INTERVAL == 1:
+            self._warn_on_solve_fallbacks()
+
+    def _warn_on_solve_fallbacks(self) -> None:
+        """Every ``_FALLBACK_CHECK_INTERVAL`` steps (one host synchronisation): warn when r x r solves needed the
+        escalated-jitter fallback, the first time and then each time their count has grown tenfold."""
+        counters = [self.state[layer.A]["solve_fallbacks"] for layer in self._layers if "solve_fallbacks" in
+                    self.state[layer.A]]
+        total = int(torch.stack([c.to(counters[0].device) for c in counters]).sum()) if counters else 0
+        if total and total >= self._fallbacks_warned_at * 10:
+            self._fallbacks_warned_at = total
+            warnings.warn(
+                f"{type(self).__name__}: {total} r x r system(s) were too ill-conditioned for a plain Cholesky "
+                "solve and were solved with raised jitter (the step went through, slightly more damped). The LoRA or "
+                "momentum factors are nearly rank-deficient; if this keeps growing, raise lmbd or jitter. "
+                "state[lora_A]['solve_fallbacks'] counts them per layer.",
+                RuntimeWarning,
+                stacklevel=5,
+            )
 
     def _update_others(self, others) -> Tensor:
         """Update the non-LoRA parameters in place, keeping copies to restore; returns whether all stayed finite."""
