@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from typing import Any, Callable, ClassVar, Dict, FrozenSet, Iterable, List, Optional, Tuple, Union
 
 import torch
@@ -440,7 +441,8 @@ class LoRAOptimizer(SkippedStepCounter, CheckedStateDict, Optimizer):
                 f"{type(self).__name__} does not support FSDP2 / DTensor (sharded) parameters in this version: train "
                 "with DDP or a single process, or use a baseline optimizer (adamw, lora-plus) under FSDP"
             )
-        self._bound_ids = [id(p) for g in self.param_groups for p in g["params"]]
+        # Weak references: a parameter replaced in param_groups is seen as replaced even once it is freed.
+        self._bound = [weakref.ref(p) for g in self.param_groups for p in g["params"]]
         self._stashed_state: Optional[Dict[int, Dict[str, Tensor]]] = None
         self._install_state_checks()  # first: nothing is stashed from a state_dict that is refused
         self.register_load_state_dict_pre_hook(LoRAOptimizer._stash_float_state)
@@ -450,8 +452,8 @@ class LoRAOptimizer(SkippedStepCounter, CheckedStateDict, Optimizer):
         if isinstance(param_group, dict):
             check_group_hyperparameters(param_group, _group_label(param_group, len(self.param_groups)))
         super().add_param_group(param_group)
-        if "_bound_ids" in self.__dict__:
-            self._bound_ids += [id(p) for p in self.param_groups[-1]["params"]]
+        if "_bound" in self.__dict__:
+            self._bound += [weakref.ref(p) for p in self.param_groups[-1]["params"]]
 
     # ------------------------------------------------------------------------------- parameters swapped after build
 
@@ -464,9 +466,9 @@ class LoRAOptimizer(SkippedStepCounter, CheckedStateDict, Optimizer):
         pairs, the hooks' bookkeeping) would otherwise go on looking at the old tensors. Called at every
         ``step()`` and before ``load_state_dict``: same positions, new objects -> the per-parameter state moves to
         the new parameter and :meth:`_parameters_swapped` lets the subclass update its references."""
-        bound = self.__dict__.get("_bound_ids")
+        bound = self.__dict__.get("_bound")
         current = [p for g in self.param_groups for p in g["params"]]
-        if bound is None or [id(p) for p in current] == bound:
+        if bound is None or (len(bound) == len(current) and all(ref() is p for ref, p in zip(bound, current))):
             return
         if len(bound) != len(current):
             raise RuntimeError(
@@ -474,12 +476,13 @@ class LoRAOptimizer(SkippedStepCounter, CheckedStateDict, Optimizer):
                 f"({len(bound)} -> {len(current)} parameters) other than through add_param_group; build the "
                 "optimizer again over the model as it is now"
             )
-        mapping = {old: new for old, new in zip(bound, current) if old != id(new)}
+        olds = [ref() for ref in bound]
+        mapping = {id(old): new for old, new in zip(olds, current) if old is not None and old is not new}
         for key in list(self.state.keys()):
             new = mapping.get(id(key))
             if new is not None:
                 self.state[new] = self.state.pop(key)
-        self._bound_ids = [id(p) for p in current]
+        self._bound = [weakref.ref(p) for p in current]
         if not self.supports_dtensor and any(is_dtensor(p) for p in current):
             raise NotImplementedError(
                 f"{type(self).__name__} does not support FSDP2 / DTensor (sharded) parameters in this version (its "
