@@ -155,3 +155,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_initialized():  # a clean shutdown of the process group before interpreter teardown
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
