@@ -97,20 +97,28 @@ def test_svd_balanced_momentum_leaves_the_psi_trajectory_unchanged_in_exact_arit
 # ------------------------------------------------------------------------------------------------ Proj. PSI-LoRA
 
 
+def _assert_same_training(*runs, steps=3):
+    """Train each (model, optimizer) on the same batches; all end with the same parameters (to 1e-6)."""
+    for t in range(steps):
+        x, y = make_batch("mlp", seed=t)
+        for model, opt in runs:
+            opt.zero_grad()
+            loss_fn(model, x, y).backward()
+            opt.step()
+    first = params_snapshot(runs[0][0])
+    for model, _ in runs[1:]:
+        other = params_snapshot(model)
+        for n in first:
+            assert torch.allclose(first[n], other[n], atol=1e-6), n
+
+
+
 @pytest.mark.parametrize("inner_iters", [0, 1, 2])
 def test_proj_without_momentum_is_psi_without_momentum(inner_iters):
     a, b = make_model("mlp"), make_model("mlp")
     psi = loraopt.create_optimizer("psi-lora", a, lr=0.1, inner_iters=inner_iters, momentum=0.0)
     proj = loraopt.create_optimizer("proj-psi-lora", b, lr=0.1, inner_iters=inner_iters, momentum=0.0)
-    for t in range(3):
-        x, y = make_batch("mlp", seed=t)
-        for model, opt in ((a, psi), (b, proj)):
-            opt.zero_grad()
-            loss_fn(model, x, y).backward()
-            opt.step()
-    pa, pb = params_snapshot(a), params_snapshot(b)
-    for n in pa:
-        assert torch.allclose(pa[n], pb[n], atol=1e-6), n
+    _assert_same_training((a, psi), (b, proj))
 
 
 def test_proj_jacobi_without_momentum_is_peft_riemannian_sgd():
@@ -119,15 +127,7 @@ def test_proj_jacobi_without_momentum_is_peft_riemannian_sgd():
     proj = loraopt.create_optimizer("proj-psi-lora", a, lr=lr, inner_iters=0, lmbd=lmbd, jitter=jitter, momentum=0.0,
                                     max_grad_norm=0.0, other_optimizer="sgd")
     rp = loraopt.create_optimizer("riemannian-sgd", b, lr=lr, reg=lr * lmbd + jitter)
-    for t in range(3):
-        x, y = make_batch("mlp", seed=t)
-        for model, opt in ((a, proj), (b, rp)):
-            opt.zero_grad()
-            loss_fn(model, x, y).backward()
-            opt.step()
-    pa, pb = params_snapshot(a), params_snapshot(b)
-    for n in pa:
-        assert torch.allclose(pa[n], pb[n], atol=1e-6), n
+    _assert_same_training((a, proj), (b, rp))
 
 
 def test_proj_two_steps_equal_a_dense_hand_computation():

@@ -1082,6 +1082,13 @@ def _other_group(other_optimizer: str, lr: float, other_lr, other_momentum, othe
     return _drop_none(dict(lr=other_lr, momentum=other_momentum, weight_decay=other_weight_decay))
 
 
+def _build_heavy_ball(cls, model: nn.Module, *, other_lr, other_momentum, other_weight_decay, **kwargs: Any):
+    """PSI-LoRA or Proj. PSI-LoRA over ``model``: the LoRA group and the ``other`` group (see the factories)."""
+    groups = _groups(model, {}, _other_group(kwargs["other_optimizer"], kwargs["lr"], other_lr, other_momentum,
+                                             other_weight_decay))
+    return cls(groups, model=model, **kwargs)
+
+
 def create_psi_lora_optimizer(
     model: nn.Module,
     *,
@@ -1104,9 +1111,9 @@ def create_psi_lora_optimizer(
     K = 1, heavy-ball momentum 0.9 (kept in balanced SVD form), clipping at 1.0.  Remaining keyword arguments are
     :class:`PSILoRA` arguments.
     """
-    groups = _groups(model, {}, _other_group(other_optimizer, lr, other_lr, other_momentum, other_weight_decay))
-    return PSILoRA(groups, model=model, lr=lr, inner_iters=inner_iters, lmbd=lmbd, momentum=momentum,
-                   max_grad_norm=max_grad_norm, other_optimizer=other_optimizer, **kwargs)
+    return _build_heavy_ball(PSILoRA, model, lr=lr, inner_iters=inner_iters, lmbd=lmbd, momentum=momentum,
+                             max_grad_norm=max_grad_norm, other_optimizer=other_optimizer, other_lr=other_lr,
+                             other_momentum=other_momentum, other_weight_decay=other_weight_decay, **kwargs)
 
 
 def create_proj_psi_lora_optimizer(
@@ -1127,9 +1134,9 @@ def create_proj_psi_lora_optimizer(
     settings as defaults (as :func:`create_psi_lora_optimizer`).  Remaining keyword arguments are
     :class:`ProjPSILoRA` arguments.
     """
-    groups = _groups(model, {}, _other_group(other_optimizer, lr, other_lr, other_momentum, other_weight_decay))
-    return ProjPSILoRA(groups, model=model, lr=lr, inner_iters=inner_iters, lmbd=lmbd, momentum=momentum,
-                       max_grad_norm=max_grad_norm, other_optimizer=other_optimizer, **kwargs)
+    return _build_heavy_ball(ProjPSILoRA, model, lr=lr, inner_iters=inner_iters, lmbd=lmbd, momentum=momentum,
+                             max_grad_norm=max_grad_norm, other_optimizer=other_optimizer, other_lr=other_lr,
+                             other_momentum=other_momentum, other_weight_decay=other_weight_decay, **kwargs)
 
 
 def create_scaled_psi_lora_optimizer(
