@@ -924,3 +924,21 @@ def test_demo_outputs_report_the_library_default_lr(tmp_path):
     default = optimizer_hyperparameters("psi-lora")["lr"]
     assert isinstance(default, float) and saved["methods"]["psi-lora"]["lr"] == default
     assert f"| PSI-LoRA | {default:g} |" in (tmp_path / "results.md").read_text()
+
+
+def test_library_default_lr_grid_holds_each_optimizers_shipped_default_lr():
+    """The realistic suites' "default" point is the library default: the table must follow the factories."""
+
+
+    from loraopt.optim import psi as psi_module
+    from loraopt_bench.finetune import DEFAULT_LRS
+    from loraopt_bench.quality import LIBRARY_DEFAULT_LRS, LIBRARY_DEFAULT_METHODS
+
+    shipped = {"psi-lora": psi_module.PSI_DEFAULTS["lr"], "proj-psi-lora": psi_module.PSI_DEFAULTS["lr"],
+               "scaled-psi-lora": psi_module.SCALED_DEFAULTS["lr"]}
+    for method in LIBRARY_DEFAULT_METHODS:
+        expected = shipped.get(method.key, DEFAULT_LRS.get(method.optimizer))
+        assert LIBRARY_DEFAULT_LRS[method.key] == expected, method.key
+        assert expected in method.lrs, method.key
+        assert max(method.lrs) / min(method.lrs) >= 30 and len(method.lrs) >= 4, method.key
+        assert method.hp == {}, method.key
