@@ -157,6 +157,34 @@ def test_loko_feeds_observations_not_gradients(tmp_path, tiny_bert, sentiment_ts
     assert _metrics(run)["loko_skipped_steps"] == 0
 
 
+def test_loko_rows_from_torch_func_match_one_sample_graphs(tmp_path, sentiment_tsv):
+    """--loko-jacobian func (vmap of jacrev) trains the same adapter as one-sample graphs: dropout off, so the two
+    paths see the same function and differ only in rounding."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    train, dev = sentiment_tsv
+    tiny_bert = tmp_path / "tiny-bert-no-dropout"
+    tokenizer = _tokenizer(tiny_bert)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32, num_labels=2, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    BertForSequenceClassification(config).save_pretrained(tiny_bert)
+    tokenizer.save_pretrained(tiny_bert)
+    runs = {}
+    for mode in ("per-sample", "func"):
+        runs[mode] = _run(tmp_path / mode, "--model", str(tiny_bert), "--task", str(train), "--eval-data", str(dev),
+                          "--optimizer", "loko", "--loko-jacobian", mode, "--lora-dropout", "0", *FAST)
+    rows = {mode: json.loads((run / "config.json").read_text())["resolved"]["loko_jacobian_rows"]
+            for mode, run in runs.items()}
+    assert rows == {"per-sample": "one-sample graphs", "func": "torch.func (vmap of jacrev)"}
+    per_sample, func = (_adapter_tensors(runs[mode]) for mode in ("per-sample", "func"))
+    assert per_sample.keys() == func.keys()
+    for name in per_sample:
+        torch.testing.assert_close(func[name], per_sample[name], rtol=1e-4, atol=1e-5)
+    assert any(float(t.abs().max()) > 0 for name, t in func.items() if "lora_B" in name)
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "loko"])
 def test_evaluate_reloads_adapter_and_reproduces_final_metric(tmp_path, tiny_bert, sentiment_tsv, optimizer):
     train, dev = sentiment_tsv

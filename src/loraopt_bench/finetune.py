@@ -144,7 +144,7 @@ def _library_lr(name: str) -> float:
 CLIPS_INTERNALLY = ("psi-lora", "proj-psi-lora", "scaled-psi-lora", "loko")
 LOKO = "loko"
 SCHEDULES = ("auto", "linear", "constant")
-LOKO_JACOBIAN_MODES = ("auto", "batch", "per-sample")
+LOKO_JACOBIAN_MODES = ("auto", "batch", "per-sample", "func")
 # A batched backward of b*m Jacobian rows from the batch graph holds b*m copies of the activation gradients, so on
 # CUDA it is used only up to this many rows; beyond, rows come from one-sample graphs (benchmarks/notes/loko.md).
 LOKO_BATCH_ROWS_LIMIT = 64
@@ -859,13 +859,20 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _loko_uses_batch_rows(config: FinetuneConfig, device: torch.device, num_outputs: int) -> bool:
+def _loko_rows_path(config: FinetuneConfig, device: torch.device, num_outputs: int) -> str:
+    """Where LoKO's Jacobian rows come from: ``"batch"`` (the batch graph), ``"per-sample"`` (one-sample graphs)
+    or ``"func"`` (``torch.func``: one vmapped pass over the batch; LoKO falls back to one-sample graphs itself for
+    a model that does not vmap). All three give the same update."""
     mode = config.loko_jacobian
-    if mode == "auto":
-        # On CPU one-sample graphs are far cheaper (each batch-graph row is a backward over the whole batch); on a GPU
-        # the batched backward is one large launch sequence and wins while its memory stays modest.
-        return device.type == "cuda" and config.batch_size * num_outputs <= LOKO_BATCH_ROWS_LIMIT
-    return mode == "batch"
+    if mode != "auto":
+        return mode
+    # On CPU one-sample graphs are far cheaper (each batch-graph row is a backward over the whole batch). On a GPU the
+    # batched backward is one large launch sequence and wins while its memory stays modest; beyond that, torch.func
+    # (measured on the H200: EfficientNet-Lite0 at batch 32, 320 rows: 5.5x AdamW against 116x for one-sample
+    # graphs; benchmarks/results/loko_jacobian/).
+    if device.type != "cuda":
+        return "per-sample"
+    return "batch" if config.batch_size * num_outputs <= LOKO_BATCH_ROWS_LIMIT else "func"
 
 
 class _DivergenceMonitor:
@@ -963,7 +970,7 @@ def run_finetune(
                          f"{accepted}") from error
     is_loko = config.optimizer_key == LOKO
     loko_softmax = is_loko and kwargs.get("observation", "softmax") == "softmax"
-    batch_rows = loko_softmax and _loko_uses_batch_rows(config, device, task.num_labels or 0)
+    rows_path = _loko_rows_path(config, device, task.num_labels or 0) if loko_softmax else None
     schedule = config.schedule if config.schedule != "auto" else ("constant" if is_loko else "linear")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, (lambda step: max(0.0, 1.0 - step / config.steps)) if schedule == "linear" else (lambda step: 1.0)
@@ -980,7 +987,8 @@ def run_finetune(
             "param_groups": _group_hyperparameters(optimizer),
             "schedule": schedule,
             "external_grad_clip": clip,
-            "loko_jacobian_rows": ("batch graph" if batch_rows else "one-sample graphs") if loko_softmax else None,
+            "loko_jacobian_rows": {"batch": "batch graph", "per-sample": "one-sample graphs",
+                                   "func": "torch.func (vmap of jacrev)"}.get(rows_path) if loko_softmax else None,
             "task_kind": kind,
             "metric": io.metric,
             "higher_is_better": io.higher_is_better,
@@ -1039,10 +1047,13 @@ def run_finetune(
             if loko_softmax:
                 # Rows from one-sample graphs (forward=) unless the batch graph gives them: then the batch outputs
                 # only give shapes and the train loss, and need no graph (LoKO.observe docstring).
-                per_sample = not (batch_rows or config.batch_size == 1)
-                with torch.no_grad() if per_sample else contextlib.nullcontext():
+                per_sample = rows_path == "per-sample" and config.batch_size > 1
+                func = rows_path == "func" and config.batch_size > 1
+                with torch.no_grad() if per_sample or func else contextlib.nullcontext():
                     logits = io.logits(model, inputs)
-                if per_sample:
+                if func:
+                    loss = feed(optimizer, logits.detach(), targets, inputs=inputs, model=model)
+                elif per_sample:
                     loss = feed(optimizer, logits.detach().requires_grad_(True), targets,
                                 forward=lambda i: io.sample_logits(model, inputs, i))
                 else:
@@ -1335,8 +1346,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-grad-norm", type=float, default=1.0,
                         help="clip .grad for baseline optimizers (PSI optimizers clip internally; 0 disables)")
     parser.add_argument("--loko-jacobian", choices=LOKO_JACOBIAN_MODES, default="auto",
-                        help="where LoKO's Jacobian rows come from: the batch graph or one-sample graphs "
-                             "(same update; auto: one-sample on CPU)")
+                        help="where LoKO's Jacobian rows come from: the batch graph, one-sample graphs or "
+                             "torch.func (same update; auto: one-sample on CPU; on CUDA the batch graph up to "
+                             f"{LOKO_BATCH_ROWS_LIMIT} rows, torch.func beyond)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--data-dir", default=None, help="folder with sst2/ and tinyshakespeare/ "
                         "(default $LORAOPT_DATA_DIR or ../shared/data)")
