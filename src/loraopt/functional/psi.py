@@ -55,6 +55,9 @@ __all__ = [
     "psi_step",
     "balance_svd",
     "balance_norm",
+    "balance_many",
+    "CompiledPSIStep",
+    "resolve_compile",
 ]
 
 Coef = Union[float, Tensor]
@@ -70,6 +73,10 @@ class PSIConfig(NamedTuple):
     momentum_balance: str = "svd"  # "svd", "norm" or "none"
     momentum_prox: float = 1e-2  # relative proximal weight of the momentum LoRSum, used when lam_momentum is None
     reference_compat: bool = False
+    # False: the low-rank momentum is returned unbalanced and the caller balances it (``balance_many``): the
+    # optimizer then balances every bucket with one batched SVD at the end of its step (``linalg.svd`` checks its
+    # convergence flags on the host, a synchronisation on CUDA: once per step instead of once per bucket).
+    balance_in_step: bool = True
 
 
 class Gradient(NamedTuple):
@@ -135,16 +142,20 @@ def balance_svd(B: Tensor, A: Tensor, *, floor: float = 1e-4) -> Tuple[Tensor, T
     its rows stay a well-conditioned subspace for the next power iteration); a zero product (the initial momentum)
     is returned as given.  When ``k`` exceeds ``m`` or ``n`` the thin QR cannot represent it: norm balancing then.
     """
-    k = B.shape[-1]
-    if k > B.shape[-2] or k > A.shape[-1]:
-        return balance_norm(B, A)
+    return balance_many([(B, A)], mode="svd", floor=floor)[0]
+
+
+def _svd_core(B: Tensor, A: Tensor):
     Qb, Rb = torch.linalg.qr(B)
     Qa, Ra = torch.linalg.qr(A.mT)
     core = Rb @ Ra.mT  # B A = Qb core Qa^T
     finite = torch.isfinite(core).flatten(-2).all(-1)
     # The SVD raises on non-finite input: factor zeros there (the inputs are returned, and the caller's guard
     # sees them).
-    U, S, Vh = torch.linalg.svd(torch.where(finite[..., None, None], core, torch.zeros_like(core)))
+    return Qb, Qa, torch.where(finite[..., None, None], core, torch.zeros_like(core)), finite
+
+
+def _svd_finish(B, A, Qb, Qa, finite, U, S, Vh, floor):
     top = S[..., :1]
     kept = torch.maximum(S, floor * top)
     root = kept.sqrt()
@@ -153,6 +164,44 @@ def balance_svd(B: Tensor, A: Tensor, *, floor: float = 1e-4) -> Tuple[Tensor, T
     usable = finite & (top[..., 0] > 0) & torch.isfinite(new_B).flatten(-2).all(-1) & torch.isfinite(new_A).flatten(-2).all(-1)
     usable = usable[..., None, None]
     return torch.where(usable, new_B, B), torch.where(usable, new_A, A)
+
+
+def balance_many(pairs, *, mode: str = "svd", floor: float = 1e-4):
+    """``[balance(B, A) for (B, A) in pairs]`` with one batched k x k SVD for all pairs of one (k, dtype, device).
+
+    The same arithmetic as balancing each pair on its own (the thin QRs stay per pair; only the SVD call is
+    shared): ``linalg.svd`` reads its convergence flags on the host, a synchronisation on CUDA, so one call for
+    every bucket of a step costs one synchronisation instead of one per bucket."""
+    if mode != "svd":
+        return [_BALANCE[mode](B, A) for B, A in pairs]
+    out: list = [None] * len(pairs)
+    groups: dict = {}
+    for i, (B, A) in enumerate(pairs):
+        k = B.shape[-1]
+        if k > B.shape[-2] or k > A.shape[-1]:
+            out[i] = balance_norm(B, A)
+            continue
+        groups.setdefault((k, B.dtype, B.device), []).append(i)
+    for idx in groups.values():
+        prepared = [_svd_core(*pairs[i]) for i in idx]
+        cores = [c for _, _, c, _ in prepared]
+        batch_shapes = [c.shape[:-2] for c in cores]
+        if len(cores) == 1:
+            U, S, Vh = torch.linalg.svd(cores[0])
+            parts = [(U, S, Vh)]
+        else:
+            k = cores[0].shape[-1]
+            flat = torch.cat([c.reshape(-1, k, k) for c in cores])
+            U, S, Vh = torch.linalg.svd(flat)
+            sizes = [c.reshape(-1, k, k).shape[0] for c in cores]
+            parts = [
+                (u.reshape(*bs, k, k), s_.reshape(*bs, k), v.reshape(*bs, k, k))
+                for u, s_, v, bs in zip(U.split(sizes), S.split(sizes), Vh.split(sizes), batch_shapes)
+            ]
+        for i, (Qb, Qa, _, finite), (U, S, Vh) in zip(idx, prepared, parts):
+            B, A = pairs[i]
+            out[i] = _svd_finish(B, A, Qb, Qa, finite, U, S, Vh, floor)
+    return out
 
 
 _BALANCE = {"svd": balance_svd, "norm": balance_norm, "none": lambda B, A: (B, A)}
@@ -287,7 +336,10 @@ def _psi(A, B, grad, *, lr, g, m, lam, lam_m, c0, momentum, p_in, p_out, config,
     else:
         mres = lorsum((m, M_B, M_A), [_terms(grad, g)], iters=iters, lam=lam_m, jitter=jitter, all_reduce=all_reduce,
                       compute_dtype=A.dtype)
-    new_MB, new_MA = _BALANCE[config.momentum_balance](mres.B, mres.A)
+    if config.balance_in_step:
+        new_MB, new_MA = _BALANCE[config.momentum_balance](mres.B, mres.A)
+    else:
+        new_MB, new_MA = mres.B, mres.A
     return new_A, new_B, (new_MB, new_MA), fallbacks + mres.fallbacks
 
 
@@ -332,3 +384,68 @@ def _proj(A, B, grad, *, lr, g, m, lam, c0, momentum, config, reference_noop, al
     out_A = new_A - (lr * m) * T_A
     out_B = new_B - (lr * m) * T_B
     return out_A, out_B, (new_buf_A, new_buf_B, new_A, new_B), fallbacks + fa + fb
+
+
+# ---------------------------------------------------------------------------------------------- compiled step
+
+
+class CompiledPSIStep:
+    """:func:`psi_step` through ``torch.compile``, falling back to the eager function.
+
+    The compiled step fuses the elementwise work around the batched products and r x r solves into a few
+    generated kernels, and its wrapper launches them with far less host time per op than eager dispatch: the step is
+    launch-bound on GPUs, so host time is what it saves.  The first step pays for compiling (the first bucket shape
+    static, the next ones through one recompile with dynamic sizes); hyperparameters that change between steps (lr, the clip factor, the bias-correction step) are traced as
+    symbolic numbers, not baked in.
+
+    Fallback: when compiling or running the compiled step raises (no C++ compiler or Triton, an unsupported op,
+    ...), one ``RuntimeWarning`` names the error and this object runs the eager :func:`psi_step` from then on; the
+    failing call is repeated eagerly, so the step is not lost (the step function is pure: a failure leaves nothing
+    half-written).  ``disabled`` says whether it fell back.
+    """
+
+    #: at least this many compiled variants of the step per process (several shapes, variants and optimizers share
+    #: one code object, and torch's default limit of 8 would silently send the rest to eager)
+    recompile_limit = 64
+
+    def __init__(self, owner: str = "loraopt", **compile_kwargs):
+        self.owner = owner
+        # torch's default (dynamic=None): the first shape compiles static, a second one recompiles with dynamic
+        # sizes that then serve every later bucket shape, so a model costs two or three compiles, not one per shape.
+        self.compile_kwargs = dict(compile_kwargs)
+        self.disabled = False
+        self._fn: Optional[Callable] = None
+
+    def __call__(self, *args, **kwargs) -> PSIStepResult:
+        if self.disabled or kwargs.get("all_reduce") is not None:
+            return psi_step(*args, **kwargs)  # collectives inside the step stay eager
+        try:
+            if self._fn is None:
+                import torch._dynamo.config as dynamo_config
+
+                if getattr(dynamo_config, "recompile_limit", self.recompile_limit) < self.recompile_limit:
+                    dynamo_config.recompile_limit = self.recompile_limit
+                self._fn = torch.compile(psi_step, **self.compile_kwargs)
+            return self._fn(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - any failure of the compiler stack means: run eagerly
+            self.disabled = True
+            import warnings
+
+            warnings.warn(
+                f"{self.owner}: torch.compile of the PSI step failed ({type(error).__name__}: {str(error)[:200]}); "
+                "running the eager step from now on (same results, more host time per step). Pass compile=False to "
+                "silence this.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return psi_step(*args, **kwargs)
+
+
+def resolve_compile(flag: Union[bool, str], device: torch.device) -> bool:
+    """``compile="auto"``: on for CUDA devices only (on the CPU the eager step is already cheap to launch and a
+    compile costs seconds to minutes); ``True`` / ``False`` as given."""
+    if flag == "auto":
+        return device.type == "cuda"
+    if not isinstance(flag, bool):
+        raise ValueError(f"compile must be True, False or 'auto', got {flag!r}")
+    return flag

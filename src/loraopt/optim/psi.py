@@ -35,14 +35,22 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..functional.elementwise import adam_, sgd_momentum_
 from ..functional.metrics import stack_or_scalar
-from ..functional.psi import Gradient, MetricInput, PSIConfig, psi_step
+from ..functional.psi import (
+    CompiledPSIStep,
+    Gradient,
+    MetricInput,
+    PSIConfig,
+    balance_many,
+    psi_step,
+    resolve_compile,
+)
 from ..lora.capture import GradientCapture, LayerObservation
 from ..lora.layers import (
     LoRALayer,
@@ -52,6 +60,7 @@ from ..lora.layers import (
     split_lora_parameters,
 )
 from .base import (
+    DeferredHostRead,
     DistributedContext,
     LoRAOptimizer,
     check_int,
@@ -75,7 +84,7 @@ __all__ = [
 ]
 
 _SCALED_LAM_FLOOR = 1e-5
-_FALLBACK_CHECK_INTERVAL = 64  # steps between the (synchronising) reads of the solve-fallback counters
+_FALLBACK_CHECK_INTERVAL = 64  # steps between the (non-blocking) reads of the solve-fallback counters
 
 
 class _ProjectedSubspaceOptimizer(LoRAOptimizer):
@@ -109,6 +118,7 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
         process_group: Optional[Any],
         foreach: bool = True,
         dense: str = "auto",
+        compile: Union[bool, str] = "auto",
     ):
         if model is None or not isinstance(model, nn.Module):
             raise TypeError(
@@ -171,7 +181,12 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
             dense=dense,
         )
         self._foreach = bool(foreach)
+        # torch.compile of the batched functional step (CUDA by default); the eager step is the fallback.
+        device = self._layers[0].A.device
+        self._compile = resolve_compile(compile, device) and self._foreach
+        self._step_fn = CompiledPSIStep(type(self).__name__) if self._compile else psi_step
         self._probe_cache: Dict[int, Tuple[Tensor, Tensor]] = {}
+        self._root_cache: Dict[tuple, Tensor] = {}
         # The hooks must not outlive the optimizer: a dropped optimizer would otherwise keep recording rows.
         weakref.finalize(self, self._capture.remove)
         if any(layer.A.dtype in (torch.bfloat16, torch.float16) for layer in self._layers):
@@ -425,6 +440,7 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
         self._restore_others_unless(ok)
         self._count_step(observed_layers, ok)
         self._record_skipped((~ok).to(torch.int64), "non-finite gradient, loss or update")
+        self._balance_momentum(commits, ok)  # last: its SVD waits for the device on CUDA
         # Remember which gradients this step consumed: a second step() on the same ones is named as such.
         self._consumed = {layer.index: _grad_version(layer) for layer in observed_layers}
 
@@ -438,14 +454,33 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
         torch._foreach_add_([st["step"] for st in states_a] + [self.state[layer.B]["step"] for layer in layers], 1.0)
         self._steps_counted += 1
         if self._steps_counted % _FALLBACK_CHECK_INTERVAL == 1:
-            self._warn_on_solve_fallbacks()
+            self._start_fallback_read()
+        self._warn_on_solve_fallbacks()
+
+    def _start_fallback_read(self) -> None:
+        """Every ``_FALLBACK_CHECK_INTERVAL`` steps: start a non-blocking copy of the total solve-fallback count to
+        the host (no synchronisation; :meth:`_warn_on_solve_fallbacks` picks it up once it has landed)."""
+        counters = [self.state[layer.A]["solve_fallbacks"] for layer in self._layers
+                    if "solve_fallbacks" in self.state[layer.A]]
+        if not counters:
+            return
+        device = counters[0].device
+        if any(c.device != device for c in counters):
+            counters = [c.to(device) for c in counters]
+        if "_fallback_reader" not in self.__dict__:
+            self._fallback_reader = DeferredHostRead()
+        self._fallback_reader.start(torch.stack(counters).sum())
 
     def _warn_on_solve_fallbacks(self) -> None:
-        """Every ``_FALLBACK_CHECK_INTERVAL`` steps (one host synchronisation): warn when r x r solves needed the
-        escalated-jitter fallback, the first time and then each time their count has grown tenfold."""
-        counters = [self.state[layer.A]["solve_fallbacks"] for layer in self._layers if "solve_fallbacks" in
-                    self.state[layer.A]]
-        total = int(torch.stack([c.to(counters[0].device) for c in counters]).sum()) if counters else 0
+        """Warn when r x r solves needed the escalated-jitter fallback, the first time and then each time their count
+        has grown tenfold.  The count is the one copied to the host by the last completed non-blocking read (taken
+        every ``_FALLBACK_CHECK_INTERVAL`` steps): on a GPU the warning comes a step or so after that read, on the CPU
+        during the step that started it."""
+        reader = self.__dict__.get("_fallback_reader")
+        value = None if reader is None else reader.poll()
+        if value is None:
+            return
+        total = int(value)
         if total and total >= self._fallbacks_warned_at * 10:
             self._fallbacks_warned_at = total
             warnings.warn(
@@ -655,16 +690,19 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
         Layers are bucketed by shape and gradient form, and each bucket is one call of
         :func:`loraopt.functional.psi.psi_step` with the layers stacked on a leading dimension: the few hundred
         r x r solves and small products of a model then cost a few dozen launches instead of ~100 per layer.  A layer
-        holding rows (few rows, K >= 1) is a bucket of its own (rows differ in length).  ``foreach=False`` makes
+        holding rows (few rows, K >= 1) shares a bucket with the layers of its shape that hold as many rows.
+        ``foreach=False`` makes
         every layer a bucket of one: the per-layer reference, tested equal in float64."""
         buckets: Dict[tuple, list] = {}
         for layer, obs in observed:
-            if not self._foreach or (obs.left is None and obs.G is None):
+            if not self._foreach:
                 key: tuple = ("layer", layer.index)
             else:
                 state_a = self.state[layer.A]
                 m_shape = tuple(state_a["momentum_A"].shape) if "momentum_A" in state_a else None
-                key = (obs.left is not None, layer.rank, layer.d_in, layer.d_out, layer.A.device, m_shape)
+                # Rows stack when the layers saw the same number of rows (one batch through every layer).
+                form = "projected" if obs.left is not None else "dense" if obs.G is not None else ("rows", obs.n_rows)
+                key = (form, layer.rank, layer.d_in, layer.d_out, layer.A.device, m_shape)
             buckets.setdefault(key, []).append((layer, obs))
         return [self._lora_step_batched(group, items, reduced, clip) for items in buckets.values()]
 
@@ -695,9 +733,15 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
         if clip is not None:
             g_coef = clip * g_coef
         device = layers[0].A.device
-        roots = [math.sqrt(layer.scaling) for layer in layers]
-        # One Python number when the layers share their scaling (the usual case): no host-to-device copy.
-        root = roots[0] if all(v == roots[0] for v in roots) else torch.tensor(roots, device=device).view(-1, 1, 1)
+        roots = tuple(math.sqrt(layer.scaling) for layer in layers)
+        # One Python number when the layers share their scaling (the usual case); otherwise a device tensor made
+        # once and cached (the scalings are fixed), not a host-to-device copy per step.
+        if all(v == roots[0] for v in roots):
+            root = roots[0]
+        else:
+            root = self._root_cache.get((roots, device))
+            if root is None:
+                root = self._root_cache[(roots, device)] = torch.tensor(roots, device=device).view(-1, 1, 1)
         A_params, B_params = [layer.A for layer in layers], [layer.B for layer in layers]
         # Plain fp32 matrices (PEFT Linear with fp32 adapters) are stacked as they are: a per-layer reshape/cast
         # would cost a dispatcher call per layer, and host time is what bounds this step.
@@ -714,18 +758,28 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
                             projected=True)
         elif first.G is not None:
             grad = Gradient(torch.stack([obs.G for _, obs in items]), None)
-        else:  # rows: a bucket of one
+        elif len(items) == 1:  # rows
             X, S = first.rows()
             grad = Gradient(S.mT.unsqueeze(0), X.unsqueeze(0))
+        else:  # rows of the same length, stacked
+            rows = [obs.rows() for _, obs in items]
+            grad = Gradient(torch.stack([S.mT for _, S in rows]), torch.stack([X.to(S.dtype) for X, S in rows]))
         momentum_lists = self._momentum_state(layers)
         momentum = None if momentum_lists is None else tuple(torch.stack(ts) for ts in momentum_lists)
         metric = self._metric_input(group, layers, reds)
+        balance = group.get("momentum_balance", "svd")
+        reference_compat = group.get("reference_compat", False)
+        # The fast path balances the low-rank momentum of every bucket at the end of the step, with one batched SVD
+        # (_balance_momentum); the per-layer reference balances inside the functional step.  Same arithmetic.
+        defer_balance = (self._foreach and self._variant == "psi" and momentum_lists is not None and balance == "svd"
+                         and m_coef > 0 and not (reference_compat and group["inner_iters"] == 0))
         config = PSIConfig(
             variant=self._variant, iters=group["inner_iters"], jitter=group["jitter"],
-            momentum_balance=group.get("momentum_balance", "svd"),
-            momentum_prox=group.get("momentum_prox") or 0.0, reference_compat=group.get("reference_compat", False),
+            momentum_balance=balance,
+            momentum_prox=group.get("momentum_prox") or 0.0, reference_compat=reference_compat,
+            balance_in_step=not defer_balance,
         )
-        result = psi_step(
+        result = self._step_fn(
             A_raw * root, B_raw * root, grad, lr=lr, grad_coef=g_coef, momentum_coef=m_coef, lam=self._lam(group),
             lam_momentum=None if group.get("momentum_prox") is not None else lr * group["lmbd_momentum"],
             anchor_coef=1.0 - lr * group["weight_decay"],
@@ -735,7 +789,10 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
         targets: List[Tuple[List[Tensor], Tensor, Tensor]] = [
             (A_params, result.A / root, A_raw), (B_params, result.B / root, B_raw),
         ]
-        if momentum_lists is not None:
+        deferred = None
+        if momentum_lists is not None and defer_balance:
+            deferred = (momentum_lists, result.momentum, momentum)
+        elif momentum_lists is not None:
             targets += [(ts, new, old) for ts, new, old in zip(momentum_lists, result.momentum, momentum)]
         if metric is not None:
             targets += [
@@ -744,14 +801,30 @@ class _ProjectedSubspaceOptimizer(LoRAOptimizer):
             ]
         torch._foreach_add_([self.state[layer.A]["solve_fallbacks"] for layer in layers],
                             list(result.fallbacks.unbind(0)))
-        return _Commit(targets, result.ok)
+        return _Commit(targets, result.ok, deferred)
+
+    def _balance_momentum(self, commits: List["_Commit"], ok: Tensor) -> None:
+        """Balance the new low-rank momentum of every bucket (balanced SVD form, ``functional.psi.balance_many``:
+        one batched k x k SVD for all buckets) and write it back where the step went through (``ok``; the old
+        momentum, already balanced, stays otherwise).  Runs last in the step: ``linalg.svd`` reads its convergence
+        flags on the host, which on CUDA waits for the device, and with nothing left to launch after it the wait
+        exposes only this tail instead of the rest of the step."""
+        pending = [c.deferred for c in commits if c.deferred is not None]
+        if not pending:
+            return
+        balanced = balance_many([(new[0], new[1]) for _, new, _ in pending], mode="svd")
+        for (lists, _, old), pair in zip(pending, balanced):
+            for destinations, value, previous in zip(lists, pair, old):
+                value = torch.where(ok, value, previous)
+                torch._foreach_copy_(destinations, [v.view_as(d) for v, d in zip(value.unbind(0), destinations)])
 
 
 class _Commit:
-    """New values for a bucket's parameters and state, written back once the whole step is known to be finite."""
+    """New values for a bucket's parameters and state, written back once the whole step is known to be finite
+    (``deferred``: the new low-rank momentum, written by ``_balance_momentum`` after balancing)."""
 
-    def __init__(self, targets: List[Tuple[List[Tensor], Tensor, Tensor]], ok: Tensor):
-        self.targets, self.ok = targets, ok
+    def __init__(self, targets: List[Tuple[List[Tensor], Tensor, Tensor]], ok: Tensor, deferred=None):
+        self.targets, self.ok, self.deferred = targets, ok, deferred
 
     def write(self, ok: Tensor) -> None:
         """Copy the new values (where ``ok``; the old ones elsewhere) into the parameters and state tensors."""
@@ -794,6 +867,10 @@ _ARGS_DOC = r"""
         dense: ``"auto"`` holds a layer's gradient as the dense ``d_out x d_in`` matrix instead of its rows when
             that is smaller (rows mode), and projects the dense micro-batch gradient when that is cheaper (stream
             mode); ``"never"`` keeps the row forms.  Same math either way.
+        compile: run the batched step through ``torch.compile`` (``True``), eagerly (``False``), or ``"auto"``
+            (default): compiled on CUDA, eager elsewhere.  Each bucket shape compiles at its first step; if the
+            compiler fails, one warning and the eager step from then on (same math; ``foreach=False`` and
+            distributed runs always step eagerly).
 """
 
 
@@ -844,6 +921,7 @@ class PSILoRA(_ProjectedSubspaceOptimizer):
         process_group: Optional[Any] = None,
         foreach: bool = True,
         dense: str = "auto",
+        compile: Union[bool, str] = "auto",
     ):
         check_nonnegative("lr", lr)
         check_int("inner_iters", inner_iters, 0)
@@ -871,7 +949,7 @@ class PSILoRA(_ProjectedSubspaceOptimizer):
         )
         super().__init__(
             params, model, defaults, capture=capture, row_budget=row_budget, seed=seed, strict=strict,
-            process_group=process_group, foreach=foreach, dense=dense,
+            process_group=process_group, foreach=foreach, dense=dense, compile=compile,
         )
 
     def _coefficients(self, group):
@@ -962,6 +1040,7 @@ class ScaledPSILoRA(_ProjectedSubspaceOptimizer):
         process_group: Optional[Any] = None,
         foreach: bool = True,
         dense: str = "auto",
+        compile: Union[bool, str] = "auto",
     ):
         check_nonnegative("lr", lr)
         check_int("inner_iters", inner_iters, 0)
@@ -998,7 +1077,7 @@ class ScaledPSILoRA(_ProjectedSubspaceOptimizer):
         self._loss_reduction = loss_reduction
         super().__init__(
             params, model, defaults, capture=capture, row_budget=row_budget, seed=seed, strict=strict,
-            process_group=process_group, foreach=foreach, dense=dense,
+            process_group=process_group, foreach=foreach, dense=dense, compile=compile,
         )
 
     def _coefficients(self, group):
