@@ -15,9 +15,15 @@ from loraopt.functional.ekf import (
     diag_ekf_update,
     floor_min_eigenvalue,
     floor_ones_direction,
-    full_ekf_update,
     noise_ema_update,
     scalar_ekf_update,
+)
+from loraopt.functional.reference import (
+    dense_diag_ekf_update,
+    full_ekf_update,
+    information_posterior,
+    kalman_update,
+    linear_softmax_observation,
 )
 
 F64 = torch.float64
@@ -36,15 +42,6 @@ def _spd(n: int, g: torch.Generator, scale: float = 1.0) -> torch.Tensor:
     return scale * (A @ A.T / n + 0.5 * torch.eye(n, dtype=F64))
 
 
-def _softmax_obs(W: torch.Tensor, x: torch.Tensor, label: int):
-    """Linear softmax model ``h = softmax(W x)``, ``theta = vec(W)`` (row-major): ``(H, e)`` analytically."""
-    y = torch.softmax(W @ x, 0)
-    A = torch.diag(y) - torch.outer(y, y)
-    H = torch.kron(A, x[None, :])  # d y_k / d W_cj = A_kc x_j
-    e = torch.nn.functional.one_hot(torch.tensor(label), W.shape[0]).to(F64) - y
-    return H, e
-
-
 # ------------------------------------------------------------------------------------------------- reference filters
 
 
@@ -58,20 +55,18 @@ def test_full_filter_equals_closed_form_kalman_static():
     truth = torch.randn(n, generator=g, dtype=F64)
     cfg = EKFConfig(beta=1.0, noise_floor="none", **EXACT)
     theta, P = theta0, P0
-    info = torch.linalg.inv(P0)
-    info_mean = info @ theta0
-    Rinv = torch.linalg.inv(R)
+    Hs, ys = [], []
     for _ in range(steps):
         H = torch.randn(m, n, generator=g, dtype=F64)
         y = H @ truth + torch.randn(m, generator=g, dtype=F64) * 0.1
         theta, P, R_out, out = full_ekf_update(theta, P, R, H, y - H @ theta, cfg)
         assert not out.skipped
         torch.testing.assert_close(R_out, R, rtol=0, atol=0)
-        info = info + H.T @ Rinv @ H
-        info_mean = info_mean + H.T @ Rinv @ y
-    P_cf = torch.linalg.inv(info)
+        Hs.append(H)
+        ys.append(y)
+    mean_cf, P_cf = information_posterior(theta0, P0, R, Hs, ys)
     torch.testing.assert_close(P, P_cf, rtol=0, atol=1e-10)
-    torch.testing.assert_close(theta, P_cf @ info_mean, rtol=0, atol=1e-10)
+    torch.testing.assert_close(theta, mean_cf, rtol=0, atol=1e-10)
 
 
 def test_full_filter_equals_textbook_kalman_with_process_noise():
@@ -85,10 +80,7 @@ def test_full_filter_equals_textbook_kalman_with_process_noise():
         H = torch.randn(m, n, generator=g, dtype=F64)
         y = torch.randn(m, generator=g, dtype=F64)
         theta, P, _, _ = full_ekf_update(theta, P, R, H, y - H @ theta, cfg)
-        P_pred = P_ref + q * torch.eye(n, dtype=F64)
-        K = P_pred @ H.T @ torch.linalg.inv(H @ P_pred @ H.T + R)
-        th_ref = th_ref + K @ (y - H @ th_ref)
-        P_ref = (torch.eye(n, dtype=F64) - K @ H) @ P_pred
+        th_ref, P_ref = kalman_update(th_ref, P_ref, R, H, y, q)
     torch.testing.assert_close(theta, th_ref, rtol=0, atol=1e-10)
     torch.testing.assert_close(P, P_ref, rtol=0, atol=1e-10)
 
@@ -219,14 +211,7 @@ def test_joint_diag_update_matches_dense_formulas():
     lr, beta = 0.5, 0.8
     cfg = EKFConfig(lr=lr, beta=beta, noise_floor="none", **EXACT)
     res = diag_ekf_update(theta, p, R, H, e, cfg)
-    Hf, ef, P = H.reshape(b * m, n), e.reshape(-1), torch.diag(p)
-    S = Hf @ P @ Hf.T + torch.kron(torch.eye(b, dtype=F64), R)
-    K = P @ Hf.T @ torch.linalg.inv(S)
-    delta = K @ ef
-    p_new = torch.diagonal(P - K @ Hf @ P)
-    eps = (ef - lr * Hf @ delta).reshape(b, m)
-    per_sample = [torch.outer(eps[i], eps[i]) + H[i] @ torch.diag(p_new) @ H[i].T for i in range(b)]
-    R_new = beta * R + (1 - beta) * sum(per_sample) / b
+    _, p_new, R_new, S, delta = dense_diag_ekf_update(theta, p, R, H, e, lr=lr, beta=beta)
     torch.testing.assert_close(res.theta, theta + lr * delta, rtol=0, atol=1e-12)
     torch.testing.assert_close(res.p, p_new, rtol=0, atol=1e-12)
     torch.testing.assert_close(res.R, R_new, rtol=0, atol=1e-12)
@@ -266,7 +251,7 @@ def _softmax_stream(steps, m, d, seed, cfg, reduce=False, r0=0.1, check=None):
     for _ in range(steps):
         x = torch.randn(d, generator=g, dtype=F64)
         label = int(torch.multinomial(torch.softmax(W_true @ x, 0), 1, generator=g))
-        H, e = _softmax_obs(W, x, label)
+        H, e = linear_softmax_observation(W, x, label)
         if reduce:
             H, e = H[:mo], e[:mo]
         R_prev = R

@@ -16,6 +16,7 @@ from torch import nn
 
 import loraopt
 from loraopt.functional.ekf import EKFConfig, diag_ekf_update, scalar_ekf_update
+from loraopt.functional.reference import loop_jacobian
 from loraopt.optim.loko import LoKO, create_loko_optimizer, output_jacobian
 
 F64 = torch.float64
@@ -56,16 +57,6 @@ def trainable(model):
 def data(seed: int, b: int, m: int = M, dtype=F64):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(b, D_IN, generator=g, dtype=dtype), torch.randint(m, (b,), generator=g)
-
-
-def loop_jacobian(h: torch.Tensor, params):
-    rows = []
-    flat = h.reshape(-1)
-    for k in range(flat.numel()):
-        grads = torch.autograd.grad(flat[k], params, retain_graph=True, allow_unused=True)
-        blocks = [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]
-        rows.append(torch.cat(blocks))
-    return torch.stack(rows)
 
 
 def flat(tensors):
@@ -794,7 +785,7 @@ def test_exact_residual_equals_the_linearised_one_for_a_model_linear_in_its_para
     twin = nn.Linear(D_IN, 2).to(F64)
     twin.load_state_dict(linear.state_dict())
     kw = dict(num_outputs=2, observation="regression", beta=0.8, p_init=0.05)
-    exact = LoKO(linear.named_parameters(), exact_residual=True, **kw)
+    exact = LoKO(linear.named_parameters(), exact_residual=True, model=linear, **kw)  # evaluated at new values
     approx = LoKO(twin.named_parameters(), **kw)
     for t in range(4):
         x, _ = data(20 + t, 3)
@@ -1309,3 +1300,43 @@ def test_rank_0_lora_layer_is_refused():
     model = nn.Sequential(Adapter(0))
     with pytest.raises(ValueError, match="rank 0"):
         create_loko_optimizer(model, num_outputs=M)
+
+
+def test_observation_instance_equals_the_string_option():
+    from loraopt.functional.observations import RegressionObservation, SoftmaxObservation
+
+    x, y = data(90, 3)
+    out = []
+    for kw in (dict(num_outputs=M, reduce_simplex=True), dict(observation=SoftmaxObservation(M, reduce_simplex=True))):
+        model = make_model()
+        opt = create_loko_optimizer(model, **kw)
+        opt.observe(model(x), y)
+        opt.step()
+        assert opt.observation == SoftmaxObservation(M, reduce_simplex=True)
+        out.append(flat(trainable(model)))
+    assert torch.equal(out[0], out[1])
+    with pytest.raises(ValueError, match="disagrees"):
+        create_loko_optimizer(make_model(), num_outputs=2, observation=RegressionObservation(M))
+    with pytest.raises(ValueError, match="num_outputs must be an integer >= 2"):
+        SoftmaxObservation(1)
+
+
+def test_exact_residual_evaluates_the_new_values_without_writing_the_parameters():
+    model = make_model()
+    params = trainable(model)
+    opt = create_loko_optimizer(model, num_outputs=M, exact_residual=True)
+    x, y = data(91, 2)
+    seen = []
+
+    def forward(i):
+        seen.append(flat(params).clone())  # what the parameter tensors hold while the model runs
+        return model(x[i : i + 1])
+
+    before = flat(params).clone()
+    opt.observe(model(x), y, forward=forward)
+    versions = [p._version for p in params]
+    opt.step()
+    assert len(seen) == 4  # two one-sample graphs for the rows, two re-evaluations for R
+    assert torch.equal(seen[2], before) and torch.equal(seen[3], before)  # the model ran at the new values ...
+    assert [p._version - v for p, v in zip(params, versions)] == [1] * len(params)  # ... written once, at the end
+    assert not torch.equal(flat(params), before)

@@ -1,4 +1,5 @@
-"""Pure tensor functions: LoRSum and its dense references, metric statistics, the diagonal EKF."""
+"""Pure tensor functions: LoRSum and its dense references, metric statistics, the diagonal EKF, LoKO's observation
+models and Jacobian rows."""
 
 from .lorsum import (
     LoRSumResult,
@@ -16,14 +17,17 @@ from .ekf import (
     EKFConfig,
     EKFInfo,
     EKFResult,
-    FullEKFResult,
+    LossGradient,
+    OutputRows,
     apply_noise_floor,
     block_noise,
     cholesky_with_jitter,
     diag_ekf_update,
+    ekf_step,
     floor_min_eigenvalue,
     floor_ones_direction,
-    full_ekf_update,
     noise_ema_update,
     scalar_ekf_update,
 )
+from .reference import FullEKFResult, full_ekf_update
+from .observations import LossObservation, Observation, RegressionObservation, SoftmaxObservation

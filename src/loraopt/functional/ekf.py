@@ -8,7 +8,8 @@ State-space model (parameters treated as the hidden state, observed through the 
 Shapes used throughout (one observation = ``b`` samples of ``m`` outputs each):
 
 * ``theta: (n,)`` parameter mean, ``p: (n,)`` the diagonal of the covariance ``P`` (the diagonal filter never forms
-  an ``n x n`` matrix), ``P: (n, n)`` only in the full-covariance reference filter.
+  an ``n x n`` matrix), ``P: (n, n)`` only in the full-covariance reference filter
+  (:mod:`loraopt.functional.reference`).
 * ``H: (m, n)`` or ``(b, m, n)`` Jacobian of the outputs w.r.t. ``theta``; ``e: (m,)`` or ``(b, m)`` innovation
   ``y - h``; ``R: (m, m)`` observation noise of *one* sample. A joint batch uses ``R_blk = I_b kron R`` so ``S`` is
   ``(b m) x (b m)``.
@@ -22,7 +23,8 @@ the caller reads ``info.skipped`` when it wants to know.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -33,7 +35,12 @@ __all__ = [
     "EKFConfig",
     "EKFInfo",
     "EKFResult",
-    "FullEKFResult",
+    "OutputRows",
+    "LossGradient",
+    "ReducedObservation",
+    "ekf_step",
+    "draw_p0",
+    "score_scale",
     "cholesky_with_jitter",
     "floor_ones_direction",
     "floor_min_eigenvalue",
@@ -41,7 +48,6 @@ __all__ = [
     "noise_ema_update",
     "diag_ekf_update",
     "scalar_ekf_update",
-    "full_ekf_update",
     "block_noise",
 ]
 
@@ -96,15 +102,6 @@ class EKFResult(NamedTuple):
 
     theta: Tensor
     p: Tensor
-    R: Tensor
-    info: EKFInfo
-
-
-class FullEKFResult(NamedTuple):
-    """``theta: (n,)``, ``P: (n, n)``, ``R: (m, m)`` after the step, plus ``info``."""
-
-    theta: Tensor
-    P: Tensor
     R: Tensor
     info: EKFInfo
 
@@ -355,55 +352,93 @@ def scalar_ekf_update(
     )
 
 
-# ------------------------------------------------------------------------------------------------- reference
+# ------------------------------------------------------------------------------------------------- observations
 
 
-def full_ekf_update(
-    theta: Tensor, P: Tensor, R: Tensor, H: Tensor, e: Tensor, cfg: EKFConfig = EKFConfig()
-) -> FullEKFResult:
-    """Full-covariance EKF step: the reference the diagonal filter is tested against (``O(n^2)`` memory).
+@dataclass(frozen=True)
+class OutputRows:
+    """One observation of ``b`` samples, reduced to what the diagonal filter needs.
 
-    Same arguments as :func:`diag_ekf_update` with ``P: (n, n)`` instead of ``p``. Predict ``P + q I``, then
-    ``K = P H^T S^-1``, ``theta + lr K e``, Joseph-form ``(I - K H) P (I - K H)^T + K R_blk K^T`` (equal to
-    ``P - K H P`` in exact arithmetic, symmetric and PSD in floating point), and the same ``R`` EMA with
-    ``H_i P_new H_i^T``. ``p_floor`` is not applied. Skipping follows the same rule.
+    * ``H: (b k, n)``: Jacobian rows of the observed function (rows of sample ``i`` at ``i k ... (i+1) k - 1``);
+    * ``e: (b, k)``: innovations ``y - h``.
     """
-    H, e = _batched(H, e)
-    b, m, n = H.shape
-    k = b * m
-    dt = _compute_dtype(cfg, theta, P, R, H)
-    dev = theta.device
-    lr = _as(cfg.lr, dt, dev)
-    q = _as(cfg.q, dt, dev)
-    th = theta.to(dt)
-    P0 = P.to(dt)
-    R0 = R.to(dt)
-    Hf = H.reshape(k, n).to(dt)
-    ef = e.reshape(k).to(dt)
-    eye_n = torch.eye(n, dtype=dt, device=dev)
 
-    Pp = P0 + q * eye_n if not torch.is_tensor(q) else P0 + torch.diag(torch.broadcast_to(q, (n,)))
-    Rb = block_noise(R0, b)
-    PHt = Pp @ Hf.transpose(0, 1)
-    S = Hf @ PHt + Rb
-    S = 0.5 * (S + S.transpose(0, 1))
-    L, jit, chol_failed = cholesky_with_jitter(S, jitter=cfg.jitter, jitter_abs=cfg.jitter_abs, retries=cfg.retries)
-    K = torch.cholesky_solve(PHt.transpose(0, 1), L).transpose(0, 1)  # (n, k)
-    delta = K @ ef
-    IKH = eye_n - K @ Hf
-    P_new = IKH @ Pp @ IKH.transpose(0, 1) + K @ Rb @ K.transpose(0, 1)
-    P_new = 0.5 * (P_new + P_new.transpose(0, 1))
+    H: Tensor
+    e: Tensor
 
-    step = lr * delta
-    eps = (ef - Hf @ step).reshape(b, m)
-    Hb = Hf.reshape(b, m, n)
-    hph = torch.einsum("ikn,nj,ilj->kl", Hb, P_new, Hb) / b
-    R_new = noise_ema_update(R0, eps, hph, beta=cfg.beta, r_min=cfg.r_min, noise_floor=cfg.noise_floor)
+    @property
+    def num_samples(self) -> int:
+        return self.e.shape[0]
 
-    ok = ~chol_failed & _finite(ef, S, delta, P_new, R_new)
-    return FullEKFResult(
-        theta=torch.where(ok, th + step, th),
-        P=torch.where(ok, P_new, P0),
-        R=torch.where(ok, R_new, R0),
-        info=EKFInfo(skipped=~ok, jitter=jit, S=S, delta=torch.where(ok, delta, torch.zeros_like(delta))),
-    )
+    def columns(self, mask: Tensor) -> "OutputRows":
+        """The rows restricted to the coordinates where ``mask: (n,)`` is True."""
+        return OutputRows(self.H[:, mask], self.e)
+
+
+@dataclass(frozen=True)
+class LossGradient:
+    """A scalar-loss observation (``docs/specs/loko.md`` §9): ``g: (n,)`` the gradient of the loss, ``loss`` its
+    0-dim value (the innovation is ``-loss``)."""
+
+    g: Tensor
+    loss: Tensor
+
+    @property
+    def H(self) -> Tensor:
+        """``(1, n)``: the one Jacobian row."""
+        return self.g.unsqueeze(0)
+
+    def columns(self, mask: Tensor) -> "LossGradient":
+        return LossGradient(self.g[mask], self.loss)
+
+
+ReducedObservation = Union[OutputRows, LossGradient]
+
+
+def ekf_step(
+    theta: Tensor,
+    p: Tensor,
+    R: Tensor,
+    obs: ReducedObservation,
+    cfg: EKFConfig = EKFConfig(),
+    residual: Optional[Callable[[Tensor], Tensor]] = None,
+) -> EKFResult:
+    """One filter step on a reduced observation: :func:`diag_ekf_update` for :class:`OutputRows` (``residual`` as
+    there), :func:`scalar_ekf_update` for :class:`LossGradient`."""
+    if isinstance(obs, LossGradient):
+        return scalar_ekf_update(theta, p, R, obs.g, obs.loss.reshape(()), cfg)
+    b, k = obs.e.shape
+    return diag_ekf_update(theta, p, R, obs.H.reshape(b, k, -1), obs.e, cfg, residual=residual)
+
+
+# ------------------------------------------------------------------------------------------------- prior
+
+
+def draw_p0(
+    p_init: Union[float, Tuple[float, float], str], shape: Sequence[int], seed: int, index: int, dtype: torch.dtype
+) -> Tensor:
+    """The initial covariance diagonal ``p0`` (CPU, ``shape``) of the parameter at position ``index``.
+
+    ``p_init`` a float: constant. ``(low, high)``: i.i.d. uniform draws from a generator seeded by ``seed`` and
+    ``index`` alone (not by other parameters, the device or the rank). ``"score"``: the draw on ``(1e-4, 1e-2)``,
+    rescaled later by :func:`score_scale`."""
+    if isinstance(p_init, (int, float)) and not isinstance(p_init, bool):
+        return torch.full(tuple(shape), float(p_init), dtype=dtype)
+    low, high = (1e-4, 1e-2) if p_init == "score" else p_init
+    numel = 1
+    for d in shape:
+        numel *= d
+    gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + index) % (2**63 - 1))
+    u = torch.rand(numel, generator=gen, dtype=torch.float64)
+    return (low + (high - low) * u).to(dtype).reshape(tuple(shape))
+
+
+def score_scale(p: Tensor, H: Tensor, fresh: Tensor, target: float) -> Tensor:
+    """Rescale the ``fresh: (n,)`` bool coordinates of ``p: (n,)`` by one scalar ``c`` so that the prior predictive
+    variance of the observed rows ``H: (k, n)`` is ``target``: ``mean_j (H diag(c p_fresh) H^T)_jj = target``.
+    Other coordinates, and all of them when that variance is 0 or not finite, are returned unchanged."""
+    pf = torch.where(fresh, p, torch.zeros_like(p))
+    den = torch.einsum("kn,kn,n->", H, H, pf) / H.shape[0]
+    ok = torch.isfinite(den) & (den > 0)
+    c = torch.where(ok, target / torch.where(ok, den, torch.ones_like(den)), torch.ones_like(den))
+    return torch.where(fresh, p * c, p)

@@ -1,0 +1,172 @@
+"""LoKO's step on the parameters: gather the flat state, run one functional filter step, write the results back.
+
+The filter runs on one flat vector over every active parameter (``docs/specs/loko.md`` §3): ``theta`` and ``p``
+are gathered in parameter order, :func:`loraopt.functional.ekf.ekf_step` updates them from a reduced observation
+(:class:`~loraopt.functional.ekf.OutputRows` or :class:`~loraopt.functional.ekf.LossGradient`), and the results are
+written back with multi-tensor copies.
+
+Distributed: under ``torch.distributed`` with world size > 1, each rank observes its own samples and ``step()``
+all-gathers the Jacobian rows and innovations, so every rank runs the joint update of the concatenated batch
+(rank order) and ends with identical parameters, ``p`` and ``R``; every rank must call ``step()``. Wrapping the
+model in DDP is optional (tested both ways): no ``backward`` is taken, so DDP's gradient all-reduce never runs
+and the parameters stay replicated because every rank applies the same update. ``observation="loss"``
+all-reduces (mean) the observed loss; ``.grad`` is expected to be averaged by DDP.
+
+FSDP2 (``fully_shard``, DTensor parameters) is supported for ``observation="loss"``: ``step()`` gathers the whole
+flat parameter and gradient vectors (``full_tensor``: two all-gathers of ``n`` values), runs the filter
+replicated on every rank (the covariance ``p`` is kept whole, ``n`` values per rank) and writes back each rank's
+shard of the parameters. Build the optimizer after ``fully_shard``. The output observations (``"softmax"``,
+``"regression"``) raise ``NotImplementedError`` under FSDP2: their Jacobian rows are per-output derivatives
+with respect to the parameters, and FSDP2 computes gradients on unsharded copies that it reduce-scatters
+(summed over ranks) into ``.grad``; neither ``autograd.grad`` on the sharded parameters nor
+``torch.func.functional_call`` sees them. Use DDP for those observations.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..functional.ekf import LossGradient, OutputRows, ekf_step, score_scale
+from ..functional.jacobian import evaluate_at, model_outputs
+from ..functional.observations import Observation
+from .base import DistributedContext, full_tensor, is_dtensor, write_full_
+from .loko_config import SCORE_SNR, LoKOConfig
+
+__all__ = ["filter_update", "exact_residual", "all_gather_rows"]
+
+Active = Sequence[Tuple[Dict[str, Any], Tensor]]
+
+
+def filter_update(
+    state: Dict[Tensor, Dict[str, Any]],
+    anchor: Tensor,
+    active: Active,
+    filtered: Active,
+    obs: Union[OutputRows, LossGradient],
+    s: LoKOConfig,
+    dtype: torch.dtype,
+    residual: Optional[Callable[[Tensor], Tensor]] = None,
+) -> Tensor:
+    """One filter step on the ``active`` ``(group, parameter)`` pairs, in place.
+
+    ``obs``'s columns are those of ``filtered`` (``active`` is the subset with ``lr != 0``); ``state`` is the
+    optimizer's state (``p`` and ``step`` per parameter, ``R`` and ``skipped`` at ``anchor``); ``residual`` as in
+    :func:`loraopt.functional.ekf.diag_ekf_update`. Writes the parameters, ``p``, ``step``, ``R`` and ``skipped``;
+    returns the 0-dim bool ``skipped`` of this step (the state is then unchanged but for the counters)."""
+    dt = dtype
+    if len(active) != len(filtered):
+        keep = {id(p) for _, p in active}
+        mask = torch.cat(
+            [torch.full((p.numel(),), id(p) in keep, dtype=torch.bool) for _, p in filtered]
+        ).to(obs.H.device)
+        obs = obs.columns(mask)
+    params = [p for _, p in active]
+    states = [state[p] for p in params]
+    # FSDP2: the filter runs replicated on the whole flat vector (gathered here); each rank writes back its shard.
+    sharded = any(is_dtensor(p) for p in params)
+    whole = [full_tensor(p.detach()) for p in params] if sharded else params
+    theta = _flatten(whole, dt)
+    pvec = _flatten([st["p"] for st in states], dt)
+    lr = _per_coordinate(active, "lr", dt, theta.device)
+    q = _per_coordinate(active, "q", dt, theta.device)
+    p_floor = _per_coordinate(active, "p_floor", dt, theta.device)
+    anchor_state = state[anchor]
+    R = anchor_state["R"]
+
+    fresh = [i for i, (g, p) in enumerate(active) if g["p_init"] == "score" and float(state[p]["step"]) == 0]
+    if fresh:
+        mask = torch.cat([torch.full((p.numel(),), i in fresh, dtype=torch.bool, device=pvec.device)
+                          for i, p in enumerate(params)])
+        pvec = score_scale(pvec, obs.H, mask, SCORE_SNR * s.r0)
+
+    cfg = s.ekf_config(lr, q, p_floor, dt)
+    res = ekf_step(theta, pvec, R, obs, cfg, residual=residual)
+
+    # Multi-tensor copies from views of the flat results: per-parameter copies or reshapes would cost one
+    # dispatcher call (and a launch) each, hundreds per step, and this step is host-bound on GPUs.
+    if sharded:
+        for param, value in zip(params, _unflatten(res.theta, whole)):
+            write_full_(param, value)
+    else:
+        torch._foreach_copy_(params, _unflatten(res.theta, params))
+    torch._foreach_copy_([st["p"] for st in states], _unflatten(res.p, whole))
+    torch._foreach_add_([st["step"] for st in states], 1.0)
+    R.copy_(res.R)
+    anchor_state["skipped"] += res.info.skipped.to(torch.int64)
+    return res.info.skipped
+
+
+def exact_residual(
+    model: nn.Module,
+    forward: Callable[[int], Any],
+    targets: Tensor,
+    params: List[Tensor],
+    samples: List[int],
+    obs: Observation,
+    dtype: torch.dtype,
+) -> Callable[[Tensor], Tensor]:
+    """``theta_new -> (len(samples), k)``: ``y_i - h(x_i; theta_new)`` for each of ``samples``, with ``forward(i)``
+    (which calls ``model``) run at ``theta_new`` through ``torch.func.functional_call``: the parameters are not
+    written. ``targets: (b, m)`` encoded; ``theta_new: (n,)`` flat over ``params``."""
+
+    def residual(theta_new: Tensor) -> Tensor:
+        # The values the parameters would hold after the write (cast to their dtype, as the write does).
+        values = [v.to(p.dtype) for v, p in zip(_unflatten(theta_new, params), params)]
+        rows = []
+        with torch.no_grad():
+            for i in samples:
+                out = evaluate_at(model, params, values, forward, i)
+                h = obs.predict(obs.outputs_matrix(model_outputs(out, "the outputs"), dtype))
+                rows.append(obs.innovation(targets[i : i + 1], h))
+        return torch.cat(rows)
+
+    return residual
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+
+def _flatten(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """``(sum numel,)``: the tensors concatenated in order, in ``dtype`` (one cast for all; called under
+    ``no_grad``)."""
+    return torch.cat([t.reshape(-1) for t in tensors]).to(dtype)
+
+
+def _unflatten(flat: Tensor, like: Sequence[Tensor]) -> List[Tensor]:
+    """Views of ``flat`` shaped like ``like`` (the inverse of :func:`_flatten`)."""
+    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in like]), like)]
+
+
+def _per_coordinate(active, key: str, dtype: torch.dtype, device: torch.device) -> Union[float, Tensor]:
+    """A float when every active group agrees (the common case), else an ``(n,)`` vector."""
+    values = [float(g[key]) for g, _ in active]
+    if all(v == values[0] for v in values):
+        return values[0]
+    return torch.cat(
+        [torch.full((p.numel(),), float(g[key]), dtype=dtype, device=device) for g, p in active]
+    )
+
+
+def all_gather_rows(ctx: DistributedContext, rows: OutputRows) -> OutputRows:
+    """Every rank's ``H: (b_r m, n)`` and ``e: (b_r, m)`` concatenated in rank order (ranks may differ in ``b_r``)."""
+    H, e = rows.H, rows.e
+    world = ctx.world_size
+    b = torch.tensor([e.shape[0]], dtype=torch.int64, device=H.device)
+    counts = [torch.zeros_like(b) for _ in range(world)]
+    dist.all_gather(counts, b, group=ctx.group)
+    counts = [int(c) for c in counts]
+    b_max = max(counts)
+    m = e.shape[1]
+    n = H.shape[1]
+    # Rows and innovations travel in one buffer so the gather is a single collective.
+    buf = torch.zeros(b_max, m, n + 1, dtype=H.dtype, device=H.device)
+    buf[: e.shape[0], :, :n] = H.reshape(e.shape[0], m, n)
+    buf[: e.shape[0], :, n] = e
+    bufs = [torch.empty_like(buf) for _ in range(world)]
+    dist.all_gather(bufs, buf, group=ctx.group)
+    full = torch.cat([chunk[:c] for chunk, c in zip(bufs, counts)])
+    return OutputRows(full[:, :, :n].reshape(-1, n), full[:, :, n])
