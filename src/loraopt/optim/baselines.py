@@ -240,7 +240,30 @@ def create_adagrad_optimizer(
     optimizer = torch.optim.Adagrad(
         _named(model), lr=lr, eps=eps, weight_decay=weight_decay, initial_accumulator_value=initial_accumulator_value
     )
+    optimizer.register_step_pre_hook(init_missing_adagrad_state)
     return _guard(optimizer, "adagrad")
+
+
+def init_missing_adagrad_state(optimizer: torch.optim.Adagrad, args: Any = (), kwargs: Any = None) -> None:
+    """Give every parameter without Adagrad state the state ``torch.optim.Adagrad``'s constructor creates.
+
+    Before torch 2.12 Adagrad builds its state in the constructor only, so a parameter swapped in afterwards has
+    none and ``step()`` raises ``KeyError: 'sum'``. That swap is what accelerate's FSDP2 preparation does (it
+    replaces the parameters by their sharded DTensors); measured on two GPUs with torch 2.11. Registered as a step
+    pre-hook; a no-op where the state exists."""
+    scalar_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    for group in optimizer.param_groups:
+        init = group["initial_accumulator_value"]
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if "sum" in state:
+                continue
+            if group.get("fused"):
+                state["step"] = torch.zeros((), dtype=scalar_dtype, device=p.device)
+            else:
+                state["step"] = torch.tensor(0.0, dtype=scalar_dtype)
+            value = complex(init, init) if torch.is_complex(p) else init
+            state["sum"] = torch.full_like(p, value, memory_format=torch.preserve_format)
 
 
 def create_sgd_optimizer(
