@@ -201,3 +201,29 @@ def test_huge_layer_never_materialises_the_dense_matrix():
             res = lorsum((1.0, B0, A0), [(-1e-3, S.T, X), (-1e-3, MB, MA)], iters=k, lam=1e-2)
             assert torch.isfinite(res.A).all() and torch.isfinite(res.B).all()
     assert probe.largest <= n * d  # the rows themselves; nothing of size d_out * d_in
+
+
+def test_svd_factors_do_not_depend_on_the_signs_the_svd_backend_returns(monkeypatch):
+    """LAPACK and cuSOLVER may return a singular pair with either sign: the factors must come out the same."""
+    import importlib
+
+    lorsum = importlib.import_module("loraopt.functional.lorsum")
+
+    torch.manual_seed(0)
+    W = torch.randn(7, 5, dtype=torch.float64)
+    B, A = lorsum.svd_factors(W, 3)
+    true_svd = torch.linalg.svd
+
+    def flipped_svd(M, full_matrices=True):
+        U, S, Vh = true_svd(M, full_matrices=full_matrices)
+        signs = torch.tensor([-1.0, 1.0, -1.0, -1.0, 1.0], dtype=M.dtype)[: S.shape[-1]]
+        return U * signs, S, Vh * signs.unsqueeze(-1)
+
+    monkeypatch.setattr(torch.linalg, "svd", flipped_svd)
+    B_flipped, A_flipped = lorsum.svd_factors(W, 3)
+    torch.testing.assert_close(B_flipped, B, rtol=0, atol=1e-14)
+    torch.testing.assert_close(A_flipped, A, rtol=0, atol=1e-14)
+    U, S, Vh = true_svd(W, full_matrices=False)
+    torch.testing.assert_close(B @ A, (U[:, :3] * S[:3]) @ Vh[:3], rtol=0, atol=1e-12)
+    pivots = B.abs().argmax(dim=0)
+    assert bool((B[pivots, torch.arange(3)] > 0).all())

@@ -268,8 +268,12 @@ def lorsum(
 def svd_factors(W: Tensor, rank: int) -> Tuple[Tensor, Tensor]:
     """Balanced factors of the truncated SVD: ``B = U_r S_r^1/2: (d_out, r)``, ``A = S_r^1/2 V_r^T: (r, d_in)``.
 
+    Each singular pair's sign is fixed (the largest-magnitude entry of each column of ``U`` is made positive), so
+    the factors, not only their product, are the same on every backend: LAPACK and cuSOLVER may return opposite
+    signs for the same matrix, which made FSDP2 ranks on GPUs disagree with a CPU reference by a whole factor.
     When ``rank > min(d_out, d_in)`` the extra components are zero (the factors keep the requested shapes)."""
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    U, Vh = canonical_svd_signs(U, Vh)
     root = S[:rank].sqrt()
     B, A = U[:, :rank] * root, root.unsqueeze(-1) * Vh[:rank]
     missing = rank - root.numel()
@@ -277,6 +281,14 @@ def svd_factors(W: Tensor, rank: int) -> Tuple[Tensor, Tensor]:
         B = torch.cat([B, B.new_zeros(B.shape[0], missing)], dim=1)
         A = torch.cat([A, A.new_zeros(missing, A.shape[1])], dim=0)
     return B, A
+
+
+def canonical_svd_signs(U: Tensor, Vh: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(U, Vh)`` with each singular pair's sign flipped so that the largest-magnitude entry of every column of
+    ``U: (..., m, k)`` is positive; ``Vh: (..., k, n)`` flips with it, so ``U diag(S) Vh`` is unchanged."""
+    pivot = U.abs().argmax(dim=-2, keepdim=True)
+    signs = torch.where(U.gather(-2, pivot) < 0, -1.0, 1.0).to(U.dtype)
+    return U * signs, Vh * signs.transpose(-1, -2)
 
 
 def svd_project(W: Tensor, rank: int) -> Tensor:
