@@ -970,3 +970,14 @@ def test_library_default_lr_grid_holds_each_optimizers_shipped_default_lr():
         assert expected in method.lrs, method.key
         assert max(method.lrs) / min(method.lrs) >= 30 and len(method.lrs) >= 4, method.key
         assert method.hp == {}, method.key
+
+
+def test_quality_hp_override_reaches_one_method_only():
+    from loraopt_bench.quality import LIBRARY_DEFAULT_METHODS, _with_hp_overrides
+
+    methods = _with_hp_overrides(LIBRARY_DEFAULT_METHODS, ["psi-lora:compile=False", "psi-lora:momentum=0.5"])
+    by_key = {m.key: m for m in methods}
+    assert by_key["psi-lora"].hp == {"compile": False, "momentum": 0.5}
+    assert all(m.hp == {} for m in methods if m.key != "psi-lora")
+    with pytest.raises(ValueError, match="METHOD:KEY=VALUE"):
+        _with_hp_overrides(LIBRARY_DEFAULT_METHODS, ["compile=False"])

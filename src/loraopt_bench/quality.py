@@ -163,6 +163,22 @@ def _lr_key(lr: float) -> str:
     return f"{lr:g}"
 
 
+def _with_hp_overrides(methods: Sequence[MethodSpec], items: Sequence[str]) -> List[MethodSpec]:
+    """``--hp METHOD:KEY=VALUE``: add or replace one optimizer keyword of a method (e.g. ``psi-lora:compile=False``).
+    The run's settings change, so its results are not merged with runs without the override."""
+    from .finetune import parse_hyperparameters
+
+    extra: Dict[str, Dict[str, Any]] = {}
+    keys = {m.key for m in methods}
+    for item in items:
+        key, sep, setting = item.partition(":")
+        if not sep or key not in keys:
+            raise ValueError(f"--hp expects METHOD:KEY=VALUE with a method of this run ({', '.join(sorted(keys))}), "
+                             f"got {item!r}")
+        extra.setdefault(key, {}).update(parse_hyperparameters([setting]))
+    return [replace(m, hp={**m.hp, **extra[m.key]}) if m.key in extra else m for m in methods]
+
+
 def plan_runs(suite: SuiteSpec, methods: Sequence[MethodSpec], seeds: Sequence[int],
               method_seeds: Optional[Mapping[str, Sequence[int]]] = None,
               done: Optional[Mapping[Tuple[str, str, int], Any]] = None) -> List[Tuple[MethodSpec, float, int]]:
@@ -622,6 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", nargs="+", default=None, help="subset of the suite's methods (keys)")
     parser.add_argument("--lrs", nargs="+", default=[], metavar="METHOD=LR,LR",
                         help="replace a method's lr grid, e.g. adamw=1e-3,3e-3")
+    parser.add_argument("--hp", nargs="+", default=[], metavar="METHOD:KEY=VALUE",
+                        help="an extra optimizer keyword for one method, e.g. psi-lora:compile=False")
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
@@ -744,6 +762,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if unknown:
             raise ValueError(f"--lrs names methods not in this run: {unknown}")
         methods = [replace(m, lrs=overrides.get(m.key, m.lrs)) for m in methods]
+        methods = _with_hp_overrides(methods, args.hp)
         protocol = dict(suite.protocol)
         for name in ("steps", "batch_size", "eval_every", "eval_limit", "max_length", "block_size", "image_size",
                      "train_limit"):
