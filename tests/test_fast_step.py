@@ -303,3 +303,30 @@ def test_compiled_step_equals_eager_in_float64(name, kwargs):
     assert not compiled._step_fn.disabled
     for (n, a), (_, b) in zip(models[0].named_parameters(), models[1].named_parameters()):
         assert _rel(a.detach(), b.detach()) < 1e-12, n
+
+
+# ------------------------------------------------------------------------------------------------ cost benchmark
+
+
+def test_cost_levers_quick_writes_rows_and_ratios(tmp_path):
+    """``python -m loraopt_bench.cost levers --quick``: one JSON row per (config, optimizer) with the fields the
+    issue asks for, fused AdamW among them, and a markdown table of ratios beside it."""
+    import json
+
+    from loraopt_bench import cost
+
+    cost.main(["levers", "--quick", "--compare-eager", "--out", str(tmp_path),
+               "--optimizers", "adamw-fused,psi-k1,loko-scalar"])
+    data = json.loads((tmp_path / "cpu.json").read_text())
+    rows = {(r["config"], r["optimizer"]): r for r in data["runs"]}
+    assert set(rows) == {("quick-r8-s64", n) for n in
+                         ("adamw-fused", "psi-k1", "loko-scalar", "psi-k1:eager", "psi-k1:per-layer")}
+    for r in rows.values():
+        assert "error" not in r, r
+        for key in ("config", "optimizer", "e2e_ms", "step_ms", "peak_bytes", "state_bytes_per_param"):
+            assert key in r, (key, r)
+    # The batched step dispatches far fewer operators than the per-layer path.
+    assert rows[("quick-r8-s64", "psi-k1")]["dispatched_ops_per_step"] < \
+        rows[("quick-r8-s64", "psi-k1:per-layer")]["dispatched_ops_per_step"] / 2
+    md = (tmp_path / "cpu.md").read_text()
+    assert "x AdamW" in md and "| quick-r8-s64 | adamw-fused |" in md

@@ -3,6 +3,8 @@
     python -m loraopt_bench.cost run --label after --out DIR          # on a CUDA machine
     python -m loraopt_bench.cost run --smoke --out /tmp/cost            # CPU pipeline check, tiny model
     python -m loraopt_bench.cost report --runs before=B.json after=A.json --before before --json OUT.json --md OUT.md
+    python -m loraopt_bench.cost levers --compare-eager --out DIR      # issue 12: one H200 command, < 4 minutes
+    python -m loraopt_bench.cost levers --quick --compare-eager --out /tmp/levers   # CPU smoke of the same
 
 What is measured (issue 5; ``benchmarks/notes/cost.md`` has the reading):
 
@@ -574,6 +576,291 @@ def cmd_report(args) -> None:
     print(md)
 
 
+# ------------------------------------------------------------------------------------------------- levers (issue 12)
+
+LEVER_CONFIGS = [
+    dict(id="smol-r8-s2048", model="smol", r=8, seq=2048, batch=8),  # 16k tokens
+    dict(id="1b-r64-s2048", model="1b", r=64, seq=2048, batch=4),  # 8k tokens
+    dict(id="1b-r8-s512", model="1b", r=8, seq=512, batch=16),  # 8k tokens, short sequences
+]
+QUICK_CONFIGS = [dict(id="quick-r8-s64", model="smol", r=8, seq=64, batch=2)]
+# (name, registry name, hyperparameters, kind): the library's defaults (factories), lr left at the factory default.
+LEVER_OPTIMIZERS: List[tuple] = [
+    ("adamw-fused", "adamw", dict(lr=1e-4, fused=True), "grad"),
+    ("psi-k0", "psi-lora", dict(inner_iters=0), "grad"),
+    ("psi-k1", "psi-lora", dict(inner_iters=1), "grad"),
+    ("proj-psi", "proj-psi-lora", dict(), "grad"),
+    ("scaled-psi", "scaled-psi-lora", dict(), "grad"),
+    ("loko-scalar", "loko", dict(num_outputs=None, observation="loss", lr=1e-3), "loss"),
+]
+# --compare-eager: the same optimizers with a lever switched off, measured in the same run.
+#   ":eager"     compile=False: lever 3 off (batched, sync-free eager step);
+#   ":per-layer" foreach=False, compile=False: levers 1-3 off (one functional step per layer, balancing SVD per
+#                layer inside it: the readable reference path).
+LEVER_VARIANTS = [(":eager", dict(compile=False)), (":per-layer", dict(foreach=False, compile=False))]
+LEVER_COMPARED = ("psi-k0", "psi-k1", "proj-psi", "scaled-psi")
+
+
+def device_slug(info: Dict[str, Any]) -> str:
+    name = info.get("gpu") or "cpu"
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+def _count_kernel_launches(step, device: torch.device) -> Optional[int]:
+    """Kernel launches of one ``step()`` (CUDA, torch.profiler); ``None`` elsewhere."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+        torch.cuda.synchronize()
+    names = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
+    return int(sum(e.count for e in prof.key_averages() if e.key in names))
+
+
+def _count_syncs(step, device: torch.device) -> Optional[int]:
+    """Host synchronisations of one ``step()`` reported by CUDA's sync debug mode; ``None`` off CUDA."""
+    if device.type != "cuda":
+        return None
+    import warnings as _warnings
+
+    with _warnings.catch_warnings(record=True) as caught:
+        _warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode(1)
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum(1 for w in caught if "synchroniz" in str(w.message).lower())
+
+
+def _count_dispatched_ops(step) -> int:
+    """Operators dispatched by one ``step()`` (every eager op is one dispatcher call; on a GPU most are launches)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        step()
+    return Count.n
+
+
+def lever_row(model, lora_init, cfg, spec, args, device) -> Dict[str, Any]:
+    """One (configuration, optimizer) row on an already built model (its LoRA weights reset first)."""
+    import loraopt
+
+    name, reg_name, hp, kind = spec
+    res: Dict[str, Any] = dict(config=cfg["id"], optimizer=name, kind=kind, hp=dict(hp))
+    opt = None
+    try:
+        with torch.no_grad():
+            for p, v in zip(lora_init[0], lora_init[1]):
+                p.copy_(v)
+        hp = dict(hp)
+        if device.type != "cuda" and hp.get("fused"):
+            hp["fused"] = False
+        opt = loraopt.create_optimizer(reg_name, model, **hp)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        shapes = lora_shapes(model)
+        n_other = trainable - sum(r * (di + do) for di, do, r in shapes)
+        gen = torch.Generator(device="cpu").manual_seed(1)
+        x = torch.randint(1, model.config.vocab_size, (cfg["batch"], cfg["seq"]), generator=gen).to(device)
+        timer = Timer(device)
+
+        def fwd_bwd():
+            opt.zero_grad(set_to_none=True)
+            feed(opt, None, None, loss=model(input_ids=x, labels=x).loss)
+
+        def one_step():
+            t0 = timer.mark()
+            fwd_bwd()
+            t1 = timer.mark()
+            h0 = time.perf_counter()
+            opt.step()
+            h1 = time.perf_counter()
+            t2 = timer.mark()
+            return t0, t1, t2, (h1 - h0) * 1e3
+
+        w0 = time.perf_counter()
+        one_step()  # allocates state; compiles the step where compile is on
+        timer.sync()
+        res["first_step_s"] = time.perf_counter() - w0
+        for _ in range(args.warmup - 1):
+            one_step()
+        timer.sync()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        marks = [one_step() for _ in range(args.steps)]
+        timer.sync()
+        e2e = [timer.elapsed_ms(a, c) for a, _, c, _ in marks]
+        res.update(
+            e2e_ms=statistics.median(e2e), e2e_min_ms=min(e2e),
+            fwdbwd_ms=statistics.median(timer.elapsed_ms(a, b_) for a, b_, _, _ in marks),
+            step_ms=statistics.median(timer.elapsed_ms(b_, c) for _, b_, c, _ in marks),
+            step_host_ms=statistics.median(h for *_, h in marks),
+            peak_bytes=torch.cuda.max_memory_allocated() if device.type == "cuda" else 0,
+            state_bytes_per_param=state_bytes(opt) / trainable,
+        )
+        # Per step, outside the timed steps: host synchronisations (CUDA sync debug mode), kernel launches
+        # (profiler), and dispatcher calls of the eager path.
+        fwd_bwd()
+        res["syncs_per_step"] = _count_syncs(opt.step, device)
+        fwd_bwd()
+        res["launches_per_step"] = _count_kernel_launches(opt.step, device)
+        if getattr(opt, "_compile", False) is False:
+            fwd_bwd()
+            res["dispatched_ops_per_step"] = _count_dispatched_ops(opt.step)
+        step_fn = getattr(opt, "_step_fn", None)
+        res["compiled"] = bool(getattr(opt, "_compile", False)) and not getattr(step_fn, "disabled", True)
+        base = name.split(":")[0]
+        floor_name = {"proj-psi": "psi-k1", "scaled-psi": "scaled-psi"}.get(base, base)
+        res["floor"] = floor_model(floor_name, shapes, cfg["seq"] * cfg["batch"], n_other,
+                                   dense=getattr(getattr(opt, "_capture", None), "dense", "never") == "auto")
+    except Exception as exc:  # one failing row must not lose the others
+        res["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        traceback.print_exc()
+    finally:
+        if opt is not None and hasattr(opt, "remove_hooks"):
+            opt.remove_hooks()
+        del opt
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return res
+
+
+def lever_markdown(data: Dict[str, Any]) -> str:
+    info, ceil = data["info"], data["ceilings"]
+    base = {r["config"]: r for r in data["runs"] if r["optimizer"] == "adamw-fused" and "error" not in r}
+    lines = [
+        f"# Optimizer cost, issue 12 levers: {info.get('gpu', info['device'])}",
+        "",
+        f"torch {info['torch']}, transformers {info.get('transformers')}, peft {info.get('peft')}; "
+        f"{data['args']['warmup']} warm-up and {data['args']['steps']} timed steps per row, medians; wall "
+        f"{data.get('wall_s', float('nan')):.0f} s. Ratios are to fused AdamW of the same configuration in this run. "
+        "`:eager` = compile off; `:per-layer` = the per-layer reference path (levers 1-3 off). syncs = host "
+        "synchronisations of one step (CUDA sync debug mode); launches = kernel launches of one step (profiler); "
+        "first step = seconds of the first step (state allocation and, where on, compilation).",
+        "",
+        "| config | optimizer | e2e ms | e2e x AdamW (best) | step ms (host) | step x AdamW | peak GiB | peak x |"
+        " state B/param | syncs | launches | first step s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["runs"]:
+        if "error" in r or "skipped" in r:
+            why = r.get("error") or r.get("skipped")
+            lines.append(f"| {r['config']} | {r['optimizer']} | {why[:90]} |" + " |" * 9)
+            continue
+        b = base.get(r["config"])
+        e2e_x = f"{r['e2e_ms'] / b['e2e_ms']:.2f} ({r['e2e_min_ms'] / b['e2e_min_ms']:.2f})" if b else "-"
+        step_x = f"{r['step_ms'] / max(b['step_ms'], 1e-9):.1f}" if b else "-"
+        peak_x = f"{r['peak_bytes'] / b['peak_bytes']:.2f}" if b and b["peak_bytes"] else "-"
+        lines.append(
+            f"| {r['config']} | {r['optimizer']} | {r['e2e_ms']:.1f} | {e2e_x} | {r['step_ms']:.2f} "
+            f"({r['step_host_ms']:.1f}) | {step_x} | {r['peak_bytes'] / 2**30:.2f} | {peak_x} | "
+            f"{r['state_bytes_per_param']:.3f} | {_fmt(r.get('syncs_per_step'))} | {_fmt(r.get('launches_per_step'))} | "
+            f"{r.get('first_step_s', float('nan')):.1f} |"
+        )
+    floor_rows = [r for r in data["runs"] if r["config"] == "1b-r64-s2048" and "floor" in r and "error" not in r]
+    if floor_rows and not math.isnan(ceil.get("hbm_GBps", float("nan"))):
+        lines += [
+            "",
+            f"Isolated step floor at 1b-r64-s2048 (copy {ceil['hbm_GBps']:.0f} GB/s, fp32 {ceil['fp32_TFLOPs']:.1f} "
+            "TFLOP/s, both measured in this run; `floor_model` counts what the step must read, write and compute):",
+            "",
+            "| optimizer | bytes | bytes / bandwidth ms | flops | flops / rate ms | floor ms | measured step ms | "
+            "fraction of floor reached |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in floor_rows:
+            f = r["floor"]
+            t_b = f["bytes"] / (ceil["hbm_GBps"] * 1e9) * 1e3
+            t_f = f["flops"] / (ceil["fp32_TFLOPs"] * 1e12) * 1e3
+            fl = max(t_b, t_f)
+            lines.append(f"| {r['optimizer']} | {f['bytes']:.3g} | {t_b:.3f} | {f['flops']:.3g} | {t_f:.3f} | "
+                         f"{fl:.3f} | {r['step_ms']:.2f} | {100 * fl / max(r['step_ms'], 1e-9):.1f}% |")
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else str(v)
+
+
+def cmd_levers(args) -> None:
+    """Every lever row in one command under a wall-clock budget; writes ``<out>/<device-slug>.{json,md}``."""
+    t_start = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+    os.makedirs(args.out, exist_ok=True)
+    info: Dict[str, Any] = dict(torch=torch.__version__, device=str(device))
+    info.update(versions())
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    ceilings = measure_ceilings(device)
+    print("ceilings", json.dumps(ceilings), flush=True)
+    cfgs = QUICK_CONFIGS if args.quick else LEVER_CONFIGS
+    if args.only:
+        cfgs = [c for c in cfgs if c["id"] in args.only.split(",")]
+    opts = LEVER_OPTIMIZERS
+    if args.optimizers:
+        opts = [o for o in opts if o[0] in args.optimizers.split(",")]
+    plan = [(c, o) for c in cfgs for o in opts]  # the library defaults first, every configuration
+    if args.compare_eager:
+        plan += [(c, (o[0] + suffix, o[1], {**o[2], **extra}, o[3])) for c in cfgs for suffix, extra in LEVER_VARIANTS
+                 for o in opts if o[0] in LEVER_COMPARED]
+    slug = device_slug(info)
+    runs: List[Dict[str, Any]] = []
+    models: Dict[str, Any] = {}
+    row_s: List[float] = []
+    for cfg, spec in plan:
+        elapsed = time.perf_counter() - t_start
+        estimate = statistics.median(row_s) if row_s else 0.0
+        if args.budget_s and elapsed + estimate > args.budget_s:
+            runs.append(dict(config=cfg["id"], optimizer=spec[0], skipped=f"skipped: time budget {args.budget_s:.0f} s"))
+            continue
+        if cfg["id"] not in models:
+            for key in list(models):  # one model on the device at a time
+                del models[key]
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            model = build_model(cfg["model"], cfg["r"], device, args.quick)
+            lora = [p for n, p in model.named_parameters() if p.requires_grad]
+            models[cfg["id"]] = (model, (lora, [p.detach().clone() for p in lora]))
+        model, lora_init = models[cfg["id"]]
+        r0 = time.perf_counter()
+        res = lever_row(model, lora_init, cfg, spec, args, device)
+        row_s.append(time.perf_counter() - r0)
+        runs.append(res)
+        print(_lever_line(res), f"[{time.perf_counter() - t_start:.0f}s]", flush=True)
+        data = dict(info=info, ceilings=ceilings, args=dict(warmup=args.warmup, steps=args.steps), runs=runs,
+                    wall_s=time.perf_counter() - t_start)
+        with open(os.path.join(args.out, f"{slug}.json"), "w") as f:
+            json.dump(data, f, indent=1)
+    data = dict(info=info, ceilings=ceilings, args=dict(warmup=args.warmup, steps=args.steps), runs=runs,
+                wall_s=time.perf_counter() - t_start)
+    with open(os.path.join(args.out, f"{slug}.json"), "w") as f:
+        json.dump(data, f, indent=1)
+    md = lever_markdown(data)
+    with open(os.path.join(args.out, f"{slug}.md"), "w") as f:
+        f.write(md + "\n")
+    print(md)
+
+
+def _lever_line(res: Dict[str, Any]) -> str:
+    if "error" in res:
+        return f"{res['config']:>14} {res['optimizer']:>22}  ERROR {res['error'][:120]}"
+    return (f"{res['config']:>14} {res['optimizer']:>22}  e2e {res['e2e_ms']:8.2f}  step {res['step_ms']:7.2f} "
+            f"(host {res['step_host_ms']:7.2f})  syncs {_fmt(res.get('syncs_per_step'))}  launches "
+            f"{_fmt(res.get('launches_per_step'))}  ops {_fmt(res.get('dispatched_ops_per_step'))}  first "
+            f"{res.get('first_step_s', 0):.1f}s")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -588,6 +875,17 @@ def main(argv=None) -> None:
     r.add_argument("--profile-config", default="", help="config id to profile (torch.profiler, 2 steps)")
     r.add_argument("--profile-opts", default="adamw-fused,psi-k0,psi-k1,scaled-psi,loko-scalar,riemannian-adamw")
     r.add_argument("--check", type=int, default=1, help="compare fast and reference paths on the device first")
+    v = sub.add_parser("levers", help="issue 12: every lever row in one command, <out>/<device-slug>.{json,md}")
+    v.add_argument("--out", default="benchmarks/results/cost")
+    v.add_argument("--quick", action="store_true", help="tiny model on the CPU (pipeline check, a test runs it)")
+    v.add_argument("--compare-eager", action="store_true",
+                   help="also the PSI optimizers with compile off (:eager) and on the per-layer path (:per-layer)")
+    v.add_argument("--warmup", type=int, default=3)
+    v.add_argument("--steps", type=int, default=8)
+    v.add_argument("--budget-s", type=float, default=225.0,
+                   help="wall-clock budget: rows that would start past it are recorded as skipped")
+    v.add_argument("--only", default="", help="comma-separated config ids")
+    v.add_argument("--optimizers", default="", help="comma-separated optimizer names")
     q = sub.add_parser("report")
     q.add_argument("--runs", nargs="+", required=True, help="label=path of cost_<label>.json files, in order")
     q.add_argument("--before", default="", help="the label of the run taken before the optimizations")
@@ -598,6 +896,10 @@ def main(argv=None) -> None:
         if args.smoke:
             args.warmup, args.steps = 1, 2
         cmd_run(args)
+    elif args.cmd == "levers":
+        if args.quick:
+            args.warmup, args.steps = 1, 2
+        cmd_levers(args)
     else:
         cmd_report(args)
 
