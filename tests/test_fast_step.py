@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import loraopt
-import loraopt.optim.psi as psi_module
+import loraopt.optim.psi_step as psi_step_module
 from loraopt.functional.psi import CompiledPSIStep, balance_many, balance_svd, psi_step, resolve_compile
 
 from loraopt_bench.common import feed
@@ -70,7 +70,7 @@ def _steps_counting_syncs(name, kwargs, steps, *, inject=None, monkeypatch=None)
     opt.read_cpu_counts_at_once = False  # the CPU takes the path of a GPU: deferred, non-blocking counter reads
     opt.skip_check_interval = 4  # several counter reads (and polls) inside the window
     if monkeypatch is not None:
-        monkeypatch.setattr(psi_module, "_FALLBACK_CHECK_INTERVAL", 4)
+        monkeypatch.setattr(psi_step_module, "_FALLBACK_CHECK_INTERVAL", 4)
     svd_calls = []
     for t in range(2 + steps):
         x, y = _batch(32, 100 + t)

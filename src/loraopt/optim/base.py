@@ -1,20 +1,29 @@
-"""What every loraopt optimizer shares: argument validation, dtype-preserving and validated checkpoints, a counter of
-skipped steps and named parameter groups (the collective operations, FSDP2 helpers and sharding checks:
-:mod:`.distributed`)."""
+"""What every loraopt optimizer shares: dtype-preserving and validated checkpoints (:class:`CheckedStateDict`) and
+the base class :class:`LoRAOptimizer`.  Argument checks are in :mod:`.checks`, the skipped-step counter in
+:mod:`.counters`, the collective operations, FSDP2 helpers and sharding checks in :mod:`.distributed`; their names
+are importable from here too."""
 
 from __future__ import annotations
 
-import math
-import warnings
 import weakref
-from typing import Any, Callable, ClassVar, Dict, FrozenSet, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, ClassVar, Dict, FrozenSet, Iterable, List, Optional, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.optim import Optimizer
 
-# Re-exported: the optimizers import the distributed helpers from here.
-from .distributed import (
+from .checks import (  # noqa: F401  (importable from here)
+    check_betas,
+    check_group_hyperparameters,
+    check_int,
+    check_nonnegative,
+    check_positive,
+    check_range,
+    group_label,
+    named_trainable_parameters,
+)
+from .counters import DeferredHostRead, SkippedStepCounter  # noqa: F401  (importable from here)
+from .distributed import (  # noqa: F401  (importable from here)
     DistributedContext,
     all_ranks_true,
     full_tensor,
@@ -23,301 +32,7 @@ from .distributed import (
     write_full_,
 )
 
-__all__ = [
-    "LoRAOptimizer",
-    "StateDictError",
-    "SkippedStepCounter",
-    "DeferredHostRead",
-    "CheckedStateDict",
-    "check_nonnegative",
-    "check_positive",
-    "check_range",
-    "check_int",
-    "check_betas",
-    "check_group_hyperparameters",
-    "named_trainable_parameters",
-    "DistributedContext",
-    "is_dtensor",
-    "full_tensor",
-    "write_full_",
-    "all_ranks_true",
-    "require_unsharded_model",
-]
-
-
-# ------------------------------------------------------------------------------------------------- validation
-
-
-def _is_number(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    if torch.is_tensor(value):
-        return value.numel() == 1 and (value.is_floating_point() or not value.is_complex())
-    return isinstance(value, (int, float))
-
-
-def check_positive(name: str, value: float) -> None:
-    if not _is_number(value) or not math.isfinite(float(value)) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-def check_nonnegative(name: str, value: float) -> None:
-    if not _is_number(value) or not math.isfinite(float(value)) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-
-
-def check_range(name: str, value: float, low: float, high: float, *, high_inclusive: bool = False) -> None:
-    ok = _is_number(value) and math.isfinite(float(value)) and low <= value
-    ok = ok and (value <= high if high_inclusive else value < high)
-    if not ok:
-        bracket = "]" if high_inclusive else ")"
-        raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value!r}")
-
-
-def check_int(name: str, value: int, low: int = 0) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
-def check_betas(name: str, betas: Any) -> None:
-    """``betas`` must be a pair of numbers in ``[0, 1)``."""
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        raise ValueError(f"{name} must be a pair (beta1, beta2) with values in [0, 1), e.g. (0.9, 0.999); got {betas!r}")
-    check_range(f"{name}[0]", betas[0], 0.0, 1.0)
-    check_range(f"{name}[1]", betas[1], 0.0, 1.0)
-
-
-def check_group_hyperparameters(group: Dict[str, Any], where: str = "param group") -> None:
-    """Validate the hyperparameters every optimizer family shares, wherever a group carries them: ``lr``,
-    ``weight_decay``, ``momentum``, ``betas`` and ``eps``.  Per-group overrides (the factories' ``other_lr``,
-    ``other_weight_decay``, a group passed to ``add_param_group``, a loaded checkpoint) go through here, so a NaN or
-    negative value is refused where it enters instead of silently freezing or reversing a group."""
-    checks: Dict[str, Callable[[str, Any], None]] = {
-        "lr": check_nonnegative,
-        "weight_decay": check_nonnegative,
-        "momentum": lambda n, v: check_range(n, v, 0.0, 1.0),
-        "betas": check_betas,
-        "eps": check_nonnegative,
-    }
-    for key, check in checks.items():
-        if key in group:
-            try:
-                check(key, group[key])
-            except ValueError as error:
-                raise ValueError(
-                    f"{where}: {error}; pass a valid {key} for this group (the factories' other_lr / "
-                    "other_weight_decay set the second group's)"
-                ) from None
-
-
-def named_trainable_parameters(model: nn.Module) -> List[tuple]:
-    """``[(name, param)]`` for every parameter with ``requires_grad``, in module order."""
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-def _group_label(group: Dict[str, Any], index: int) -> str:
-    name = group.get("name")
-    return f"param group {index}" + (f" ({name!r})" if isinstance(name, str) else "")
-
-
-# ------------------------------------------------------------------------------------------------- host reads
-
-
-class DeferredHostRead:
-    """Read a device value on the host without waiting for the device.
-
-    ``start(value)`` copies ``value`` into pinned host memory with a non-blocking copy and records a CUDA event behind
-    it; ``poll()`` returns the host copy once that event has completed (``None`` before), so the caller picks the value
-    up at a later step instead of stalling the launch queue now.  Values on the CPU are ready at once (there is no
-    device to wait for); on other devices (no events to poll) ``start`` reads at once, which synchronises.  One copy is
-    in flight at a time: ``start`` while one is pending does nothing (``pending`` tells).
-    """
-
-    def __init__(self) -> None:
-        self._buffer: Optional[Tensor] = None
-        self._event: Optional[Any] = None
-        self._ready: Optional[Tensor] = None
-
-    @property
-    def pending(self) -> bool:
-        return self._event is not None
-
-    def start(self, value: Tensor) -> None:
-        if self._event is not None:
-            return
-        value = value.detach()
-        if value.device.type == "cuda":
-            if self._buffer is None or self._buffer.shape != value.shape or self._buffer.dtype != value.dtype:
-                self._buffer = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-            self._buffer.copy_(value, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
-            return
-        self._ready = value.clone() if value.device.type == "cpu" else value.to("cpu")
-
-    def poll(self) -> Optional[Tensor]:
-        """The host value of the last completed copy (once; ``None`` while it is in flight or when there is none)."""
-        if self._event is not None and self._event.query():
-            self._event = None
-            self._ready = self._buffer.clone()
-        ready, self._ready = self._ready, None
-        return ready
-
-    def wait(self) -> Optional[Tensor]:
-        """The host value of the copy in flight, waiting for it (a synchronisation); ``None`` when there is none."""
-        if self._event is not None:
-            self._event.synchronize()
-        return self.poll()
-
-
-# ------------------------------------------------------------------------------------------------- skipped steps
-
-
-class SkippedStepCounter:
-    """Counts the steps an optimizer skipped (left parameters and state unchanged) and warns, rate-limited.
-
-    An optimizer calls ``self._record_skipped(count, reason)`` once per ``step()`` that skipped something:
-    ``count`` is an ``int`` or a 0-dim tensor (a bool or integer flag computed on the device). Device tensors are
-    accumulated on the device with no host synchronisation. Every ``skip_check_interval`` calls a non-blocking copy
-    of the accumulated counts to pinned host memory is started (:class:`DeferredHostRead`); every call picks up a
-    copy that has completed by then (an event query, no wait). So ``step()`` never waits for the device, and a skip
-    on a GPU is warned about at the first call after the copy that saw it has landed: at most about
-    ``skip_check_interval`` steps late (usually the very next call after the interval), or at once when
-    ``skipped_steps`` is read (which waits for the device). Host integers and CPU tensors are read at once (no
-    device to wait for), so on the CPU the warning comes during the step that skipped.
-
-    A ``RuntimeWarning`` is issued at the first skip and again when the total reaches 10, 100, 1000, ...; it names
-    the reasons and their counts. ``skipped_steps`` is the total since the optimizer was built (it is not part of
-    ``state_dict()``); ``skipped_steps_by_reason`` splits it by reason.
-    """
-
-    skip_check_interval: ClassVar[int] = 32
-    #: CPU tensors are read at once (there is no device to wait for). ``False`` treats them like device counters
-    #: (deferred, non-blocking reads): the tests check the accelerator path's absence of synchronisation that way.
-    read_cpu_counts_at_once: ClassVar[bool] = True
-
-    def _skip_init(self) -> None:
-        self._skips_host: Dict[str, int] = {}
-        self._skips_device: Dict[Tuple[str, str], Tensor] = {}
-        self._skips_device_seen: Dict[Tuple[str, str], int] = {}
-        self._skips_readers: Dict[Tuple[str, str], DeferredHostRead] = {}
-        self._skip_calls = 0
-        self._skip_next_warning = 1
-
-    def _skip_ready(self) -> None:
-        if "_skips_host" not in self.__dict__:
-            self._skip_init()
-
-    def _record_skipped(self, count: Union[int, bool, Tensor], reason: str) -> None:
-        """Count ``count`` skipped steps (0 is allowed and does nothing) for ``reason`` (a short phrase such as
-        ``"non-finite gradient"``)."""
-        self._skip_ready()
-        reason = str(reason) or "unspecified"
-        if torch.is_tensor(count):
-            if count.numel() != 1:
-                raise ValueError(f"_record_skipped takes an int or a 0-dim tensor, got shape {tuple(count.shape)}")
-            if count.device.type != "cpu" or not self.read_cpu_counts_at_once:
-                flag = count.detach().reshape(()).to(torch.int64)
-                key = (reason, str(count.device))
-                acc = self._skips_device.get(key)
-                self._skips_device[key] = flag.clone() if acc is None else acc.add_(flag)
-                self._skip_calls += 1
-                if self._skip_calls % self.skip_check_interval == 0:
-                    self._sync_device_skips()
-                if self._adopt_host_copies():
-                    self._maybe_warn_skipped()
-                return
-            count = int(count.detach().reshape(()).item())
-        count = int(count)
-        if count < 0:
-            raise ValueError(f"skipped-step count must be >= 0, got {count}")
-        if count:
-            self._skips_host[reason] = self._skips_host.get(reason, 0) + count
-            self._maybe_warn_skipped()
-
-    def _sync_device_skips(self) -> None:
-        """Start a non-blocking copy of every device counter to the host (read by :meth:`_adopt_host_copies` once it
-        has landed; at once for devices without events)."""
-        for key, acc in self._skips_device.items():
-            reader = self._skips_readers.get(key)
-            if reader is None:
-                reader = self._skips_readers[key] = DeferredHostRead()
-            reader.start(acc)
-
-    def _adopt_host_copies(self, wait: bool = False) -> bool:
-        """Take the counts of the copies that have completed (all of them, waiting, with ``wait``); whether any
-        count grew. Reads host memory only (the pinned copies), never the device."""
-        grew = False
-        for key, reader in self._skips_readers.items():
-            value = reader.wait() if wait else reader.poll()
-            if value is not None:
-                n = int(value)
-                if n > self._skips_device_seen.get(key, 0):
-                    self._skips_device_seen[key] = n
-                    grew = True
-        return grew
-
-    def _read_device_skips_now(self) -> None:
-        """Read every device counter, waiting for the device (``skipped_steps``)."""
-        self._adopt_host_copies(wait=True)
-        for key, acc in self._skips_device.items():
-            n = int(acc.item())
-            self._skips_device_seen[key] = max(n, self._skips_device_seen.get(key, 0))
-
-    def _known_skips(self) -> Dict[str, int]:
-        out = dict(self._skips_host)
-        for (reason, _), n in self._skips_device_seen.items():
-            out[reason] = out.get(reason, 0) + n
-        return {k: v for k, v in out.items() if v}
-
-    def _maybe_warn_skipped(self) -> None:
-        by_reason = self._known_skips()
-        total = sum(by_reason.values())
-        if total < self._skip_next_warning:
-            return
-        while self._skip_next_warning <= total:
-            self._skip_next_warning *= 10
-        reasons = "; ".join(f"{reason}: {n}" for reason, n in sorted(by_reason.items(), key=lambda kv: -kv[1]))
-        warnings.warn(
-            f"{type(self).__name__} has skipped {total} step(s) so far ({reasons}); each skipped step left the "
-            "parameters and the optimizer state unchanged. Check the loss, the inputs and the learning-rate schedule "
-            "(a NaN/inf gradient, loss or lr). `optimizer.skipped_steps` has the count; this warning repeats at "
-            f"{self._skip_next_warning} skips.",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-
-    @property
-    def skipped_steps(self) -> int:
-        """Steps skipped since this optimizer was built (reading it synchronises with the device)."""
-        self._skip_ready()
-        self._read_device_skips_now()
-        self._maybe_warn_skipped()
-        return sum(self._known_skips().values())
-
-    @property
-    def skipped_steps_by_reason(self) -> Dict[str, int]:
-        """``{reason: count}`` of the skipped steps (synchronises with the device)."""
-        self._skip_ready()
-        self._read_device_skips_now()
-        return self._known_skips()
-
-    def _check_step_lrs(self) -> bool:
-        """Step-time check of every group's lr (a scheduler may have produced it): ``False`` and one counted skip
-        when an lr is NaN or infinite (the caller then leaves everything unchanged), ``ValueError`` when an lr is
-        negative, ``True`` otherwise."""
-        for i, group in enumerate(self.param_groups):  # type: ignore[attr-defined]
-            lr = group.get("lr", 0.0)
-            value = float(lr)
-            if not math.isfinite(value):
-                self._record_skipped(1, "non-finite lr (check the learning-rate scheduler)")
-                return False
-            if value < 0:
-                raise ValueError(
-                    f"{_group_label(group, i)} has lr={value!r} < 0 at step time; nothing was changed. A learning "
-                    "rate must be >= 0: check the learning-rate scheduler (or what set group['lr'])"
-                )
-        return True
+__all__ = ["LoRAOptimizer", "StateDictError", "CheckedStateDict"]
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
@@ -422,7 +137,7 @@ class CheckedStateDict:
             )
         cleaned_groups = []
         for i, (group, saved) in enumerate(zip(groups, saved_groups)):
-            label = _group_label(group, i)
+            label = group_label(group, i)
             if not isinstance(saved, dict) or not isinstance(saved.get("params"), (list, tuple)):
                 raise StateDictError(f"{label} of the state_dict is not a parameter group. {fix} {_REFUSE}")
             if len(saved["params"]) != len(group["params"]):
@@ -533,7 +248,7 @@ class LoRAOptimizer(SkippedStepCounter, CheckedStateDict, Optimizer):
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         if isinstance(param_group, dict):
-            check_group_hyperparameters(param_group, _group_label(param_group, len(self.param_groups)))
+            check_group_hyperparameters(param_group, group_label(param_group, len(self.param_groups)))
         super().add_param_group(param_group)
         if "_bound" in self.__dict__:
             self._bound += [weakref.ref(p) for p in self.param_groups[-1]["params"]]

@@ -29,19 +29,18 @@ from torch.optim import Optimizer
 
 from .._optional import require
 from ..lora.layers import NoLoRALayersError, split_lora_parameters
-from .base import (
-    CheckedStateDict,
-    SkippedStepCounter,
-    _group_label,
-    all_ranks_true,
+from .base import CheckedStateDict
+from .checks import (
     check_betas,
     check_group_hyperparameters,
     check_nonnegative,
     check_positive,
     check_range,
-    is_dtensor,
+    group_label,
     named_trainable_parameters,
 )
+from .counters import SkippedStepCounter
+from .distributed import all_ranks_true, is_dtensor
 
 __all__ = [
     "create_adamw_optimizer",
@@ -83,7 +82,7 @@ class _BaselineGuard(SkippedStepCounter, CheckedStateDict):
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         if isinstance(param_group, dict):
-            check_group_hyperparameters(param_group, _group_label(param_group, len(self.param_groups)))
+            check_group_hyperparameters(param_group, group_label(param_group, len(self.param_groups)))
             params = param_group.get("params")
             params = [params] if torch.is_tensor(params) else list(params or [])
             param_group = {**param_group, "params": params}

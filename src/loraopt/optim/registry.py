@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict
 from torch import nn
 from torch.optim import Optimizer
 
-from .base import check_nonnegative, check_range
+from .checks import check_nonnegative, check_range
 
 __all__ = ["OPTIMIZERS", "load_optimizer", "create_optimizer", "optimizer_hyperparameters"]
 

@@ -24,18 +24,9 @@ from torch import nn
 from ..functional.lorsum import svd_factors
 from ..lora.capture import GradientCapture
 from ..lora.layers import NoLoRALayersError, require_supported, split_lora_parameters
-from .base import (
-    DistributedContext,
-    LoRAOptimizer,
-    check_betas,
-    check_nonnegative,
-    check_positive,
-    check_range,
-    full_tensor,
-    named_trainable_parameters,
-    require_unsharded_model,
-    write_full_,
-)
+from .base import LoRAOptimizer
+from .checks import check_betas, check_nonnegative, check_positive, check_range, named_trainable_parameters
+from .distributed import DistributedContext, full_tensor, require_unsharded_model, write_full_
 
 __all__ = ["SVDLoRA", "create_svdlora_optimizer"]
 
