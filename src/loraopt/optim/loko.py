@@ -27,7 +27,7 @@ Jacobian rows then come from ``torch.func`` in one vectorised pass.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -40,20 +40,22 @@ from ..functional.observations import (
     RegressionObservation,
     SoftmaxObservation,
 )
-from .base import DistributedContext, LoRAOptimizer, full_tensor, is_dtensor
+from .base import LoRAOptimizer
+from .distributed import DistributedContext, is_dtensor
 from .loko_config import (
     DEFAULT_P_INIT,
     FILTER_KEYS,
     JACOBIAN_PATHS,
     LoKOConfig,
+    check_same_filter,
     check_state_dict,
     expand_observation,
     resolve_p_init,
     validate_group,
 )
 from .loko_factory import create_loko_optimizer
-from .loko_rows import Pending, observe_outputs, sample_rows
-from .loko_step import all_gather_rows, exact_residual, filter_update
+from .loko_rows import Pending, observe_outputs
+from .loko_step import apply_loss, apply_outputs, exact_residual, filter_update
 
 __all__ = [
     "LoKO",
@@ -262,23 +264,12 @@ class LoKO(LoRAOptimizer):
         group["p_init"] = resolve_p_init(group["p_init"], group["observation"])
         validate_group(group)
         if len(self.param_groups) > 1:
-            first = self.param_groups[0]
-            for key in FILTER_KEYS:
-                if group[key] != first[key]:
-                    raise ValueError(
-                        f"{key} must be the same in every parameter group (LoKO runs one filter over all groups), got "
-                        f"{first[key]!r} and {group[key]!r}; set it once in the constructor"
-                    )
+            check_same_filter(self.param_groups[0], group, "; set it once in the constructor")
 
     def _settings(self) -> LoKOConfig:
         first = self.param_groups[0]
         for group in self.param_groups[1:]:
-            for key in FILTER_KEYS:
-                if group[key] != first[key]:
-                    raise ValueError(
-                        f"{key} must be the same in every parameter group (LoKO runs one filter over all groups), "
-                        f"got {first[key]!r} and {group[key]!r}"
-                    )
+            check_same_filter(first, group)
         key = tuple(first[k] for k in FILTER_KEYS)
         if self._config_cache is None or self._config_cache[0] != key:
             self._config_cache = (key, LoKOConfig.from_group(first))
@@ -457,9 +448,15 @@ class LoKO(LoRAOptimizer):
                     "requires_grad"
                 )
             if isinstance(s.observation, LossObservation):
-                self._step_loss(pending, filtered, active, s)
+                self._loss_consumed = apply_loss(
+                    pending, active, s, self._dist, self._dtype, self._loss_consumed,
+                    update=lambda obs: self._update(active, active, obs, s),
+                )
             else:
-                self._step_outputs(pending, filtered, active, s)
+                apply_outputs(
+                    pending, filtered, s, self._dist, self._dtype, self.anchor.device,
+                    update=lambda rows, exact=None: self._update(active, filtered, rows, s, exact=exact),
+                )
         except BaseException:
             if snapshot is not None:
                 self._restore(snapshot)
@@ -499,81 +496,6 @@ class LoKO(LoRAOptimizer):
             )
         self.observe(result[0], result[1])
 
-    def _stray_grad_error(self, filtered: Sequence[Tuple[Dict[str, Any], Tensor]], s: LoKOConfig) -> None:
-        if any(p.grad is not None for _, p in filtered):
-            raise ValueError(
-                f"LoKO (observation={s.observation.name!r}) does not update from .grad: call "
-                "optimizer.observe(logits, targets) before step(), or pass a closure returning (logits, targets); "
-                "for a gradient-only loop use observation='loss' with optimizer.observe(loss)"
-            )
-
-    def _step_outputs(self, pending: Optional[Pending], filtered, active, s: LoKOConfig) -> None:
-        ctx = self._dist
-        if pending is None and not ctx.active:
-            self._stray_grad_error(filtered, s)
-            return
-        if ctx.active:
-            if s.exact_residual:
-                raise NotImplementedError(
-                    "exact_residual=True cannot run under torch.distributed (other ranks' samples cannot be "
-                    "re-evaluated here): use exact_residual=False"
-                )
-            if s.batch_mode == "sequential":
-                raise NotImplementedError(
-                    "batch_mode='sequential' cannot run under torch.distributed (other ranks' samples cannot be "
-                    "re-forwarded): use batch_mode='joint', which gathers every rank's rows"
-                )
-            if pending is None:
-                self._stray_grad_error(filtered, s)
-                n_all = sum(p.numel() for _, p in filtered)
-                m_obs = s.observation.dim
-                rows = OutputRows(torch.zeros(0, n_all, dtype=self._dtype, device=self.anchor.device),
-                                  torch.zeros(0, m_obs, dtype=self._dtype, device=self.anchor.device))
-            else:
-                rows = pending.rows
-            rows = all_gather_rows(ctx, rows)
-            if rows.num_samples == 0:
-                return
-            self._update(active, filtered, rows, s)
-            return
-        sequential = s.batch_mode == "sequential"
-
-        def exact(samples: List[int]):
-            return (pending, samples) if s.exact_residual else None
-
-        self._update(active, filtered, pending.rows, s,
-                     exact=exact([0] if sequential else list(range(pending.num_samples))))
-        if sequential and pending.forward is not None:
-            for i in range(1, pending.num_samples):
-                rows = sample_rows(s.observation, pending.forward, i, pending.targets, pending.params, self._dtype)
-                self._update(active, filtered, rows, s, exact=exact([i]))
-
-    def _step_loss(self, pending: Optional[Pending], filtered, active, s: LoKOConfig) -> None:
-        has_grad = any(p.grad is not None for _, p in active)
-        if pending is None:
-            if has_grad and self._loss_consumed:
-                raise ValueError(
-                    "step() was called again without a new observe(loss) and loss.backward(): the previous step "
-                    "already used that loss and .grad. Call optimizer.zero_grad() after step(), and observe(loss) "
-                    "plus loss.backward() before the next one"
-                )
-            if has_grad:
-                raise ValueError(
-                    "LoKO (observation='loss') needs the loss value as well as .grad: call optimizer.observe(loss) "
-                    "(the detached mean loss) before step(), or pass a closure that returns the loss"
-                )
-            return
-        if not has_grad:
-            raise ValueError("LoKO (observation='loss') updates from .grad: call loss.backward() before step()")
-        loss = self._dist.mean(pending.loss)
-        # Under FSDP2 each .grad is a shard (already averaged over ranks by the reduce-scatter): gather it whole.
-        grads = [
-            full_tensor(p.grad) if p.grad is not None else torch.zeros(p.shape, dtype=p.dtype, device=p.device)
-            for _, p in active
-        ]
-        self._update(active, active, s.observation.gradient_row(grads, loss, self._dtype), s)
-        self._loss_consumed = True
-
     def _update(
         self, active, filtered, obs: Union[OutputRows, LossGradient], s: LoKOConfig, *,
         exact: Optional[Tuple[Pending, List[int]]] = None,
@@ -588,3 +510,6 @@ class LoKO(LoRAOptimizer):
         skipped = filter_update(self.state, self.anchor, active, filtered, obs, s, self._dtype, residual)
         # Counted (no host sync on a GPU) and warned about, rate-limited, by the shared counter.
         self._record_skipped(skipped, "non-finite innovation, covariance or step, or S not factorable")
+
+
+create_loko_optimizer.forwards_to = LoKO  # type: ignore[attr-defined]  (the registry lists LoKO's keywords too)

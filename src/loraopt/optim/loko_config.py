@@ -39,7 +39,7 @@ import torch
 
 from ..functional.ekf import EKFConfig
 from ..functional.observations import OBSERVATIONS, Observation, make_observation
-from .base import check_nonnegative, check_positive, check_range
+from .checks import check_nonnegative, check_positive, check_range
 
 __all__ = ["LoKOConfig", "GroupSettings", "DEFAULT_P_INIT", "JACOBIAN_PATHS", "SCORE_SNR"]
 
@@ -144,6 +144,17 @@ class GroupSettings:
                 raise ValueError(f"p_init bounds must satisfy low <= high, got {p_init!r}")
         else:
             raise ValueError(f"p_init must be (low, high), a positive float or 'score', got {p_init!r}")
+
+
+def check_same_filter(first: Mapping, group: Mapping, hint: str = "") -> None:
+    """``ValueError`` unless ``group`` has ``first``'s filter-level settings (``FILTER_KEYS``): LoKO runs one filter
+    over all groups.  ``hint`` ends the message."""
+    for key in FILTER_KEYS:
+        if group[key] != first[key]:
+            raise ValueError(
+                f"{key} must be the same in every parameter group (LoKO runs one filter over all groups), got "
+                f"{first[key]!r} and {group[key]!r}{hint}"
+            )
 
 
 def expand_observation(values: Dict[str, Any]) -> None:

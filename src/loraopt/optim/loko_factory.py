@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
-import torch
 from torch import nn
 
 from ..functional.observations import Observation
-from .base import require_unsharded_model
+from .distributed import require_unsharded_model
 
 if TYPE_CHECKING:  # pragma: no cover
     from .loko import LoKO
@@ -27,20 +26,7 @@ def create_loko_optimizer(
     observation: Union[str, Observation] = "softmax",
     lr: float = 1.0,
     other_lr: Optional[float] = None,
-    p_init: Union[Tuple[float, float], float, str, None] = None,
-    beta: float = 0.95,
-    r0: float = 0.1,
-    r_min: float = 1e-4,
-    q: float = 0.0,
-    jitter: float = 1e-6,
-    p_floor: float = 1e-12,
-    batch_mode: str = "joint",
-    reduce_simplex: bool = False,
-    seed: int = 0,
-    exact_residual: bool = False,
-    dtype: Optional[torch.dtype] = None,
-    process_group: Optional[Any] = None,
-    jacobian: str = "auto",
+    **kwargs: Any,
 ) -> "LoKO":
     """Build :class:`LoKO` over every trainable parameter of a PEFT/LoRA model.
 
@@ -50,7 +36,8 @@ def create_loko_optimizer(
 
     Two named groups share one filter: ``"lora"`` (``lora_A``/``lora_B``, embedding LoRA, DoRA magnitudes) and
     ``"other"`` (every other trainable parameter, e.g. a ``modules_to_save`` classifier head), with ``lr`` and
-    ``other_lr`` (default: ``lr``) scaling their mean updates. The remaining keywords are those of :class:`LoKO`.
+    ``other_lr`` (default: ``lr``) scaling their mean updates. The remaining keywords are those of :class:`LoKO`
+    (``p_init``, ``beta``, ``r0``, ..., ``jacobian``), with its defaults.
 
     Raises ``ValueError`` when the model has no trainable parameter or no LoRA parameter (build
     ``LoKO(model.named_parameters(), ...)`` directly to filter arbitrary parameters), and ``NotImplementedError``
@@ -82,24 +69,4 @@ def create_loko_optimizer(
     groups = [{"params": lora, "name": "lora", "lr": lr}]
     if other:
         groups.append({"params": other, "name": "other", "lr": lr if other_lr is None else other_lr})
-    return LoKO(
-        groups,
-        num_outputs=num_outputs,
-        observation=observation,
-        lr=lr,
-        p_init=p_init,
-        beta=beta,
-        r0=r0,
-        r_min=r_min,
-        q=q,
-        jitter=jitter,
-        p_floor=p_floor,
-        batch_mode=batch_mode,
-        reduce_simplex=reduce_simplex,
-        seed=seed,
-        exact_residual=exact_residual,
-        dtype=dtype,
-        process_group=process_group,
-        jacobian=jacobian,
-        model=model,
-    )
+    return LoKO(groups, num_outputs=num_outputs, observation=observation, lr=lr, model=model, **kwargs)

@@ -33,10 +33,11 @@ from torch import Tensor, nn
 from ..functional.ekf import LossGradient, OutputRows, ekf_step, score_scale
 from ..functional.jacobian import evaluate_at, model_outputs
 from ..functional.observations import Observation
-from .base import DistributedContext, full_tensor, is_dtensor, write_full_
+from .distributed import DistributedContext, full_tensor, is_dtensor, write_full_
 from .loko_config import SCORE_SNR, LoKOConfig
+from .loko_rows import Pending, sample_rows
 
-__all__ = ["filter_update", "exact_residual", "all_gather_rows"]
+__all__ = ["filter_update", "apply_outputs", "apply_loss", "exact_residual", "all_gather_rows"]
 
 Active = Sequence[Tuple[Dict[str, Any], Tensor]]
 
@@ -98,6 +99,103 @@ def filter_update(
     R.copy_(res.R)
     anchor_state["skipped"] += res.info.skipped.to(torch.int64)
     return res.info.skipped
+
+
+def apply_outputs(
+    pending: Optional[Pending],
+    filtered: Active,
+    s: LoKOConfig,
+    ctx: DistributedContext,
+    dtype: torch.dtype,
+    device: torch.device,
+    update: Callable[..., None],
+) -> None:
+    """Apply an output observation (softmax, regression): ``update(rows, exact=None)`` once for the joint batch, or
+    once per sample in sequential mode (each sample's rows taken at the parameters the previous update left).
+    Under ``torch.distributed`` the rows of every rank are gathered first (joint mode only)."""
+    if pending is None and not ctx.active:
+        _stray_grad_error(filtered, s)
+        return
+    if ctx.active:
+        if s.exact_residual:
+            raise NotImplementedError(
+                "exact_residual=True cannot run under torch.distributed (other ranks' samples cannot be "
+                "re-evaluated here): use exact_residual=False"
+            )
+        if s.batch_mode == "sequential":
+            raise NotImplementedError(
+                "batch_mode='sequential' cannot run under torch.distributed (other ranks' samples cannot be "
+                "re-forwarded): use batch_mode='joint', which gathers every rank's rows"
+            )
+        if pending is None:
+            _stray_grad_error(filtered, s)
+            n_all = sum(p.numel() for _, p in filtered)
+            m_obs = s.observation.dim
+            rows = OutputRows(torch.zeros(0, n_all, dtype=dtype, device=device),
+                              torch.zeros(0, m_obs, dtype=dtype, device=device))
+        else:
+            rows = pending.rows
+        rows = all_gather_rows(ctx, rows)
+        if rows.num_samples == 0:
+            return
+        update(rows)
+        return
+    sequential = s.batch_mode == "sequential"
+
+    def exact(samples: List[int]):
+        return (pending, samples) if s.exact_residual else None
+
+    update(pending.rows, exact=exact([0] if sequential else list(range(pending.num_samples))))
+    if sequential and pending.forward is not None:
+        for i in range(1, pending.num_samples):
+            rows = sample_rows(s.observation, pending.forward, i, pending.targets, pending.params, dtype)
+            update(rows, exact=exact([i]))
+
+
+def apply_loss(
+    pending: Optional[Pending],
+    active: Active,
+    s: LoKOConfig,
+    ctx: DistributedContext,
+    dtype: torch.dtype,
+    consumed: bool,
+    update: Callable[[LossGradient], None],
+) -> bool:
+    """Apply a loss observation (LoKO-scalar): ``update(gradient row)`` from the observed loss and ``.grad``.
+    ``consumed``: whether the last step already used this ``.grad``; returns the new value."""
+    has_grad = any(p.grad is not None for _, p in active)
+    if pending is None:
+        if has_grad and consumed:
+            raise ValueError(
+                "step() was called again without a new observe(loss) and loss.backward(): the previous step "
+                "already used that loss and .grad. Call optimizer.zero_grad() after step(), and observe(loss) "
+                "plus loss.backward() before the next one"
+            )
+        if has_grad:
+            raise ValueError(
+                "LoKO (observation='loss') needs the loss value as well as .grad: call optimizer.observe(loss) "
+                "(the detached mean loss) before step(), or pass a closure that returns the loss"
+            )
+        return consumed
+    if not has_grad:
+        raise ValueError("LoKO (observation='loss') updates from .grad: call loss.backward() before step()")
+    loss = ctx.mean(pending.loss)
+    # Under FSDP2 each .grad is a shard (already averaged over ranks by the reduce-scatter): gather it whole.
+    grads = [
+        full_tensor(p.grad) if p.grad is not None else torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+        for _, p in active
+    ]
+    update(s.observation.gradient_row(grads, loss, dtype))
+    return True
+
+
+def _stray_grad_error(filtered: Active, s: LoKOConfig) -> None:
+    if any(p.grad is not None for _, p in filtered):
+        raise ValueError(
+            f"LoKO (observation={s.observation.name!r}) does not update from .grad: call "
+            "optimizer.observe(logits, targets) before step(), or pass a closure returning (logits, targets); "
+            "for a gradient-only loop use observation='loss' with optimizer.observe(loss)"
+        )
 
 
 def exact_residual(
