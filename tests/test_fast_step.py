@@ -320,7 +320,7 @@ def test_cost_levers_quick_writes_rows_and_ratios(tmp_path):
     data = json.loads((tmp_path / "cpu.json").read_text())
     rows = {(r["config"], r["optimizer"]): r for r in data["runs"]}
     assert set(rows) == {("quick-r8-s64", n) for n in
-                         ("adamw-fused", "psi-k1", "loko-scalar", "psi-k1:eager", "psi-k1:per-layer")}
+                         ("adamw-fused", "psi-k1", "loko-scalar", "psi-k1:per-layer")}
     for r in rows.values():
         assert "error" not in r, r
         for key in ("config", "optimizer", "e2e_ms", "step_ms", "peak_bytes", "state_bytes_per_param"):

@@ -89,10 +89,13 @@ _ARGS_DOC = r"""
         dense: ``"auto"`` holds a layer's gradient as the dense ``d_out x d_in`` matrix instead of its rows when
             that is smaller (rows mode), and projects the dense micro-batch gradient when that is cheaper (stream
             mode); ``"never"`` keeps the row forms.  Same math either way.
-        compile: run the batched step through ``torch.compile`` (``True``), eagerly (``False``), or ``"auto"``
-            (default): compiled on CUDA, eager elsewhere.  Each bucket shape compiles at its first step; if the
-            compiler fails, one warning and the eager step from then on (same math; ``foreach=False`` and
-            distributed runs always step eagerly).
+        compile: run the batched step through ``torch.compile`` (``True``), eagerly (``False``, the default), or
+            ``"auto"`` (compiled on CUDA, eager elsewhere).  Off by default because it did not pay on an H200
+            (``benchmarks/notes/cost.md``): about 20 s of compilation at the first step, end-to-end ratios to fused
+            AdamW within run-to-run noise of the eager step on SmolLM2-shaped runs, and Scaled PSI-LoRA 43x slower
+            than eager there (it recompiled).  Each bucket shape compiles at its first step; if the compiler fails,
+            one warning and the eager step from then on (same math; ``foreach=False`` and distributed runs always
+            step eagerly).
 """
 
 
@@ -143,7 +146,7 @@ class PSILoRA(_ProjectedSubspaceOptimizer):
         process_group: Optional[Any] = None,
         foreach: bool = True,
         dense: str = "auto",
-        compile: Union[bool, str] = "auto",
+        compile: Union[bool, str] = False,
     ):
         # The shared hyperparameters are checked by the base class (check_shared_hyperparameters).
         check_range("momentum", momentum, 0.0, 1.0)
@@ -250,7 +253,7 @@ class ScaledPSILoRA(_ProjectedSubspaceOptimizer):
         process_group: Optional[Any] = None,
         foreach: bool = True,
         dense: str = "auto",
-        compile: Union[bool, str] = "auto",
+        compile: Union[bool, str] = False,
     ):
         # The shared hyperparameters are checked by the base class (check_shared_hyperparameters).
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):

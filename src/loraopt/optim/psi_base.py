@@ -86,7 +86,7 @@ class _PSIOptimizerBase(LoRAOptimizer):
         process_group: Optional[Any],
         foreach: bool = True,
         dense: str = "auto",
-        compile: Union[bool, str] = "auto",
+        compile: Union[bool, str] = False,
     ):
         # The hyperparameters every variant takes (each variant has checked its own before building ``defaults``).
         check_shared_hyperparameters(defaults)
