@@ -176,3 +176,29 @@ def test_quick_sst2_run(tmp_path):
     lora = payload["runs"]["LoKO"]["lora"]
     assert (lora["r"], lora["lora_alpha"], lora["lora_dropout"]) == (8, 16, 0.0)
     assert sorted(lora["target_modules"]) == ["query", "value"]
+
+
+def test_phase_lengths_fill_a_short_pool_and_give_the_rest_to_the_next_phase():
+    from loraopt_bench import online
+
+    assert online.phase_lengths(2, 1001) == [500, 501]
+    assert online.phase_lengths(2, 1000, [4000, 10000]) == [500, 500]
+    # The drift stream at its GPU size: all 4,000 MNIST training digits, then 5,000 Fashion-MNIST images.
+    assert online.phase_lengths(2, 9000, [4000, 10000]) == [4000, 5000]
+    assert online.phase_lengths(3, 10, [2, 100, 100]) == [2, 4, 4]
+
+
+def test_online_run_records_the_device_and_runs_from_a_bundle_lookup(tmp_path):
+    """``--device`` reaches every run (CPU here); a bundle folder is matched to the stream model it holds."""
+    import json
+
+    from loraopt_bench import online
+
+    task = online.RunTask("digits", "adamw", 0, seed=0, samples=8, eval_samples=16, device="cpu")
+    record = online.run_one(task)
+    assert len(record["correct"]) == 8 and 0.0 <= record["final_acc"] <= 1.0
+    bundle = tmp_path / "effnet"
+    bundle.mkdir()
+    (bundle / "bundle.json").write_text(json.dumps({"bundle": "effnet-fashion-mnist"}))
+    assert online.bundle_for("effnet-lite0", [str(bundle)]) == str(bundle)
+    assert online.bundle_for("minilm", [str(bundle)]) is None

@@ -127,6 +127,13 @@ METHODS: Dict[str, MethodSpec] = {
         MethodSpec("loko-scalar", "loko", "LoKO-scalar", LOSS_OBSERVATION, ({"observation": "loss"},)),
         MethodSpec("loko-q", "loko", "LoKO q>0", SOFTMAX_OBSERVATION, _grid(q=LOKO_DRIFT_QS)),
         MethodSpec("psi-lora", "psi-lora", "PSI-LoRA", GRADIENT, PSI_GRID),
+        # The GPU protocol (specs/benchmarks.md, "Online"): AdamW and AdaGrad over >= 1000x, and the PSI family at
+        # the library defaults (no lr given).
+        MethodSpec("adamw-wide", "adamw", "AdamW", GRADIENT, _grid(lr=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2))),
+        MethodSpec("adagrad-wide", "adagrad", "AdaGrad", GRADIENT,
+                   _grid(lr=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1))),
+        MethodSpec("psi-lora-default", "psi-lora", "PSI-LoRA (defaults)", GRADIENT, ({},)),
+        MethodSpec("scaled-psi-lora", "scaled-psi-lora", "Scaled PSI-LoRA (defaults)", GRADIENT, ({},)),
         # Studies of LoKO's defaults (benchmarks/notes/loko.md): one factor at a time around the library default.
         MethodSpec("loko-p0", "loko", "LoKO P0", SOFTMAX_OBSERVATION,
                    _grid(p_init=[(1e-4, 1e-2), (1e-3, 1e-1), (3e-3, 3e-1), (1e-2, 1.0), "score"])),
@@ -165,6 +172,10 @@ STREAMS: Dict[str, StreamSpec] = {
     )
 }
 DEFAULT_STREAMS = ("mnist", "fashion", "sst2", "drift")
+# The GPU streams' methods and sizes (specs/benchmarks.md): Fashion-MNIST 10,000, SST-2 10,000, drift 4,000 MNIST
+# then 5,000 Fashion-MNIST (phase_lengths caps the MNIST phase at its 4,000-digit pool).
+GPU_METHODS = ("adamw-wide", "adagrad-wide", "loko", "loko-scalar", "psi-lora-default", "scaled-psi-lora")
+GPU_SAMPLES = {"fashion": 10_000, "sst2": 10_000, "drift": 9_000}
 FASHION_POOL = 10_000  # training images the Fashion-MNIST streams draw from (the full 60k would cost 190 MB)
 DEFAULT_IMAGE_SIZE = 32
 MAX_TOKENS = 64
@@ -252,10 +263,21 @@ def load_stream(name: str, eval_samples: Optional[int]) -> StreamData:
     return StreamData(spec, 10, [("digits", flat(train))], {"digits-test": _seeded_take(flat(test), eval_samples, 0)})
 
 
-def phase_lengths(num_phases: int, samples: int) -> List[int]:
-    """Equal phases (the first ones take the remainder's deficit: 1001 over 2 gives 500, 501)."""
-    base = samples // num_phases
-    return [base] * (num_phases - 1) + [samples - base * (num_phases - 1)]
+def phase_lengths(num_phases: int, samples: int, pool_sizes: Optional[Sequence[int]] = None) -> List[int]:
+    """Equal phases (the first ones take the remainder's deficit: 1001 over 2 gives 500, 501). With ``pool_sizes``,
+    a phase longer than its pool takes the whole pool and the later phases share the rest (the drift stream at its
+    GPU size: 9,000 samples over pools of 4,000 MNIST and 10,000 Fashion-MNIST images give 4,000 then 5,000)."""
+    lengths: List[int] = []
+    left = samples
+    for i in range(num_phases):
+        base = left // (num_phases - i)
+        if i == num_phases - 1:
+            base = left
+        if pool_sizes is not None:
+            base = min(base, pool_sizes[i]) if i < num_phases - 1 else base
+        lengths.append(base)
+        left -= base
+    return lengths
 
 
 def stream_for_seed(data: StreamData, samples: int, seed: int) -> Tuple[Pool, List[int]]:
@@ -265,10 +287,11 @@ def stream_for_seed(data: StreamData, samples: int, seed: int) -> Tuple[Pool, Li
     """
     generator = torch.Generator().manual_seed(seed)
     pieces, starts, start = [], [], 0
-    for (_, pool), length in zip(data.phases, phase_lengths(len(data.phases), samples)):
+    for (_, pool), length in zip(data.phases, phase_lengths(len(data.phases), samples,
+                                                            [len(p) for _, p in data.phases])):
         if length > len(pool):
             raise ValueError(f"stream {data.spec.name!r}: {length} samples asked from a pool of {len(pool)}; "
-                             f"use --samples <= {len(pool) * len(data.phases)}")
+                             f"use --samples <= {sum(len(p) for _, p in data.phases)}")
         pieces.append(pool.take(torch.randperm(len(pool), generator=generator)[:length]))
         starts.append(start)
         start += length
@@ -306,16 +329,39 @@ class ModelAdapter:
     lora: Dict[str, Any]
 
 
-@functools.lru_cache(maxsize=4)
-def _pretrained(model_name: str, num_classes: int, image_size: int, seed: int):
-    """The loaded base model with its seeded fresh head, cached per process; runs work on deep copies."""
-    from .assets import load_model
+# Which GPU bundle (scripts/prepare_gpu_assets.py) holds which stream model.
+BUNDLE_MODELS = {"minilm-sst2": "minilm", "effnet-fashion-mnist": "effnet-lite0"}
 
+
+def bundle_for(model_name: str, bundles: Sequence[str]) -> Optional[str]:
+    """The folder among ``bundles`` (GPU bundles, ``--bundle``) that holds ``model_name``, or None."""
+    from .assets import BUNDLE_MANIFEST
+
+    for folder in bundles:
+        kind = json.loads((Path(folder) / BUNDLE_MANIFEST).read_text())["bundle"]
+        if BUNDLE_MODELS.get(kind) == model_name:
+            return str(folder)
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def _pretrained(model_name: str, num_classes: int, image_size: int, seed: int, bundle: Optional[str] = None):
+    """The loaded base model with its seeded fresh head, cached per process; runs work on deep copies. ``bundle``:
+    a GPU bundle folder to load it from (a machine without the model packages)."""
+    from .assets import load_gpu_bundle, load_model
+
+    if bundle is not None:
+        return load_gpu_bundle(bundle, num_labels=num_classes, image_size=image_size, seed=seed)
     return load_model(model_name, num_labels=num_classes, image_size=image_size, seed=seed)
 
 
-def build_model(model_name: str, num_classes: int, seed: int, image_size: int = DEFAULT_IMAGE_SIZE) -> ModelAdapter:
+def build_model(model_name: str, num_classes: int, seed: int, image_size: int = DEFAULT_IMAGE_SIZE,
+                device: str = "cpu", bundles: Sequence[str] = ()) -> ModelAdapter:
+    """The run's PEFT model on ``device``; ``encode`` puts the per-sample inputs there too and ``predict`` returns
+    predictions on the CPU."""
     from peft import LoraConfig, get_peft_model
+
+    dev = torch.device(device)
 
     if model_name == "toy-mlp":
         torch.manual_seed(1234)  # the same "pretrained" base for every seed
@@ -323,21 +369,22 @@ def build_model(model_name: str, num_classes: int, seed: int, image_size: int = 
         torch.manual_seed(seed)
         base.head.reset_parameters()
         lora = dict(target_modules=["fc1", "fc2"], r=4, lora_alpha=8, lora_dropout=0.0, modules_to_save=["head"])
-        model = get_peft_model(base, LoraConfig(**lora)).eval()
-        return ModelAdapter(model, encode=lambda x: [row.unsqueeze(0) for row in x], forward=model,
-                            predict=lambda x: _batched_argmax(model, [x]), lora=lora)
+        model = get_peft_model(base, LoraConfig(**lora)).eval().to(dev)
+        return ModelAdapter(model, encode=lambda x: [row.unsqueeze(0).to(dev) for row in x], forward=model,
+                            predict=lambda x: _batched_argmax(model, [x.to(dev)]), lora=lora)
 
-    spec = _pretrained(model_name, num_classes, image_size, seed)
+    spec = _pretrained(model_name, num_classes, image_size, seed, bundle_for(model_name, bundles))
     spec = copy.copy(spec)
     spec.model = copy.deepcopy(spec.model)
     torch.manual_seed(seed)  # LoRA A init
     if model_name == "minilm":
         overrides = dict(r=8, lora_alpha=16, lora_dropout=0.0)
-        model = spec.peft_model(**overrides).eval()
+        model = spec.peft_model(**overrides).eval().to(dev)
         tokenizer = spec.tokenizer
 
         def encode_text(texts: List[str]) -> List[Dict[str, torch.Tensor]]:
-            return [dict(tokenizer(t, return_tensors="pt", truncation=True, max_length=MAX_TOKENS)) for t in texts]
+            return [{k: v.to(dev) for k, v in tokenizer(t, return_tensors="pt", truncation=True,
+                                                         max_length=MAX_TOKENS).items()} for t in texts]
 
         def predict_text(texts: List[str], batch_size: int = 64) -> torch.Tensor:
             # Length-sorted batches: little padding, so held-out evaluation stays cheap on CPU.
@@ -345,8 +392,8 @@ def build_model(model_name: str, num_classes: int, seed: int, image_size: int = 
             batches = []
             for k in range(0, len(order), batch_size):
                 chunk = [texts[i] for i in order[k:k + batch_size]]
-                batches.append(dict(tokenizer(chunk, return_tensors="pt", padding=True, truncation=True,
-                                              max_length=MAX_TOKENS)))
+                batches.append({k: v.to(dev) for k, v in tokenizer(chunk, return_tensors="pt", padding=True,
+                                                                   truncation=True, max_length=MAX_TOKENS).items()})
             preds = _batched_argmax(lambda b: model(**b).logits, batches)
             out = torch.empty_like(preds)
             out[torch.tensor(order)] = preds
@@ -356,14 +403,14 @@ def build_model(model_name: str, num_classes: int, seed: int, image_size: int = 
                             lora={**_recipe_dict(spec.lora), **overrides})
 
     overrides = dict(lora_dropout=0.0)
-    model = spec.peft_model(**overrides).eval()
+    model = spec.peft_model(**overrides).eval().to(dev)
     preprocess = spec.preprocess
     return ModelAdapter(
         model,
-        encode=lambda images: [preprocess(images[i:i + 1]) for i in range(images.shape[0])],
+        encode=lambda images: [preprocess(images[i:i + 1]).to(dev) for i in range(images.shape[0])],
         forward=model,
         predict=lambda images: _batched_argmax(
-            model, [preprocess(images[k:k + 250]) for k in range(0, images.shape[0], 250)]),
+            model, [preprocess(images[k:k + 250]).to(dev) for k in range(0, images.shape[0], 250)]),
         lora={**_recipe_dict(spec.lora), **overrides},
     )
 
@@ -375,7 +422,7 @@ def _recipe_dict(recipe) -> Dict[str, Any]:
 
 @torch.no_grad()
 def _batched_argmax(forward: Callable[[Any], torch.Tensor], batches: Sequence[Any]) -> torch.Tensor:
-    return torch.cat([forward(b).argmax(-1) for b in batches])
+    return torch.cat([forward(b).argmax(-1).cpu() for b in batches])
 
 
 # ------------------------------------------------------------------------------------------------- one run
@@ -393,6 +440,8 @@ class RunTask:
     eval_samples: Optional[int]
     image_size: int = DEFAULT_IMAGE_SIZE
     threads: int = 1
+    device: str = "cpu"
+    bundles: Tuple[str, ...] = ()
 
 
 def _optimizer_kwargs(method: MethodSpec, hparams: Mapping[str, Any], num_classes: int, seed: int) -> Dict[str, Any]:
@@ -419,11 +468,11 @@ def run_one(task: RunTask) -> Dict[str, Any]:
     hparams = method.grid[task.grid_index]
     data = load_stream(task.stream, task.eval_samples)
     stream, phase_starts = stream_for_seed(data, task.samples, task.seed)
-    adapter = build_model(data.spec.model, data.num_classes, task.seed, task.image_size)
+    adapter = build_model(data.spec.model, data.num_classes, task.seed, task.image_size, task.device, task.bundles)
     optimizer = create_optimizer(method.optimizer, adapter.model,
                                  **_optimizer_kwargs(method, hparams, data.num_classes, task.seed))
     inputs = adapter.encode(stream.inputs)
-    labels = stream.labels
+    labels = stream.labels.to(task.device)
     correct = np.zeros(len(inputs), dtype=bool)
     nonfinite = 0
     elapsed = 0.0
@@ -567,7 +616,7 @@ def aggregate_runs(stream: str, method_key: str, grid_index: int, records: Seque
 
 def plan_tasks(streams: Sequence[str], methods: Optional[Sequence[str]], seeds: Sequence[int], *,
                samples: Optional[int], eval_samples: Optional[int], quick: bool, image_size: int,
-               threads: int) -> List[RunTask]:
+               threads: int, device: str = "cpu", bundles: Sequence[str] = ()) -> List[RunTask]:
     tasks = []
     for stream in streams:
         spec = STREAMS[stream]
@@ -576,7 +625,8 @@ def plan_tasks(streams: Sequence[str], methods: Optional[Sequence[str]], seeds: 
         for key in (methods or spec.methods):
             for index in range(len(METHODS[key].grid)):
                 for seed in seeds:
-                    tasks.append(RunTask(stream, key, index, seed, n, n_eval, image_size, threads))
+                    tasks.append(RunTask(stream, key, index, seed, n, n_eval, image_size, threads, device,
+                                         tuple(bundles)))
     return tasks
 
 
@@ -811,6 +861,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--methods", nargs="+", metavar="METHOD",
                         help=f"any of {', '.join(METHODS)} (default: per stream; drift: adamw loko loko-q)")
     parser.add_argument("--seeds", type=int, default=3, help="run seeds 0..N-1 (default %(default)s)")
+    parser.add_argument("--seeds-list", type=int, nargs="+", default=None, metavar="SEED",
+                        help="run exactly these seeds instead (one share of a sweep spread over several GPUs)")
     parser.add_argument("--samples", type=int, help="stream length (default: 1000 per stream)")
     parser.add_argument("--eval-samples", type=int, help="held-out size (default: 1000 images, all SST-2 dev)")
     parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="EfficientNet input px "
@@ -819,6 +871,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help=f"CI-sized: {QUICK['samples']} samples, {QUICK['eval_samples']} held-out, 1 seed")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per run (default %(default)s)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s); every run's "
+                        "model and samples go there")
+    parser.add_argument("--bundle", nargs="+", default=[], metavar="DIR",
+                        help="GPU bundles (scripts/prepare_gpu_assets.py) to load the stream models from; set "
+                             "LORAOPT_DATA_DIR / LORAOPT_FASHION_MNIST_DIR to their data")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel worker processes (default "
                         "%(default)s); each uses --threads threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -830,13 +887,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if unknown:
         parser.error(f"unknown stream or method {unknown}: streams are {', '.join(STREAMS)}; methods are "
                      f"{', '.join(METHODS)}")
-    seeds = list(range(1 if args.quick else args.seeds))
+    seeds = list(args.seeds_list) if args.seeds_list else list(range(1 if args.quick else args.seeds))
     if not seeds or (args.samples is not None and args.samples < 1) or args.jobs < 1 or args.threads < 1:
         parser.error("--seeds, --samples, --jobs and --threads must be at least 1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     tasks = plan_tasks(streams, methods, seeds, samples=args.samples, eval_samples=args.eval_samples,
-                       quick=args.quick, image_size=args.image_size, threads=args.threads)
+                       quick=args.quick, image_size=args.image_size, threads=args.threads, device=args.device,
+                       bundles=args.bundle)
     command = "loraopt bench online" + ("" if not argv else " " + " ".join(shlex.quote(a) for a in argv))
     started = time.perf_counter()
 
@@ -849,7 +907,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "model": STREAMS[stream].model,
             "image_size": task.image_size if STREAMS[stream].model == "effnet-lite0" else None,
             "max_tokens": MAX_TOKENS if STREAMS[stream].model == "minilm" else None,
-            "threads": args.threads, "jobs": args.jobs, "torch": torch.__version__,
+            "threads": args.threads, "jobs": args.jobs, "device": args.device, "torch": torch.__version__,
             "platform": platform.platform(), "cpu_count": os.cpu_count(),
             "selection": "best grid point per method = highest mean final held-out accuracy",
             "model_mode": "eval (BatchNorm running statistics frozen, dropout off) while learning",
