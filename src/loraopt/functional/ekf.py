@@ -121,6 +121,12 @@ def _as(x: Scalar, dtype: torch.dtype, device: torch.device) -> Scalar:
     return x.to(dtype=dtype, device=device) if torch.is_tensor(x) else x
 
 
+def _floor(p: Tensor, p_floor: Scalar) -> Tensor:
+    """``max(p, p_floor)``; a Python float floor is applied without building a device tensor (a host-to-device copy
+    per step on a GPU)."""
+    return torch.maximum(p, p_floor) if torch.is_tensor(p_floor) else p.clamp_min(p_floor)
+
+
 def _batched(H: Tensor, e: Tensor) -> Tuple[Tensor, Tensor]:
     """``(m, n), (m,)`` -> ``(1, m, n), (1, m)``; batched inputs pass through."""
     if H.dim() == 2:
@@ -279,7 +285,7 @@ def diag_ekf_update(
     s = torch.cholesky_solve(ef.unsqueeze(1), L).squeeze(1)
     delta = U.transpose(0, 1) @ s  # = p * (H^T s); the n x k gain is never formed
     M = torch.cholesky_solve(Hf, L)
-    p_new = torch.maximum(pp - pp * pp * (Hf * M).sum(0), torch.as_tensor(p_floor, dtype=dt, device=dev))
+    p_new = _floor(pp - pp * pp * (Hf * M).sum(0), p_floor)
     del M
 
     step = lr * delta
@@ -335,7 +341,7 @@ def scalar_ekf_update(
     S = (pg * gg).sum() + R0[0, 0]
     Sj = S + cfg.jitter * S.abs() + cfg.jitter_abs
     delta = -(L / Sj) * pg
-    p_new = torch.maximum(pp - pg * pg / Sj, torch.as_tensor(p_floor, dtype=dt, device=dev))
+    p_new = _floor(pp - pg * pg / Sj, p_floor)
     step = lr * delta
     eps = -L - (gg * step).sum()
     R_new = cfg.beta * R0 + (1.0 - cfg.beta) * (eps * eps + (p_new * gg * gg).sum())
