@@ -390,12 +390,54 @@ class GradientCapture:
         (stream mode can only sum per-micro-batch statistics)."""
         obs = self.observations[layer.index]
         if self.mode == "rows" and self.shampoo_stats and not obs.empty and obs.shampoo_in is None:
-            if obs.G is not None:
-                self._shampoo_from_dense(obs, obs.G)
-            else:
-                x, s = obs.rows()
-                self._shampoo_from_rows(obs, s, x, 1.0)
+            self._finish_shampoo(obs)
         return obs
+
+    def observations_of(self, layers: Sequence[LoRALayer]) -> List[LayerObservation]:
+        """``[observation(layer) for layer in layers]``, with the rows-mode Shampoo statistics of layers that share
+        a shape (and row count) computed in one batched product per group instead of a few operations per layer:
+        the same arithmetic on stacked operands."""
+        observations = [self.observations[layer.index] for layer in layers]
+        if self.mode != "rows" or not self.shampoo_stats:
+            return observations
+        groups: Dict[tuple, List[LayerObservation]] = {}
+        for obs in observations:
+            if obs.empty or obs.shampoo_in is not None:
+                continue
+            if obs.G is not None:
+                key: tuple = ("dense", tuple(obs.G.shape), obs.G.dtype, obs.G.device)
+            elif len(obs.x_rows) == 1:
+                x, g = obs.x_rows[0], obs.g_rows[0]
+                key = ("rows", obs.n_rows, x.shape[-1], g.shape[-1], x.dtype, g.dtype, obs.scaling, x.device)
+            else:
+                key = ("one", id(obs))
+            groups.setdefault(key, []).append(obs)
+        for key, group in groups.items():
+            if len(group) == 1 or key[0] == "one":
+                for layer_obs in group:
+                    self._finish_shampoo(layer_obs)
+                continue
+            if key[0] == "dense":
+                sq = torch.stack([obs.G for obs in group]).square()
+                ins, outs = sq.sum(-2), sq.sum(-1)  # diag(G^T G), diag(G G^T) per layer
+            else:
+                g = torch.stack([obs.g_rows[0] for obs in group])
+                s = g.to(torch.promote_types(g.dtype, torch.float32)) / group[0].scaling  # LayerObservation.rows
+                x = torch.stack([obs.x_rows[0] for obs in group])
+                dtype = torch.promote_types(x.dtype, torch.float32)
+                xf, sf = _as(x, dtype), _as(s, dtype)
+                ins = (xf * ((sf @ sf.mT) @ xf)).sum(-2)
+                outs = (sf * ((xf @ xf.mT) @ sf)).sum(-2)
+            for obs, v_in, v_out in zip(group, ins.unbind(0), outs.unbind(0)):
+                obs.shampoo_in, obs.shampoo_out = v_in, v_out
+        return observations
+
+    def _finish_shampoo(self, obs: LayerObservation) -> None:
+        if obs.G is not None:
+            self._shampoo_from_dense(obs, obs.G)
+        else:
+            x, s = obs.rows()
+            self._shampoo_from_rows(obs, s, x, 1.0)
 
     def clear(self) -> None:
         """Drop everything recorded (after a step, or on ``zero_grad``)."""

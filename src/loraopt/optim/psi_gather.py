@@ -26,6 +26,7 @@ __all__ = [
     "grad_version",
     "stack_factors",
     "stack_gradient",
+    "stacked_rows",
     "reduce_observations",
     "clip_norm",
     "Commit",
@@ -97,8 +98,26 @@ def stack_gradient(items: Sequence[Tuple[LoRALayer, LayerObservation]], reds: Se
         X, S = first.rows()
         return Gradient(S.mT.unsqueeze(0), X.unsqueeze(0))
     # rows of the same length, stacked
-    rows = [obs.rows() for _, obs in items]
-    return Gradient(torch.stack([S.mT for _, S in rows]), torch.stack([X.to(S.dtype) for X, S in rows]))
+    S, X = stacked_rows([obs for _, obs in items])
+    return Gradient(S.mT, X)
+
+
+def stacked_rows(observations: Sequence[LayerObservation]) -> Tuple[Tensor, Tensor]:
+    """``(S: (L, N, d_out), X: (L, N, d_in))`` of layers that captured as many rows (``LayerObservation.rows``
+    stacked; ``S`` in fp32 at least, ``X`` in ``S``'s dtype).  One stack, cast and division for the bucket when
+    every layer holds one block of rows and they share a scaling (the usual case: one batch, one LoRA config),
+    instead of a cast and a division per layer; the same elementwise arithmetic either way."""
+    first = observations[0]
+    if all(len(o.x_rows) == 1 and o.scaling == first.scaling and o.g_rows[0].dtype == first.g_rows[0].dtype
+           and o.x_rows[0].dtype == first.x_rows[0].dtype for o in observations):
+        g = torch.stack([o.g_rows[0] for o in observations])
+        S = g.to(torch.promote_types(g.dtype, torch.float32)) / first.scaling
+        X = torch.stack([o.x_rows[0] for o in observations])
+    else:
+        rows = [o.rows() for o in observations]
+        S = torch.stack([s for _, s in rows])
+        X = torch.stack([x.to(s.dtype) for x, s in rows])
+    return S, X.to(S.dtype)
 
 
 # ------------------------------------------------------------------------------------------------- reductions
@@ -165,16 +184,26 @@ def clip_norm(active_groups, dist: DistributedContext) -> Tuple[Tensor, bool]:
     # per layer (each add is a launch).
     dense, bounds, grads, parts = [], [], [], []
     accumulated_stream = False
+    rows: Dict[tuple, List[LayerObservation]] = {}
     for _, observed, with_grad in active_groups:
         for _, obs in observed:
             if obs.G is not None:
                 dense.append(obs.G)
             elif obs.x_rows:
-                parts.append(obs.grad_sq_norm())
+                x, g = obs.x_rows[0], obs.g_rows[0]
+                key = (obs.n_rows, x.shape[-1], g.shape[-1], x.dtype, g.dtype, x.device)
+                rows.setdefault(key, []).append(obs)
             else:
                 bounds.append(obs.grad_norm_bound)
                 accumulated_stream = accumulated_stream or obs.pairs > 1
         grads += [p.grad for p in with_grad]
+    for (n, d_in, d_out, *_), group in rows.items():
+        if len(group) == 1 or n * (d_in + d_out) > d_in * d_out:
+            parts += [obs.grad_sq_norm() for obs in group]
+        else:
+            # |S^T X|_F^2 = <S S^T, X X^T> for every layer of the group at once (lowrank_sq_norm's Gram route).
+            S, X = stacked_rows(group)
+            parts.append(((S @ S.mT) * (X @ X.mT)).sum())
     sharded = [local(g) for g in grads if is_dtensor(g)]
     grads = [g for g in grads if not is_dtensor(g)]
     if sharded:
@@ -211,7 +240,15 @@ class Commit:
                 for v, d in zip(value.unbind(0), destinations):
                     write_full_(d, v.reshape(d.shape))
                 continue
-            torch._foreach_copy_(destinations, [v.view_as(d) for v, d in zip(value.unbind(0), destinations)])
+            torch._foreach_copy_(destinations, _rows_as(value, destinations))
+
+
+def _rows_as(value: Tensor, destinations: List[Tensor]) -> List[Tensor]:
+    """The ``L`` slices of ``value: (L, ...)`` shaped like ``destinations``: one ``unbind`` for the bucket, and a
+    per-slice ``view`` only where a destination's shape differs (a 1x1 convolution's 4-d weight), since each view is
+    a dispatcher call per layer."""
+    rows = list(value.unbind(0))
+    return [v if v.shape == d.shape else v.view_as(d) for v, d in zip(rows, destinations)]
 
 
 def balance_momentum(commits: List[Commit], ok: Tensor) -> None:
@@ -227,4 +264,4 @@ def balance_momentum(commits: List[Commit], ok: Tensor) -> None:
     for (lists, _, old), pair in zip(pending, balanced):
         for destinations, value, previous in zip(lists, pair, old):
             value = torch.where(ok, value, previous)
-            torch._foreach_copy_(destinations, [v.view_as(d) for v, d in zip(value.unbind(0), destinations)])
+            torch._foreach_copy_(destinations, _rows_as(value, destinations))

@@ -74,8 +74,7 @@ class _ProjectedSubspaceOptimizer(_PSIOptimizerBase):
                     self._ensure_other_state(group, p)
                 continue
             observed = []
-            for layer in layers:
-                obs = self._capture.observation(layer)
+            for layer, obs in zip(layers, self._capture.observations_of(layers)):
                 if obs.empty:
                     if layer.A.grad is not None or layer.B.grad is not None or obs.pairs:
                         self._missing(layer, obs)
