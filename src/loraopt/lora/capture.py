@@ -20,7 +20,9 @@ Two storage modes per step:
   the same information, a fraction of the memory, and every later product costs ``r d_in d_out`` instead of
   ``r N (d_in + d_out)``.
 * ``stream``: fold each pair into fixed projections as it arrives (``probes``: ``[B~ | M_B]^T G`` and
-  ``G [A~ | M_A]^T``), so nothing of size N is kept.  Enough for the Jacobi (K = 0) round.  With ``dense="auto"``
+  ``G [A~ | M_A]^T``), so nothing of size N is kept.  The probes are pushed into the capture by their owner (the
+  optimizer: at construction, after every step and after ``load_state_dict``) and the hooks only read them: nothing
+  is computed for them, and no optimizer state is touched, during backward.  Enough for the Jacobi (K = 0) round.  With ``dense="auto"``
   the projections come from the micro-batch's dense ``G_m`` (then dropped) when that is cheaper than projecting
   the rows, which is always the case when the gradient norm or Shampoo statistics are needed (both need
   ``G_m`` or an ``N x N`` Gram matrix).
@@ -39,10 +41,8 @@ in ``stream`` mode the sum over micro-batches of per-micro-batch norms, an upper
 from __future__ import annotations
 
 import contextlib
-import inspect
-import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -53,7 +53,7 @@ from .layers import LoRALayer
 
 __all__ = ["LayerObservation", "GradientCapture", "RowBudgetExceeded"]
 
-Probes = Callable[[LoRALayer], Tuple[Tensor, Tensor]]
+Probes = Union[Callable[[LoRALayer], Tuple[Tensor, Tensor]], Mapping[int, Tuple[Tensor, Tensor]]]
 
 
 class RowBudgetExceeded(RuntimeError):
@@ -128,6 +128,21 @@ class _TF32:
         return False
 
 
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _identity(layer: LoRALayer) -> tuple:
+    return (id(layer.A), id(layer.B))
+
+
+def _stamp(layer: LoRALayer) -> Optional[tuple]:
+    """``(id(A), A's version, id(B), B's version)``: host-side, no dispatcher call; ``None`` for sharded factors."""
+    a, b = layer.A, layer.B
+    if type(a) not in _PLAIN or type(b) not in _PLAIN:
+        return None
+    return (id(a), a._version, id(b), b._version)
+
+
 def _sixteen_bit_rows(layer: LoRALayer) -> bool:
     """True when the rows the hooks see hold 16-bit values: the frozen layer computes in bf16/fp16 (so its input,
     upcast for fp32 adapters, and its output gradient are 16-bit values) and LoRA dropout is off (a dropout mask
@@ -154,8 +169,10 @@ class GradientCapture:
     Args:
         layers: the layers to observe (kind ``linear`` or ``pointwise_conv``).
         mode: ``"rows"`` or ``"stream"`` (see the module docstring).
-        probes: stream mode only: ``probes(layer) -> (L: (d_out, k_l), R: (d_in, k_r))`` in fp32, the fixed
-            matrices the gradient is projected on (read when a pair arrives, so they must only change in ``step``).
+        probes: stream mode only: the fixed matrices the gradient is projected on, ``(L: (d_out, k_l),
+            R: (d_in, k_r))`` per layer, as a mapping ``{layer.index: (L, R)}`` or a function ``probes(layer)``
+            evaluated once per layer here.  Either may be left out and pushed later with :meth:`push_probes`; the
+            hooks only read what was pushed (a layer without probes is an error when its gradient arrives).
         kfac_stats, shampoo_stats, grad_norm: which per-step statistics to accumulate.
         row_budget: rows mode only: an error once a layer holds more rows than this in one step.
         dense: ``"never"`` (keep rows / project rows, the reference) or ``"auto"`` (hold or project the dense
@@ -176,12 +193,14 @@ class GradientCapture:
     ):
         if mode not in ("rows", "stream"):
             raise ValueError(f"capture mode must be 'rows' or 'stream', got {mode!r}")
-        if mode == "stream" and probes is None:
-            raise ValueError("stream mode needs `probes`")
+        if mode != "stream" and probes is not None:
+            raise ValueError("`probes` are for stream mode only")
         self.layers = list(layers)
         self.mode = mode
-        # A bound method (an optimizer's) is held weakly: the model's hooks must not keep the optimizer alive.
-        self._probes_ref = weakref.WeakMethod(probes) if inspect.ismethod(probes) else (lambda: probes)
+        # Stream mode: layer index -> (L, R), set by the owner between backwards; the hooks only read it.
+        self._probes: Dict[int, Tuple[Tensor, Tensor]] = {}
+        # layer index -> identity and in-place version of A and B when its probes were pushed (plain tensors only).
+        self._probe_stamps: Dict[int, Optional[tuple]] = {}
         self.kfac_stats = kfac_stats
         self.shampoo_stats = shampoo_stats
         self.grad_norm = grad_norm
@@ -193,7 +212,41 @@ class GradientCapture:
         self.observations: Dict[int, LayerObservation] = {layer.index: LayerObservation() for layer in self.layers}
         self._pending_input: Dict[int, Optional[Tensor]] = {}
         self._handles: List[RemovableHandle] = []
+        if probes is not None:
+            if callable(probes):
+                probes = {layer.index: probes(layer) for layer in self.layers}
+            self.push_probes(probes)
         self.attach()
+
+    # ------------------------------------------------------------------------------------------------ probes
+
+    def push_probes(self, probes: Mapping[int, Tuple[Tensor, Tensor]]) -> None:
+        """Set the stream-mode probes ``{layer.index: (L, R)}`` of some layers (others keep theirs).  Call it
+        between backwards, never from one: the hooks read these as they are."""
+        by_index = {layer.index: layer for layer in self.layers}
+        for index, (left, right) in probes.items():
+            layer = by_index[index]
+            self._probes[index] = (left, right)
+            self._probe_stamps[index] = _stamp(layer)
+
+    def set_probes(self, index: int, left: Tensor, right: Tensor) -> None:
+        """``push_probes({index: (left, right)})``."""
+        self.push_probes({index: (left, right)})
+
+    def clear_probes(self) -> None:
+        self._probes.clear()
+        self._probe_stamps.clear()
+
+    def probes_of(self, layer: LoRALayer) -> Optional[Tuple[Tensor, Tensor]]:
+        """The probes pushed for ``layer`` (``None``: none)."""
+        return self._probes.get(layer.index)
+
+    def probes_stale(self, layer: LoRALayer) -> bool:
+        """Whether ``layer``'s factors (the same tensors) were changed in place since its probes were pushed.  Only
+        plain tensors are checked: a sharded (DTensor) factor, or one replaced by another tensor object with the same
+        values (accelerate's FSDP2 preparation), is not."""
+        pushed = self._probe_stamps.get(layer.index)
+        return pushed is not None and pushed[::2] == _identity(layer) and pushed != _stamp(layer)
 
     # ------------------------------------------------------------------------------------------------ hooks
 
@@ -277,11 +330,7 @@ class GradientCapture:
                 obs.x_rows.append(x_rows)
                 obs.g_rows.append(g_rows)
         else:
-            probes = self._probes_ref()
-            if probes is None:  # the optimizer that owned these hooks is gone
-                self.remove()
-                return
-            left, right = probes(layer)
+            left, right = self._stream_probes(layer)
             if self._dense_stream(layer, n, left.shape[-1] + right.shape[-1]):
                 gm = self._gram(layer, g_rows, x_rows, s_inv, left.dtype)  # products in the probes' dtype
                 if obs.left is None:
@@ -308,6 +357,25 @@ class GradientCapture:
             s_sq = torch.linalg.vector_norm(_as(g_rows, torch.float32), dim=0).mul_(s_inv).square_()
             obs.x_sq = _add(obs.x_sq, x_sq)
             obs.s_sq = _add(obs.s_sq, s_sq)
+
+    def _stream_probes(self, layer: LoRALayer) -> Tuple[Tensor, Tensor]:
+        """The pushed probes of ``layer``, read as they are: an error, never a recomputation, when there are none or
+        when the factors were edited in place after they were pushed."""
+        probes = self._probes.get(layer.index)
+        if probes is None:
+            raise RuntimeError(
+                f"{layer.describe()}: a gradient arrived in stream capture mode but no probes were pushed for this "
+                "layer. The optimizer pushes them when it is built, after every step() and after load_state_dict(); "
+                "if the capture is used on its own, call capture.push_probes({layer.index: (L, R)}) before backward."
+            )
+        if self.probes_stale(layer):
+            raise RuntimeError(
+                f"{layer.describe()}: the LoRA factors were changed in place after the optimizer computed the "
+                "projections the gradient is captured on (at construction, the last step() or load_state_dict()), "
+                "so this backward would project on the old factors. Call optimizer.zero_grad() after changing the "
+                "factors and before backward: it refreshes the projections."
+            )
+        return probes
 
     # ------------------------------------------------------------------------------------------------ dense G
 

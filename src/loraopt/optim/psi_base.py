@@ -1,7 +1,9 @@
 """The state side of PSI-LoRA, Proj. PSI-LoRA and Scaled PSI-LoRA (:mod:`loraopt.optim.psi`): validate the
 hyperparameters every variant shares, discover the LoRA layers once and hook them, keep the per-parameter state
-(allocated lazily on the first step) and the stream-mode probes the hooks project on.  The step is
-:mod:`.psi_step`.
+(allocated lazily on the first step) and the stream-mode probes the hooks project on: computed here, outside any
+backward, and pushed into the capture (at construction, after every step, after ``load_state_dict``, and on
+``zero_grad`` for layers whose factors were edited in place), so the hooks never call back into the optimizer.  The
+step is :mod:`.psi_step`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from ..lora.layers import (
 from .base import LoRAOptimizer
 from .checks import check_int, check_nonnegative, check_positive, check_range, named_trainable_parameters
 from .distributed import DistributedContext, is_dtensor
-from .psi_gather import compute_dtype, local, whole_a, whole_b
+from .psi_gather import compute_dtype, local, stack_factors
 
 __all__ = ["_PSIOptimizerBase", "check_shared_hyperparameters"]
 
@@ -144,7 +146,6 @@ class _PSIOptimizerBase(LoRAOptimizer):
         self._capture = GradientCapture(
             self._layers,
             mode=capture,
-            probes=self._probes if capture == "stream" else None,
             kfac_stats="kfac" in metrics,
             shampoo_stats="shampoo" in metrics,
             grad_norm=any(g["max_grad_norm"] > 0 for g in self.param_groups),
@@ -156,8 +157,11 @@ class _PSIOptimizerBase(LoRAOptimizer):
         device = self._layers[0].A.device
         self._compile = resolve_compile(compile, device) and self._foreach
         self._step_fn = CompiledPSIStep(type(self).__name__) if self._compile else psi_step
-        self._probe_cache: Dict[int, Tuple[Tensor, Tensor]] = {}
         self._root_cache: Dict[tuple, Tensor] = {}
+        # Stream mode: the momentum subspace a layer's state will start from, drawn when its first probes are pushed
+        # (before its state exists) and taken over by the state when it is allocated.
+        self._initial_momentum: Dict[int, Tensor] = {}
+        self.register_load_state_dict_post_hook(_PSIOptimizerBase._push_probes_after_load)
         # The hooks must not outlive the optimizer: a dropped optimizer would otherwise keep recording rows.
         weakref.finalize(self, self._capture.remove)
         if any(layer.A.dtype in (torch.bfloat16, torch.float16) for layer in self._layers):
@@ -167,6 +171,9 @@ class _PSIOptimizerBase(LoRAOptimizer):
                 "(peft.get_peft_model(..., autocast_adapter_dtype=True), the default).",
                 stacklevel=3,
             )
+        # Stream mode: the first backward projects on these (the factors as they are now, zero momentum columns):
+        # pushed here, so nothing of the optimizer runs inside a backward.
+        self._push_probes()
 
     # ------------------------------------------------------------------------------------------- subclass hooks
 
@@ -237,12 +244,19 @@ class _PSIOptimizerBase(LoRAOptimizer):
         self._model_factor_ids = self._model_factor_ids | {
             id(new) for old, new in mapping.items() if old in self._model_factor_ids
         }
-        self._probe_cache.clear()
+        # The pushed probes stay: they are keyed by layer index and hold the same values (a swap replaces the tensor
+        # objects, not the numbers); the next push (after the step) reads the new parameters.
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear ``.grad`` and the captured activations: discarding a gradient means both."""
         super().zero_grad(set_to_none=set_to_none)
         self._capture.clear()
+        if self._capture.mode == "stream":
+            # Factors edited in place since the probes were pushed (a checkpoint loaded into the model, a DDP
+            # broadcast): refresh those layers' probes now, before the backward that projects on them.
+            stale = [layer for layer in self._layers if self._capture.probes_stale(layer)]
+            if stale:
+                self._push_probes(stale)
 
     # ------------------------------------------------------------------------------------------- state
 
@@ -287,9 +301,7 @@ class _PSIOptimizerBase(LoRAOptimizer):
             state_b["previous_factor"] = torch.zeros(layer.d_out, layer.rank, device=device, dtype=dtype)
         elif self._uses_momentum(group):
             r_m = self._momentum_rank(group, layer)
-            # Seeded by (seed, layer index), not the global RNG, so every DDP rank starts from the same subspace.
-            gen = torch.Generator().manual_seed(self._seed * 1_000_003 + layer.index)
-            state_a["momentum_A"] = torch.randn(r_m, layer.d_in, generator=gen).to(device=device, dtype=dtype)
+            state_a["momentum_A"] = self._initial_momentum_a(group, layer, take=True)
             state_b["momentum_B"] = torch.zeros(layer.d_out, r_m, device=device, dtype=dtype)
         self._init_metric_state(layer)
 
@@ -310,24 +322,81 @@ class _PSIOptimizerBase(LoRAOptimizer):
                 return self.param_groups[i]
         raise KeyError(layer.a_name)
 
-    def _probes(self, layer: LoRALayer) -> Tuple[Tensor, Tensor]:
-        """Stream mode: ``([B~ | M_B], [A~^T | M_A^T])`` in fp32, fixed between steps."""
-        cached = self._probe_cache.get(layer.index)
-        if cached is not None:
-            return cached
-        self._rebind_if_swapped()  # the first backward after accelerate swapped in sharded parameters
+    def _initial_momentum_a(self, group: Dict[str, Any], layer: LoRALayer, take: bool = False) -> Tensor:
+        """The ``(r_m, d_in)`` momentum subspace a layer's state starts from.  Seeded by (seed, layer index), not the
+        global RNG, so every DDP rank starts from the same subspace; drawn once (for the first probes or the state,
+        whichever comes first) and handed to the state with ``take``."""
+        r_m, dtype, device = self._momentum_rank(group, layer), compute_dtype(layer), layer.A.device
+        m = self._initial_momentum.get(layer.index)
+        if m is None or m.shape != (r_m, layer.d_in) or m.dtype != dtype or m.device != device:
+            gen = torch.Generator().manual_seed(self._seed * 1_000_003 + layer.index)
+            m = torch.randn(r_m, layer.d_in, generator=gen).to(device=device, dtype=dtype)
+            self._initial_momentum[layer.index] = m
+        if take:
+            del self._initial_momentum[layer.index]
+        return m
+
+    def _probe_momentum(self, layer: LoRALayer) -> Optional[Tuple[Optional[Tensor], Tensor]]:
+        """``(M_B, M_A)`` the probes of ``layer`` carry (``M_B`` ``None``: zero, state not allocated yet), ``None``
+        without momentum; the same tensors :meth:`_ensure_layer_state` keeps or will allocate."""
+        state_a, state_b = self.state.get(layer.A, {}), self.state.get(layer.B, {})
+        if "step" in state_a:
+            return (state_b["momentum_B"], state_a["momentum_A"]) if "momentum_A" in state_a else None
         group = self._group_of(layer)
+        if self._uses_momentum(group) and self._variant != "proj":
+            return None, self._initial_momentum_a(group, layer)
+        return None
+
+    def _push_probes(self, layers: Optional[List[LoRALayer]] = None) -> None:
+        """Stream mode: compute ``([B~ | M_B], [A~^T | M_A^T])`` of ``layers`` (default: all) from the current factors
+        and momentum and push them into the capture, which projects every gradient of the next backward on them.
+
+        Called outside backward only (construction, the end of every ``step()``, ``load_state_dict``, ``zero_grad``
+        after in-place edits of the factors).  Layers are stacked per shape, so the work does not grow per layer;
+        FSDP2 factors are gathered here, in the same layer order on every rank."""
+        if self._capture.mode != "stream":
+            return
+        self._rebind_if_swapped()
+        buckets: Dict[tuple, list] = {}
+        for layer in self._layers if layers is None else layers:
+            momentum = self._probe_momentum(layer)
+            m_shape = None if momentum is None else tuple(momentum[1].shape)
+            # The factor dtype, not compute_dtype(): torch.promote_types is a dispatcher call, once per bucket below.
+            key = (layer.A.dtype, layer.rank, layer.d_in, layer.d_out, layer.A.device, m_shape)
+            buckets.setdefault(key, []).append((layer, momentum))
+        pushed: Dict[int, Tuple[Tensor, Tensor]] = {}
         with torch.no_grad():
-            self._ensure_layer_state(group, layer)
-            root = math.sqrt(layer.scaling)
-            dtype = compute_dtype(layer)
-            # FSDP2: gathered here, in the backward, in the same layer order on every rank.
-            left = [whole_b(layer, dtype) * root]
-            right = [whole_a(layer, dtype).mT * root]
-            state_a, state_b = self.state[layer.A], self.state[layer.B]
-            if "momentum_A" in state_a:
-                left.append(state_b["momentum_B"].to(dtype))
-                right.append(state_a["momentum_A"].mT.to(dtype))
-            probes = (torch.cat(left, dim=1), torch.cat(right, dim=1))
-        self._probe_cache[layer.index] = probes
-        return probes
+            for (_, _, _, d_out, device, m_shape), items in buckets.items():
+                bucket = [layer for layer, _ in items]
+                dtype = compute_dtype(bucket[0])
+                _, _, A_raw, B_raw = stack_factors(bucket)
+                roots = tuple(math.sqrt(layer.scaling) for layer in bucket)
+                root: Union[float, Tensor] = roots[0]
+                if any(v != roots[0] for v in roots):  # made once and cached: no host-to-device copy per step
+                    root = self._root_cache.get((roots, device, dtype))
+                    if root is None:
+                        root = torch.tensor(roots, dtype=dtype, device=device).view(-1, 1, 1)
+                        self._root_cache[(roots, device, dtype)] = root
+                left, right = B_raw * root, A_raw.mT * root
+                if m_shape is not None:
+                    zero = None
+                    m_b = []
+                    for _, (mb, _) in items:
+                        if mb is None:
+                            if zero is None:
+                                zero = torch.zeros(d_out, m_shape[0], device=device, dtype=dtype)
+                            mb = zero
+                        m_b.append(mb)
+                    m_a = torch.stack([ma for _, (_, ma) in items])
+                    left = torch.cat([left, torch.stack(m_b).to(dtype)], dim=-1)
+                    right = torch.cat([right, m_a.mT.to(dtype)], dim=-1)
+                else:
+                    left, right = left.contiguous(), right.contiguous()
+                for layer, l_probe, r_probe in zip(bucket, left.unbind(0), right.unbind(0)):
+                    pushed[layer.index] = (l_probe, r_probe)
+        self._capture.push_probes(pushed)
+
+    @staticmethod
+    def _push_probes_after_load(optimizer: "_PSIOptimizerBase") -> None:
+        """``load_state_dict`` replaced the momentum (and maybe the state's existence): push probes that match it."""
+        optimizer._push_probes()

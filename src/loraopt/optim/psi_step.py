@@ -52,9 +52,16 @@ class _ProjectedSubspaceOptimizer(_PSIOptimizerBase):
                 loss = closure()
         try:
             self._step()
-        finally:
+        except BaseException:
             self._capture.clear()
-            self._probe_cache.clear()
+            try:  # the probes of what the factors are now; a failing push must not hide the step's error
+                self._push_probes()
+            except Exception:
+                self._capture.clear_probes()  # the next backward then says that probes are missing
+            raise
+        self._capture.clear()
+        # Stream mode: the factors and momentum changed, push the probes the next backward projects on.
+        self._push_probes()
         return loss
 
     def _step(self) -> None:
