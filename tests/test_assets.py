@@ -570,3 +570,38 @@ def test_effnet_gpu_bundle_roundtrip(tmp_path, monkeypatch):
     spec = assets.load_gpu_bundle(folder, seed=0)
     with torch.no_grad():
         assert spec.model(spec.preprocess(data.load_fashion_mnist("test", limit=4).images)).shape == (4, 10)
+
+
+def test_smollm2_parts_travel_in_two_jobs_and_assemble_to_the_same_file(tmp_path, monkeypatch):
+    """The GGUF is split under the one-job limit and put together byte for byte, its SHA-256 checked."""
+    import json
+
+    from loraopt_bench import assets
+
+    fake = tmp_path / "pkg" / assets.SMOLLM2_GGUF_FILE
+    fake.parent.mkdir()
+    payload = bytes(range(256)) * 40  # 10,240 bytes
+    fake.write_bytes(payload)
+    data = tmp_path / "data" / "tinyshakespeare"
+    data.mkdir(parents=True)
+    (data / "input.txt").write_text("To be, or not to be.\n")
+    monkeypatch.setattr(assets, "_smollm2_gguf", lambda: (fake.parent, fake))
+    monkeypatch.setattr(assets, "SMOLLM2_PART_BYTES", 4000)
+    part1, part2 = assets.prepare_smollm2_parts(tmp_path / "out", data_dir=tmp_path / "data")
+    assert (part1 / "data" / "tinyshakespeare" / "input.txt").is_file()
+    assert (part1 / "model" / f"{assets.SMOLLM2_GGUF_FILE}.part1").stat().st_size == 4000
+    assert (part2 / "model" / f"{assets.SMOLLM2_GGUF_FILE}.part2").stat().st_size == len(payload) - 4000
+
+    seen = {}
+    monkeypatch.setattr(assets, "convert_smollm2",
+                        lambda cache_dir, gguf_path: seen.setdefault("bytes", Path(gguf_path).read_bytes()) and cache_dir)
+    assert assets.assemble_smollm2_bundle([part2, part1], tmp_path / "model") == tmp_path / "model"
+    assert seen["bytes"] == payload
+    with pytest.raises(ValueError, match="all of 1..2 are needed"):
+        assets.assemble_smollm2_bundle([part2], tmp_path / "model")
+    manifest = json.loads((part2 / "bundle.json").read_text())
+    (part2 / "bundle.json").write_text(json.dumps({**manifest, "file_sha256": "0" * 64}))
+    (part1 / "bundle.json").write_text(json.dumps({**json.loads((part1 / "bundle.json").read_text()),
+                                                   "file_sha256": "0" * 64}))
+    with pytest.raises(ValueError, match="SHA-256"):
+        assets.assemble_smollm2_bundle([part1, part2], tmp_path / "model")

