@@ -104,3 +104,24 @@ def test_load_state_dict_pushes_the_loaded_momentum():
         for x, y in zip(opt._capture.probes_of(layer_a), fresh._capture.probes_of(layer_b)):
             assert torch.equal(x, y)
     assert isinstance(fresh, _PSIOptimizerBase)
+
+
+def test_a_sharded_factor_is_stale_once_its_local_shard_changes_in_place():
+    """Sharded (DTensor) factors are checked through their local shard, where an in-place checkpoint load writes."""
+    from types import SimpleNamespace
+
+    from loraopt.lora import capture
+
+    class FakeSharded:  # the part of DTensor the check reads: to_local() gives a view of the local shard
+        def __init__(self, local):
+            self.local = local
+
+        def to_local(self):
+            return self.local.view_as(self.local)
+
+    a, b = FakeSharded(torch.zeros(2, 3)), FakeSharded(torch.zeros(4, 2))
+    layer = SimpleNamespace(A=a, B=b)
+    before = capture._stamp(layer)
+    assert before is not None and capture._stamp(layer) == before
+    a.local.add_(1.0)  # an in-place write into the shard
+    assert capture._stamp(layer) != before

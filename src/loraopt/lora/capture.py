@@ -135,12 +135,26 @@ def _identity(layer: LoRALayer) -> tuple:
     return (id(layer.A), id(layer.B))
 
 
+def _local_version(t: Tensor) -> Optional[int]:
+    """The in-place version counter of ``t``'s storage: a plain tensor's own, a sharded (DTensor) factor's local
+    shard's (an in-place load of a sharded checkpoint writes there); ``None`` for anything else."""
+    if type(t) in _PLAIN:
+        return t._version
+    to_local = getattr(t, "to_local", None)
+    if callable(to_local):
+        with torch.no_grad():
+            return to_local()._version  # a view of the local shard: it shares the shard's counter
+    return None
+
+
 def _stamp(layer: LoRALayer) -> Optional[tuple]:
-    """``(id(A), A's version, id(B), B's version)``: host-side, no dispatcher call; ``None`` for sharded factors."""
+    """``(id(A), A's version, id(B), B's version)``: host-side, no dispatcher call for plain tensors; for sharded
+    factors the versions of their local shards; ``None`` when a version cannot be read."""
     a, b = layer.A, layer.B
-    if type(a) not in _PLAIN or type(b) not in _PLAIN:
+    va, vb = _local_version(a), _local_version(b)
+    if va is None or vb is None:
         return None
-    return (id(a), a._version, id(b), b._version)
+    return (id(a), va, id(b), vb)
 
 
 def _sixteen_bit_rows(layer: LoRALayer) -> bool:
@@ -242,9 +256,9 @@ class GradientCapture:
         return self._probes.get(layer.index)
 
     def probes_stale(self, layer: LoRALayer) -> bool:
-        """Whether ``layer``'s factors (the same tensors) were changed in place since its probes were pushed.  Only
-        plain tensors are checked: a sharded (DTensor) factor, or one replaced by another tensor object with the same
-        values (accelerate's FSDP2 preparation), is not."""
+        """Whether ``layer``'s factors (the same tensors) were changed in place since its probes were pushed (for a
+        sharded (DTensor) factor: its local shard).  A factor replaced by another tensor object with the same values
+        (accelerate's FSDP2 preparation) is not stale."""
         pushed = self._probe_stamps.get(layer.index)
         return pushed is not None and pushed[::2] == _identity(layer) and pushed != _stamp(layer)
 
