@@ -28,7 +28,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .._optional import require
-from ..lora.layers import NoLoRALayersError, split_lora_parameters
+from ..lora.layers import NoLoRALayersError, is_lora_factor_name, split_lora_parameters
 from .base import CheckedStateDict
 from .checks import (
     check_betas,
@@ -159,8 +159,7 @@ def _check_lr(lr: Any) -> None:
 
 
 def _factor_ids(model: nn.Module) -> set:
-    marks = (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.")
-    return {id(p) for n, p in model.named_parameters() if any(m in n for m in marks)}
+    return {id(p) for n, p in model.named_parameters() if is_lora_factor_name(n)}
 
 
 def _warn_lora_plus_factor(optimizer: Any) -> None:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 from torch import nn
 
 from ..functional.observations import Observation
+from ..lora.layers import is_lora_factor_name
 from .distributed import require_unsharded_model
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -15,8 +16,8 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["create_loko_optimizer"]
 
 def _is_lora_name(name: str) -> bool:
-    return any(tag in name for tag in (".lora_A.", ".lora_B.", "lora_embedding_A", "lora_embedding_B",
-                                       "lora_magnitude_vector"))
+    """A LoRA factor (lora/layers.py decides) or a DoRA magnitude: both belong to the "lora" group."""
+    return is_lora_factor_name(name) or "lora_magnitude_vector" in name
 
 
 def create_loko_optimizer(

@@ -23,16 +23,12 @@ from torch import nn
 
 from ..functional.lorsum import svd_factors
 from ..lora.capture import GradientCapture
-from ..lora.layers import NoLoRALayersError, require_supported, split_lora_parameters
+from ..lora.layers import NoLoRALayersError, is_lora_factor_name, require_supported, split_lora_parameters
 from .base import LoRAOptimizer
 from .checks import check_betas, check_nonnegative, check_positive, check_range, named_trainable_parameters
 from .distributed import DistributedContext, full_tensor, require_unsharded_model, write_full_
 
 __all__ = ["SVDLoRA", "create_svdlora_optimizer"]
-
-
-def _is_factor_name(name: str) -> bool:
-    return any(mark in name for mark in (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B."))
 
 
 class SVDLoRA(LoRAOptimizer):
@@ -104,7 +100,7 @@ class SVDLoRA(LoRAOptimizer):
         self._dist = DistributedContext(process_group)
         self._capture = GradientCapture(self._layers, mode="rows", row_budget=None)
         # Every LoRA factor of the model, trainable or not: add_param_group refuses them (see there).
-        self._model_factor_ids = {id(p) for n, p in model.named_parameters() if _is_factor_name(n)}
+        self._model_factor_ids = {id(p) for n, p in model.named_parameters() if is_lora_factor_name(n)}
         self._consumed: Dict[int, Any] = {}  # layer index -> weak reference to the lora_A .grad of the last step
         weakref.finalize(self, self._capture.remove)  # the hooks must not outlive the optimizer
 
