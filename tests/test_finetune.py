@@ -981,3 +981,16 @@ def test_quality_hp_override_reaches_one_method_only():
     assert all(m.hp == {} for m in methods if m.key != "psi-lora")
     with pytest.raises(ValueError, match="METHOD:KEY=VALUE"):
         _with_hp_overrides(LIBRARY_DEFAULT_METHODS, ["compile=False"])
+
+
+def test_quality_tables_tell_a_failed_run_from_a_diverged_one():
+    from loraopt_bench.quality import SUITES, aggregate, summary_tables
+
+    suite = SUITES["vision"]
+    methods = [m for m in suite.methods if m.key == "adamw"]
+    ok = {"final": 0.9, "peak": 0.9, "seconds_per_step": 0.1, "median_step_seconds": 0.1, "curve": []}
+    records = {("adamw", "0.0003", 0): {"error": "RuntimeError: boom"},
+               ("adamw", "0.001", 0): {**ok, "final": float("nan")},
+               ("adamw", "0.003", 0): ok}
+    tables = summary_tables(suite, aggregate(suite, methods, records), {}, "accuracy")
+    assert "0.0003: error" in tables and "0.001: div." in tables and "0.003: 90.0" in tables
