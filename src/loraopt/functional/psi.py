@@ -27,8 +27,9 @@ Deliberate differences from the reference code, each switchable:
   ``M_B = U sqrt(S)``, ``M_A = sqrt(S) V^T`` (two thin QRs and an r_m x r_m SVD; the product ``M_B M_A`` is
   unchanged).  Without it the momentum LoRSum shrinks one factor by ``mu`` per step while the other absorbs the
   gradient: the factors drift apart, ``M_A M_A^T`` becomes ill-conditioned and the next solves amplify rounding
-  until the step blows up (``benchmarks/notes/psi.md``).  ``"norm"`` only equalises the two Frobenius norms;
-  ``"none"`` is the reference.
+  until the step blows up (``benchmarks/notes/psi.md``).  ``"gram"`` reaches the same form without a QR of the
+  tall factors (k x k Grams, Cholesky and SVD in float64; see :func:`balance_gram`).  ``"norm"`` only equalises
+  the two Frobenius norms; ``"none"`` is the reference.
 * ``reference_compat=True`` reproduces the reference where it differs from the paper, which is only at K = 0: its
   unscaled LoRSum is a no-op there (plain PSI-LoRA never moves, the momentum never updates, the first step of
   Proj. PSI-LoRA does nothing).  At K >= 1 the switch changes nothing.
@@ -54,6 +55,7 @@ __all__ = [
     "PSIStepResult",
     "psi_step",
     "balance_svd",
+    "balance_gram",
     "balance_norm",
     "balance_many",
     "CompiledPSIStep",
@@ -70,7 +72,7 @@ class PSIConfig(NamedTuple):
     variant: str = "psi"  # "psi" (low-rank momentum; Scaled PSI-LoRA when a metric is given) or "proj"
     iters: int = 1  # K; 0 is the Jacobi round
     jitter: float = 1e-6
-    momentum_balance: str = "svd"  # "svd", "norm" or "none"
+    momentum_balance: str = "svd"  # "svd", "gram", "norm" or "none"
     momentum_prox: float = 1e-2  # relative proximal weight of the momentum LoRSum, used when lam_momentum is None
     reference_compat: bool = False
     # False: the low-rank momentum is returned unbalanced and the caller balances it (``balance_many``): the
@@ -166,13 +168,97 @@ def _svd_finish(B, A, Qb, Qa, finite, U, S, Vh, floor):
     return torch.where(usable, new_B, B), torch.where(usable, new_A, A)
 
 
+def balance_gram(B: Tensor, A: Tensor, *, floor: float = 1e-4) -> Tuple[Tensor, Tensor]:
+    """:func:`balance_svd` without a QR of the tall factors: the same balanced form in exact arithmetic.
+
+    With the k x k Grams ``G_B = B^T B``, ``G_A = A A^T`` and triangular ``R_B``, ``R_A`` (``R^T R = G``, shifted
+    Cholesky QR run twice, in float64), the core ``R_B R_A^T = U S V^T`` is SVD'd and the factors are rewritten by
+    two k x k transforms: ``B' = B R_B^-1 U S / sqrt(S_kept)``, ``A' = sqrt(S_kept) V^T R_A^-T A`` (``S_kept``: the
+    singular values floored at ``floor`` times the largest, as in :func:`balance_svd`).  ``B' A' = B A`` for any
+    invertible ``R_B``, ``R_A``, so the product holds up to rounding even where the Grams are singular.
+
+    Differences from :func:`balance_svd`: the signs of the singular pairs (each is a valid SVD), and rank-deficient
+    factors, whose null directions have no basis without a QR: where ``B`` has rank below k the columns of ``B'``
+    there are ~0, as with ``balance_svd``; where ``A`` has rank below k the rows of ``A'`` in its null directions
+    stay short (``balance_svd`` fills them with ``sqrt(floor s_max)`` times directions picked by its QR).  Per
+    pair, where the result is not finite or not in balanced form to ``sqrt(eps)`` of the input dtype (a
+    k x k check: ``B'^T B'`` and ``A' A'^T`` against the diagonals they should be), the pair is returned as given;
+    no host synchronisation beyond the SVD's.
+    """
+    return balance_many([(B, A)], mode="gram", floor=floor)[0]
+
+
+def _shifted_cholesky(G: Tensor, eye: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(L^T, L^-T, ok)`` for ``L L^T = G + shift I`` (``G: (T, k, k)``, modified in place), the shift 1e-14 of
+    the trace: rank-deficient or ill-conditioned Grams stay factorisable, directions below it are left short.
+    ``ok``: factorised, and ``G`` not zero."""
+    diag = G.diagonal(dim1=-2, dim2=-1)
+    trace = diag.sum(-1, keepdim=True)
+    diag.add_(trace, alpha=1e-14)
+    L, info = torch.linalg.cholesky_ex(G)
+    ok = (info == 0) & (trace[:, 0] > 0)
+    L = torch.where(ok[:, None, None], L, eye)
+    Linv = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
+    return L.mT, Linv.mT, ok
+
+
+def _gram_group(pairs, floor: float):
+    """:func:`balance_gram` for pairs of one k: the k x k work of all pairs (both sides) in one batch, and per
+    pair only its tall products (two Grams, the first Cholesky QR pass and the rewrite: four ``bmm`` per side)."""
+    k = pairs[0][0].shape[-1]
+    P = len(pairs)
+    tall = [B.to(torch.float64).reshape(-1, B.shape[-2], k) for B, _ in pairs]
+    tall += [A.to(torch.float64).mT.reshape(-1, A.shape[-1], k) for _, A in pairs]
+    sizes = [x.shape[0] for x in tall]
+    G = torch.cat([torch.bmm(x.mT, x) for x in tall])
+    eye = torch.eye(k, dtype=G.dtype, device=G.device)
+    # Cholesky QR, two passes (the second on the explicit first-pass Q, as in CholeskyQR2): X = Y R2 R1.
+    R1, R1inv, ok1 = _shifted_cholesky(G, eye)
+    Y = [torch.bmm(x, r) for x, r in zip(tall, R1inv.split(sizes))]
+    G2 = torch.cat([torch.bmm(y.mT, y) for y in Y])
+    R2, R2inv, ok2 = _shifted_cholesky(G2.clone(), eye)
+    R = torch.bmm(R2, R1)
+    h = sum(sizes[:P])
+    usable = ok1 & ok2
+    usable = usable[:h] & usable[h:]
+    core = torch.bmm(R[:h], R[h:].mT)  # B A = (B R_B^-1) core (A^T R_A^-1)^T
+    usable = usable & torch.isfinite(core).flatten(1).all(1)
+    U, S, Vh = torch.linalg.svd(torch.where(usable[:, None, None], core, torch.zeros_like(core)))
+    top = S[:, :1]
+    kept = torch.maximum(S, floor * top)
+    root = kept.sqrt()
+    scale = S / root.clamp_min(torch.finfo(S.dtype).tiny)
+    Tb = torch.bmm(R2inv[:h], U) * scale.unsqueeze(1)  # B' = Y_B Tb
+    Ta = root.unsqueeze(2) * torch.bmm(Vh, R2inv[h:].mT)  # A' = Ta Y_A^T
+    # Balanced form on the k x k Grams of Y: B'^T B' = diag(S^2 / S_kept), A' A'^T = diag(S_kept).  Rows of A'
+    # where the core has no singular value above the shifts' level are only bounded.
+    tol = torch.finfo(pairs[0][0].dtype).eps ** 0.5
+    eb = torch.bmm(torch.bmm(Tb.mT, G2[:h]), Tb) - torch.diag_embed(scale.square())
+    ea = torch.bmm(torch.bmm(Ta, G2[h:]), Ta.mT) - torch.diag_embed(kept)
+    live = S > 1e-5 * top
+    bad_a = (live.unsqueeze(2) & live.unsqueeze(1)) & (ea.abs() > tol * (root.unsqueeze(2) * root.unsqueeze(1)))
+    usable = (usable & (top[:, 0] > 0) & (eb.abs() <= tol * top.unsqueeze(2)).flatten(1).all(1)
+              & ~bad_a.flatten(1).any(1) & (ea.diagonal(dim1=-2, dim2=-1) <= tol * kept).all(1))
+    # (non-finite Tb or Ta fail the comparisons above: NaN compares false, and reaches eb's and ea's diagonals)
+    out = []
+    for (B, A), yb, ya, tb, ta, u in zip(pairs, Y[:P], Y[P:], Tb.split(sizes[:P]), Ta.split(sizes[:P]),
+                                          usable[:, None, None].split(sizes[:P])):
+        new_B = torch.bmm(yb, tb).to(B.dtype).reshape(B.shape)
+        new_A = torch.bmm(ta, ya.mT).to(A.dtype).reshape(A.shape)
+        u = u.reshape(B.shape[:-2] + (1, 1))
+        out.append((torch.where(u, new_B, B), torch.where(u, new_A, A)))
+    return out
+
+
 def balance_many(pairs, *, mode: str = "svd", floor: float = 1e-4):
     """``[balance(B, A) for (B, A) in pairs]`` with one batched k x k SVD for all pairs of one (k, dtype, device).
 
     The same arithmetic as balancing each pair on its own (the thin QRs stay per pair; only the SVD call is
-    shared): ``linalg.svd`` reads its convergence flags on the host, a synchronisation on CUDA, so one call for
-    every bucket of a step costs one synchronisation instead of one per bucket."""
-    if mode != "svd":
+    shared; ``mode="gram"`` batches all its k x k work over the pairs of one k, whatever their dtypes, and keeps
+    only the tall products per pair): ``linalg.svd`` reads its convergence flags
+    on the host, a synchronisation on CUDA, so one call for every bucket of a step costs one synchronisation
+    instead of one per bucket."""
+    if mode not in ("svd", "gram"):
         return [_BALANCE[mode](B, A) for B, A in pairs]
     out: list = [None] * len(pairs)
     groups: dict = {}
@@ -182,6 +268,14 @@ def balance_many(pairs, *, mode: str = "svd", floor: float = 1e-4):
             out[i] = balance_norm(B, A)
             continue
         groups.setdefault((k, B.dtype, B.device), []).append(i)
+    if mode == "gram":
+        by_k: dict = {}
+        for (k, _, device), idx in groups.items():
+            by_k.setdefault((k, device), []).extend(idx)
+        for idx in by_k.values():
+            for i, pair in zip(idx, _gram_group([pairs[i] for i in idx], floor)):
+                out[i] = pair
+        return out
     for idx in groups.values():
         prepared = [_svd_core(*pairs[i]) for i in idx]
         cores = [c for _, _, c, _ in prepared]
@@ -204,7 +298,7 @@ def balance_many(pairs, *, mode: str = "svd", floor: float = 1e-4):
     return out
 
 
-_BALANCE = {"svd": balance_svd, "norm": balance_norm, "none": lambda B, A: (B, A)}
+_BALANCE = {"svd": balance_svd, "gram": balance_gram, "norm": balance_norm, "none": lambda B, A: (B, A)}
 
 
 # ---------------------------------------------------------------------------------------------- the step

@@ -75,7 +75,10 @@ _ARGS_DOC = r"""
         jitter: added to the diagonal of every r x r system.
         momentum_balance: ``"svd"`` (default) keeps the low-rank momentum in balanced SVD form after each update
             (``M_B = U sqrt(S)``, ``M_A = sqrt(S) V^T``; the product is unchanged), which keeps its solves well
-            conditioned; ``"norm"`` only equalises the factor norms; ``"none"`` is the reference code.
+            conditioned; ``"gram"`` (opt-in) reaches the same form from r_m x r_m Grams, Cholesky factors and an
+            SVD in float64, without a QR of the tall factors (``functional.psi.balance_gram``; on CUDA the tall QR
+            runs one library call per matrix); ``"norm"`` only equalises the factor norms; ``"none"`` is the
+            reference code.
         reference_compat: reproduce the reference code where it differs from the paper, which is only at K = 0
             (its unscaled LoRSum is a no-op there: plain PSI-LoRA does not move and no momentum updates).  For
             comparisons with published runs; it changes nothing at K >= 1.

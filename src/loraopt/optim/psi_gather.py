@@ -227,7 +227,8 @@ def clip_norm(active_groups, dist: DistributedContext) -> Tuple[Tensor, bool]:
 
 class Commit:
     """New values for a bucket's parameters and state, written back once the whole step is known to be finite
-    (``deferred``: the new low-rank momentum, written by :func:`balance_momentum` after balancing)."""
+    (``deferred``: ``(destinations, new momentum, old momentum, balance mode)``, written by
+    :func:`balance_momentum` after balancing)."""
 
     def __init__(self, targets: List[Tuple[List[Tensor], Tensor, Tensor]], ok: Tensor, deferred=None):
         self.targets, self.ok, self.deferred = targets, ok, deferred
@@ -253,15 +254,19 @@ def _rows_as(value: Tensor, destinations: List[Tensor]) -> List[Tensor]:
 
 def balance_momentum(commits: List[Commit], ok: Tensor) -> None:
     """Balance the new low-rank momentum of every bucket (balanced SVD form, ``functional.psi.balance_many``:
-    one batched k x k SVD for all buckets) and write it back where the step went through (``ok``; the old
-    momentum, already balanced, stays otherwise).  Runs last in the step: ``linalg.svd`` reads its convergence
-    flags on the host, which on CUDA waits for the device, and with nothing left to launch after it the wait
-    exposes only this tail instead of the rest of the step."""
+    one batched k x k SVD for all buckets of one ``momentum_balance`` mode, "svd" or "gram") and write it back
+    where the step went through (``ok``; the old momentum, already balanced, stays otherwise).  Runs last in the
+    step: ``linalg.svd`` reads its convergence flags on the host, which on CUDA waits for the device, and with
+    nothing left to launch after it the wait exposes only this tail instead of the rest of the step."""
     pending = [c.deferred for c in commits if c.deferred is not None]
     if not pending:
         return
-    balanced = balance_many([(new[0], new[1]) for _, new, _ in pending], mode="svd")
-    for (lists, _, old), pair in zip(pending, balanced):
+    balanced: list = [None] * len(pending)
+    for mode in dict.fromkeys(d[3] for d in pending):  # "svd" or "gram" (a group's momentum_balance)
+        idx = [i for i, d in enumerate(pending) if d[3] == mode]
+        for i, pair in zip(idx, balance_many([(pending[i][1][0], pending[i][1][1]) for i in idx], mode=mode)):
+            balanced[i] = pair
+    for (lists, _, old, _), pair in zip(pending, balanced):
         for destinations, value, previous in zip(lists, pair, old):
             value = torch.where(ok, value, previous)
             torch._foreach_copy_(destinations, _rows_as(value, destinations))

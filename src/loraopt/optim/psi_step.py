@@ -321,7 +321,8 @@ class _ProjectedSubspaceOptimizer(_PSIOptimizerBase):
         reference_compat = group.get("reference_compat", False)
         # The fast path balances the low-rank momentum of every bucket at the end of the step, with one batched SVD
         # (psi_gather.balance_momentum); the per-layer reference balances inside the functional step: same arithmetic.
-        defer_balance = (self._foreach and self._variant == "psi" and momentum_lists is not None and balance == "svd"
+        defer_balance = (self._foreach and self._variant == "psi" and momentum_lists is not None
+                         and balance in ("svd", "gram")
                          and m_coef > 0 and not (reference_compat and group["inner_iters"] == 0))
         config = PSIConfig(
             variant=self._variant, iters=group["inner_iters"], jitter=group["jitter"],
@@ -341,7 +342,7 @@ class _ProjectedSubspaceOptimizer(_PSIOptimizerBase):
         ]
         deferred = None
         if momentum_lists is not None and defer_balance:
-            deferred = (momentum_lists, result.momentum, momentum)
+            deferred = (momentum_lists, result.momentum, momentum, balance)
         elif momentum_lists is not None:
             targets += [(ts, new, old) for ts, new, old in zip(momentum_lists, result.momentum, momentum)]
         if metric is not None:
