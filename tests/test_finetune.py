@@ -496,7 +496,7 @@ def test_quality_aggregate_picks_best_lr_and_reports_spread(tmp_path):
     # A failed seed makes its lr's mean nan: it never wins and counts as the worst of the sweep.
     assert math.isnan(result["lrs"]["0.01"]["final_mean"]) and result["sweep"]["diverged_lrs"] == ["0.01"]
     tables = quality.summary_tables(suite, {"adamw": result}, {}, "accuracy")
-    assert "| AdamW | 0.001 | 81.0 ± 1.0 |" in tables and "0.01: div." in tables
+    assert "| AdamW | 0.001 | 81.0 ± 1.0 |" in tables and "0.01: error (1 of 3 seeds)" in tables
     quality.plot_suite(suite, {"adamw": result}, "accuracy", tmp_path / "plot.png", {})
     assert (tmp_path / "plot.png").stat().st_size > 0
 
@@ -993,4 +993,4 @@ def test_quality_tables_tell_a_failed_run_from_a_diverged_one():
                ("adamw", "0.001", 0): {**ok, "final": float("nan")},
                ("adamw", "0.003", 0): ok}
     tables = summary_tables(suite, aggregate(suite, methods, records), {}, "accuracy")
-    assert "0.0003: error" in tables and "0.001: div." in tables and "0.003: 90.0" in tables
+    assert "0.0003: error (1 of 1 seeds)" in tables and "0.001: div." in tables and "0.003: 90.0" in tables

@@ -474,9 +474,11 @@ def summary_tables(suite: SuiteSpec, methods: Mapping[str, Any], timings: Mappin
         cells = []
         for lr_key, value in m["sweep"]["final_mean_by_lr"].items():
             # A run that raised is not a run that diverged: say which (the error is in results.json).
-            failed = bool(m["lrs"].get(lr_key, {}).get("errors"))
+            entry = m["lrs"].get(lr_key, {})
+            failed = len(entry.get("errors") or {})
             cells.append(f"{lr_key}: " + (f"{value * scale:.{digits}f}" if math.isfinite(value)
-                                          else "error" if failed else "div."))
+                                          else f"error ({failed} of {entry.get('n_seeds')} seeds)" if failed
+                                          else "div."))
         spread = m["sweep"]["spread"]
         sweep_rows.append([m["label"], "; ".join(cells),
                            f"{m['sweep']['worst_final_mean'] * scale:.{digits}f}"
