@@ -593,6 +593,12 @@ LEVER_OPTIMIZERS: List[tuple] = [
     ("scaled-psi", "scaled-psi-lora", dict(), "grad"),
     ("loko-scalar", "loko", dict(num_outputs=None, observation="loss", lr=1e-3), "loss"),
 ]
+# Opt-in levers, measured only when named in --optimizers (the QR-free momentum balancing, notes/cost.md).
+LEVER_OPTIONAL: List[tuple] = [
+    ("psi-k0-gram", "psi-lora", dict(inner_iters=0, momentum_balance="gram"), "grad"),
+    ("psi-k1-gram", "psi-lora", dict(inner_iters=1, momentum_balance="gram"), "grad"),
+    ("scaled-psi-gram", "scaled-psi-lora", dict(momentum_balance="gram"), "grad"),
+]
 # --compare-eager: the same optimizers with a lever switched off, measured in the same run.
 #   ":compiled"  compile=True: lever 3 on (the library default is the eager step since the H200 run of
 #                benchmarks/notes/cost.md);
@@ -809,7 +815,12 @@ def cmd_levers(args) -> None:
         cfgs = [c for c in cfgs if c["id"] in args.only.split(",")]
     opts = LEVER_OPTIMIZERS
     if args.optimizers:
-        opts = [o for o in opts if o[0] in args.optimizers.split(",")]
+        wanted = args.optimizers.split(",")
+        known = {o[0] for o in LEVER_OPTIMIZERS + LEVER_OPTIONAL}
+        unknown = [name for name in wanted if name not in known]
+        if unknown:
+            raise SystemExit(f"unknown --optimizers {unknown}; choose from {', '.join(sorted(known))}")
+        opts = [o for o in LEVER_OPTIMIZERS + LEVER_OPTIONAL if o[0] in wanted]
     plan = [(c, o) for c in cfgs for o in opts]  # the library defaults first, every configuration
     if args.compare_eager:
         # Compilation is a CUDA lever (the library's compile="auto" is CUDA-only); on a CPU smoke it would only
