@@ -660,8 +660,9 @@ def prepare_smollm2_parts(out_dir: str | os.PathLike | None = None, *,
                         "file_bytes": size, "file_sha256": whole}
             (folder / BUNDLE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             folders.append(folder)
-    if sum(len(f.read_bytes()) for f in (root / SMOLLM2_PARTS[0]).rglob("*.part*")) > GPU_BUNDLE_LIMIT_BYTES:
-        raise ValueError("the first SmolLM2 part is over the one-job limit")
+    for folder in folders:
+        if sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) > GPU_BUNDLE_LIMIT_BYTES:
+            raise ValueError(f"{folder} is over the {GPU_BUNDLE_LIMIT_BYTES / 2**20:.0f} MiB one-job limit")
     return folders
 
 

@@ -245,22 +245,28 @@ def measure_ceilings(device: torch.device) -> Dict[str, float]:
 # ------------------------------------------------------------------------------------------------- one run
 
 
-def run_one(cfg: Dict[str, Any], opt_spec: tuple, args, device: torch.device, profile_to: Optional[str] = None):
+def _optimizer_on(model, reg_name: str, hp: Dict[str, Any], device: torch.device):
+    """``(optimizer, trainable parameters, LoRA shapes, non-LoRA trainable parameters)`` for one row; fused AdamW
+    only where it exists (CUDA)."""
     import loraopt
 
+    hp = dict(hp)
+    if device.type != "cuda" and hp.get("fused"):
+        hp["fused"] = False
+    opt = loraopt.create_optimizer(reg_name, model, **hp)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    shapes = lora_shapes(model)
+    return opt, trainable, shapes, trainable - sum(r * (di + do) for di, do, r in shapes)
+
+
+def run_one(cfg: Dict[str, Any], opt_spec: tuple, args, device: torch.device, profile_to: Optional[str] = None):
     name, reg_name, hp, kind = opt_spec
     res: Dict[str, Any] = dict(config=cfg["id"], model=cfg["model"], r=cfg["r"], seq=cfg["seq"], batch=cfg["batch"],
                                tokens=cfg["seq"] * cfg["batch"], optimizer=name, kind=kind, hp={k: v for k, v in hp.items()})
     model = opt = None
     try:
         model = build_model(cfg["model"], cfg["r"], device, args.smoke)
-        hp = dict(hp)
-        if device.type != "cuda" and hp.get("fused"):
-            hp["fused"] = False
-        opt = loraopt.create_optimizer(reg_name, model, **hp)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        shapes = lora_shapes(model)
-        n_other = trainable - sum(r * (di + do) for di, do, r in shapes)
+        opt, trainable, shapes, n_other = _optimizer_on(model, reg_name, hp, device)
         vocab = model.config.vocab_size
         gen = torch.Generator(device="cpu").manual_seed(1)
         b, T = cfg["batch"], cfg["seq"]
@@ -660,8 +666,6 @@ def _count_dispatched_ops(step) -> int:
 
 def lever_row(model, lora_init, cfg, spec, args, device) -> Dict[str, Any]:
     """One (configuration, optimizer) row on an already built model (its LoRA weights reset first)."""
-    import loraopt
-
     name, reg_name, hp, kind = spec
     res: Dict[str, Any] = dict(config=cfg["id"], optimizer=name, kind=kind, hp=dict(hp))
     opt = None
@@ -669,13 +673,7 @@ def lever_row(model, lora_init, cfg, spec, args, device) -> Dict[str, Any]:
         with torch.no_grad():
             for p, v in zip(lora_init[0], lora_init[1]):
                 p.copy_(v)
-        hp = dict(hp)
-        if device.type != "cuda" and hp.get("fused"):
-            hp["fused"] = False
-        opt = loraopt.create_optimizer(reg_name, model, **hp)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        shapes = lora_shapes(model)
-        n_other = trainable - sum(r * (di + do) for di, do, r in shapes)
+        opt, trainable, shapes, n_other = _optimizer_on(model, reg_name, hp, device)
         gen = torch.Generator(device="cpu").manual_seed(1)
         x = torch.randint(1, model.config.vocab_size, (cfg["batch"], cfg["seq"]), generator=gen).to(device)
         timer = Timer(device)

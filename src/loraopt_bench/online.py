@@ -269,15 +269,13 @@ def phase_lengths(num_phases: int, samples: int, pool_sizes: Optional[Sequence[i
     GPU size: 9,000 samples over pools of 4,000 MNIST and 10,000 Fashion-MNIST images give 4,000 then 5,000)."""
     lengths: List[int] = []
     left = samples
-    for i in range(num_phases):
-        base = left // (num_phases - i)
-        if i == num_phases - 1:
-            base = left
+    for i in range(num_phases - 1):
+        n = left // (num_phases - i)
         if pool_sizes is not None:
-            base = min(base, pool_sizes[i]) if i < num_phases - 1 else base
-        lengths.append(base)
-        left -= base
-    return lengths
+            n = min(n, pool_sizes[i])
+        lengths.append(n)
+        left -= n
+    return lengths + [left]
 
 
 def stream_for_seed(data: StreamData, samples: int, seed: int) -> Tuple[Pool, List[int]]:
