@@ -994,3 +994,35 @@ def test_quality_tables_tell_a_failed_run_from_a_diverged_one():
                ("adamw", "0.003", 0): ok}
     tables = summary_tables(suite, aggregate(suite, methods, records), {}, "accuracy")
     assert "0.0003: error (1 of 1 seeds)" in tables and "0.001: div." in tables and "0.003: 90.0" in tables
+
+
+def test_lr_factor_warmup_then_linear_decay():
+    from loraopt_bench.finetune import lr_factor
+
+    factors = [lr_factor(step, schedule="linear", steps=10, warmup=3) for step in range(11)]
+    assert factors[:3] == pytest.approx([0.25, 0.5, 0.75])
+    assert factors[3:] == pytest.approx([1 - s / 10 for s in range(3, 11)])
+    assert [lr_factor(s, schedule="constant", steps=10) for s in range(3)] == [1.0, 1.0, 1.0]
+    assert lr_factor(0, schedule="constant", steps=10, warmup=1) == pytest.approx(0.5)
+
+
+def test_warmup_steps_validated():
+    from loraopt_bench.finetune import FinetuneConfig
+
+    with pytest.raises(ValueError, match="warmup-steps"):
+        FinetuneConfig(model="mlp", task="digits", optimizer="adamw", steps=5, warmup_steps=5).validate()
+    with pytest.raises(ValueError, match="warmup-steps"):
+        FinetuneConfig(model="mlp", task="digits", optimizer="adamw", steps=5, warmup_steps=-1).validate()
+
+
+def test_quality_ablation_warmup_fraction_becomes_steps(tmp_path):
+    import argparse
+
+    from loraopt_bench import quality
+
+    method = quality.METHODS["psi-lora-warmup"]
+    args = argparse.Namespace(model=None, device="cpu", data_dir=None, loko_jacobian="auto", rank=8)
+    config = quality._finetune_config(quality.SUITES["sst2"], dict(quality.SUITES["sst2"].protocol, steps=2105),
+                                      method, 0.03, 0, tmp_path, args)
+    assert config.warmup_steps == 126 and config.hp == {}
+    assert all(m.lrs == (0.3,) or m.lrs == (0.03,) for m in quality.ABLATIONS)

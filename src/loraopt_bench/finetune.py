@@ -38,6 +38,7 @@ import ast
 import contextlib
 import difflib
 import importlib.util
+import functools
 import inspect
 import json
 import math
@@ -144,6 +145,14 @@ def _library_lr(name: str) -> float:
 CLIPS_INTERNALLY = ("psi-lora", "proj-psi-lora", "scaled-psi-lora", "loko")
 LOKO = "loko"
 SCHEDULES = ("auto", "linear", "constant")
+
+
+def lr_factor(step: int, *, schedule: str, steps: int, warmup: int = 0) -> float:
+    """The multiplier of the base lr before optimizer step ``step`` (0-based): a linear warm-up from 1/(warmup+1)
+    to 1 over the first ``warmup`` steps, then 1 ("constant") or a linear decay that reaches 0 at ``steps``."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return max(0.0, 1.0 - step / steps) if schedule == "linear" else 1.0
 LOKO_JACOBIAN_MODES = ("auto", "batch", "per-sample", "func")
 # A batched backward of b*m Jacobian rows from the batch graph holds b*m copies of the activation gradients, so on
 # CUDA it is used only up to this many rows; beyond, rows come from one-sample graphs (benchmarks/notes/loko.md).
@@ -197,6 +206,7 @@ class FinetuneConfig:
     eval_data: Optional[str] = None
     eval_batch_size: int = 64
     schedule: str = "auto"
+    warmup_steps: int = 0
     max_grad_norm: float = 1.0
     loko_jacobian: str = "auto"
     device: str = "auto"
@@ -212,7 +222,7 @@ class FinetuneConfig:
             ("steps", self.steps, 1), ("batch_size", self.batch_size, 1), ("rank", self.rank, 1),
             ("eval_every", self.eval_every, 0), ("seed", self.seed, 0), ("max_length", self.max_length, 2),
             ("block_size", self.block_size, 2), ("image_size", self.image_size, 8),
-            ("eval_batch_size", self.eval_batch_size, 1),
+            ("eval_batch_size", self.eval_batch_size, 1), ("warmup_steps", self.warmup_steps, 0),
         ]
         for name, value, low in checks:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -229,6 +239,8 @@ class FinetuneConfig:
             raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout!r}")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
             raise ValueError(f"--max-grad-norm must be >= 0 (0 disables clipping), got {self.max_grad_norm!r}")
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"--warmup-steps must be below --steps ({self.steps}), got {self.warmup_steps}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.loko_jacobian not in LOKO_JACOBIAN_MODES:
@@ -973,8 +985,7 @@ def run_finetune(
     rows_path = _loko_rows_path(config, device, task.num_labels or 0) if loko_softmax else None
     schedule = config.schedule if config.schedule != "auto" else ("constant" if is_loko else "linear")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, (lambda step: max(0.0, 1.0 - step / config.steps)) if schedule == "linear" else (lambda step: 1.0)
-    )
+        optimizer, functools.partial(lr_factor, schedule=schedule, steps=config.steps, warmup=config.warmup_steps))
     clip = config.max_grad_norm if config.optimizer_key not in CLIPS_INTERNALLY else 0.0
     trainable = [p for p in model.parameters() if p.requires_grad]
 
@@ -986,6 +997,7 @@ def run_finetune(
             "optimizer_class": type(optimizer).__name__,
             "param_groups": _group_hyperparameters(optimizer),
             "schedule": schedule,
+            "warmup_steps": config.warmup_steps,
             "external_grad_clip": clip,
             "loko_jacobian_rows": {"batch": "batch graph", "per-sample": "one-sample graphs",
                                    "func": "torch.func (vmap of jacrev)"}.get(rows_path) if loko_softmax else None,
@@ -1343,6 +1355,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-batch-size", type=int, default=64, help="evaluation batch size (default 64)")
     parser.add_argument("--schedule", choices=SCHEDULES, default="auto",
                         help="lr schedule: auto = linear decay to 0 (constant for LoKO)")
+    parser.add_argument("--warmup-steps", type=int, default=0,
+                        help="linear warm-up from 0 over the first N steps, then the schedule (default 0: none)")
     parser.add_argument("--max-grad-norm", type=float, default=1.0,
                         help="clip .grad for baseline optimizers (PSI optimizers clip internally; 0 disables)")
     parser.add_argument("--loko-jacobian", choices=LOKO_JACOBIAN_MODES, default="auto",
@@ -1408,7 +1422,8 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         eval_every=args.eval_every, seed=args.seed, out=args.out, hp=parse_hyperparameters(args.hp),
         max_length=args.max_length, block_size=args.block_size, image_size=args.image_size,
         train_limit=args.train_limit, eval_limit=args.eval_limit, eval_data=args.eval_data,
-        eval_batch_size=args.eval_batch_size, schedule=args.schedule, max_grad_norm=args.max_grad_norm,
+        eval_batch_size=args.eval_batch_size, schedule=args.schedule, warmup_steps=args.warmup_steps,
+        max_grad_norm=args.max_grad_norm,
         loko_jacobian=args.loko_jacobian, device=args.device, data_dir=args.data_dir, overwrite=args.overwrite,
         progress=not args.no_progress,
     )

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# One warm two-H200 machine (nvidia-h200-x2), several consecutive calls, one STAGE each, run from the repository
+# root with OUT set. The suites run in the background (setsid) from a snapshot of the committed code copied to
+# /tmp, so they outlive each call and later calls only collect; every call must follow the last within the
+# machine's 30 s idle window. Each model bundle is carried by the one call that stashes it in /tmp (one bundle fits
+# a call's 64 MiB). At most ~30 worker processes on the 32 cores (benchmarks/notes/psi.md §4).
+#   STAGE=lm1     carry .gpu_assets/smollm2-part1       snapshot + stash part 1; sets the common end time
+#   STAGE=lm2     carry .gpu_assets/smollm2-part2 .whl  put SmolLM2 together; LM suite (12 workers, both GPUs)
+#   STAGE=vision  carry .gpu_assets/effnet-fashion-mnist  vision PSI-family sweeps (9 workers)
+#   STAGE=sst2    carry .gpu_assets/minilm-sst2         SST-2 defaults, baselines' seeds, ablations (8 workers)
+#   STAGE=wait    sleep WAIT_S (or until every suite ended), then archive what is there: $OUT/round.tgz
+#   STAGE=timing  wait for the suites' end, archive, then alone on the GPUs: the cost levers (GPU 0) and the online
+#                 per-sample probe (GPU 1); $OUT/round.tgz and $OUT/timing.tgz
+# RUN_S: seconds from STAGE=lm1 at which every suite's --deadline falls (default 1050).
+set -u
+: "${OUT:?set OUT}" "${STAGE:?set STAGE}"
+ROOT=/tmp/round
+SNAP=$ROOT/snap
+mkdir -p $ROOT/work $ROOT/stash
+export PYTHONPATH=$SNAP/src:$ROOT/pyext
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false TORCHDYNAMO_DISABLE=1
+left() { echo $(( $(cat $ROOT/end_at) - $(date +%s) )); }
+quality() {  # gpu suite name workers args...  (background, own session)
+  local gpu=$1 suite=$2 name=$3 workers=$4; shift 4
+  CUDA_VISIBLE_DEVICES=$gpu python -m loraopt.cli bench quality --suite "$suite" --device cuda --workers "$workers" \
+    --deadline "$(left)" --timing-reserve 0 --out "$ROOT/work/$suite/$name" --runs-dir "/tmp/runs/$suite/$name" \
+    "$@" > "$ROOT/work/$suite/$name.log" 2>&1
+}
+archive() { tar czf "$OUT/round.tgz" -C $ROOT/work --exclude='*.png' . ; ls -la "$OUT"; }
+case "$STAGE" in
+lm1)
+  rm -rf $SNAP && cp -r .snap $SNAP
+  echo $(( $(date +%s) + ${RUN_S:-1050} )) > $ROOT/end_at
+  cp -r .gpu_assets/smollm2-part1 $ROOT/stash/ && nvidia-smi -L ;;
+lm2)
+  mkdir -p $ROOT/work/lm && pip install -q --no-deps --target $ROOT/pyext .whl/gguf-*.whl
+  python -c "from loraopt_bench.assets import assemble_smollm2_bundle as a; print(a(['$ROOT/stash/smollm2-part1', '.gpu_assets/smollm2-part2'], '$ROOT/smollm2'))" || exit 1
+  D="--model $ROOT/smollm2 --data-dir $ROOT/stash/smollm2-part1/data"
+  export -f quality left; export ROOT
+  setsid nohup bash -c "quality 0 lm sweep-a 4 $D --methods adamw lora-plus riemannian-adamw loko --seeds 0" >/dev/null 2>&1 < /dev/null &
+  setsid nohup bash -c "quality 0 lm defaults-a 2 $D --methods adamw lora-plus riemannian-adamw loko --lrs adamw=3e-3 lora-plus=3e-4 riemannian-adamw=3e-3 loko=1.0 --seeds 1 2" >/dev/null 2>&1 < /dev/null &
+  setsid nohup bash -c "quality 1 lm sweep-b 4 $D --methods psi-lora proj-psi-lora scaled-psi-lora --seeds 0" >/dev/null 2>&1 < /dev/null &
+  setsid nohup bash -c "quality 1 lm defaults-b 2 $D --methods psi-lora proj-psi-lora scaled-psi-lora --lrs psi-lora=0.03 proj-psi-lora=0.03 scaled-psi-lora=0.3 --seeds 1 2" >/dev/null 2>&1 < /dev/null &
+  sleep 5; left ;;
+vision)
+  mkdir -p $ROOT/work/vision && cp -r .gpu_assets/effnet-fashion-mnist $ROOT/stash/
+  B=$ROOT/stash/effnet-fashion-mnist
+  export LORAOPT_FASHION_MNIST_DIR=$B/data/fashion-mnist
+  D="--model $B --data-dir $B/data --loko-jacobian func"
+  export -f quality left; export ROOT
+  # GPU 0: PSI-LoRA and Proj. PSI-LoRA at 0.01 and 0.1 (0.03, the default, has 3 seeds), then seeds 1-2 at 0.1.
+  setsid nohup bash -c "quality 0 vision psi-sweep 4 $D --methods psi-lora proj-psi-lora --lrs psi-lora=0.01,0.1 proj-psi-lora=0.01,0.1 --seeds 0; quality 0 vision psi-seeds 4 $D --methods psi-lora proj-psi-lora --lrs psi-lora=0.1 proj-psi-lora=0.1 --seeds 1 2" >/dev/null 2>&1 < /dev/null &
+  # GPU 1: Scaled PSI-LoRA at its default 0.3 (3 seeds) and at 0.1 and 1.0.
+  setsid nohup bash -c "quality 1 vision scaled-default 3 $D --methods scaled-psi-lora --lrs scaled-psi-lora=0.3 --seeds 0 1 2" >/dev/null 2>&1 < /dev/null &
+  setsid nohup bash -c "quality 1 vision scaled-sweep 2 $D --methods scaled-psi-lora --lrs scaled-psi-lora=0.1,1.0 --seeds 0" >/dev/null 2>&1 < /dev/null &
+  sleep 5; left ;;
+sst2)
+  mkdir -p $ROOT/work/sst2 && cp -r .gpu_assets/minilm-sst2 $ROOT/stash/
+  B=$ROOT/stash/minilm-sst2
+  D="--model $B --data-dir $B/data --steps 2105 --eval-every 500"
+  export -f quality left; export ROOT
+  setsid nohup bash -c "quality 0 sst2 defaults 4 $D --methods psi-lora-default proj-psi-lora-default riemannian-adamw lora-plus --lrs riemannian-adamw=3e-3 lora-plus=3e-4 --seeds 0 1 2 --method-seeds lora-plus=1,2; quality 0 sst2 riemannian-sweep 4 $D --methods riemannian-adamw --lrs riemannian-adamw=1e-3,1e-2 --seeds 0" >/dev/null 2>&1 < /dev/null &
+  setsid nohup bash -c "quality 1 sst2 ablations 4 $D --methods psi-lora-k0 psi-lora-k2 psi-lora-rank2 psi-lora-warmup proj-psi-lora-k2 proj-psi-lora-warmup scaled-psi-lora-k1 scaled-psi-lora-shampoo scaled-psi-lora-p025 scaled-psi-lora-p1 scaled-psi-lora-beta999 scaled-psi-lora-damp1e-3 scaled-psi-lora-nobc scaled-psi-lora-warmup --seeds 0" >/dev/null 2>&1 < /dev/null &
+  sleep 5; left; nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv ;;
+wait)
+  end=$(( $(date +%s) + ${WAIT_S:-540} ))
+  while [ "$(date +%s)" -lt $end ] && pgrep -f "bench quality" >/dev/null; do sleep 10; done
+  tail -n 3 $ROOT/work/*/*.log; nvidia-smi --query-gpu=index,utilization.gpu --format=csv; archive ;;
+timing)
+  while pgrep -f "bench quality" >/dev/null && [ "$(left)" -gt -60 ]; do sleep 5; done
+  pkill -f "bench quality"; sleep 2
+  tail -n 3 $ROOT/work/*/*.log; archive
+  T=$ROOT/timing; mkdir -p $T
+  ( CUDA_VISIBLE_DEVICES=0 python -m loraopt_bench.cost levers --warmup 2 --steps 6 --budget-s ${COST_BUDGET_S:-200} \
+      --optimizers adamw-fused,psi-k0,psi-k1,proj-psi,scaled-psi,loko-scalar,psi-k0-gram,psi-k1-gram,scaled-psi-gram \
+      --out $T/cost > $T/cost.log 2>&1
+    CUDA_VISIBLE_DEVICES=0 timeout 90 python -m loraopt_bench.cost run --label profile --only smol-r8-s2048 \
+      --optimizers adamw-fused,psi-k1,scaled-psi --profile-config smol-r8-s2048 --profile-opts psi-k1,scaled-psi \
+      --warmup 2 --steps 3 --check 0 --out $T/profile > $T/profile.log 2>&1 ) &
+  ( export LORAOPT_FASHION_MNIST_DIR=$ROOT/stash/effnet-fashion-mnist/data/fashion-mnist
+    for s in fashion:effnet-fashion-mnist sst2:minilm-sst2; do
+      CUDA_VISIBLE_DEVICES=1 timeout 130 python -m loraopt.cli bench online --streams ${s%%:*} --samples 300 \
+        --eval-samples 100 --seeds-list 0 --device cuda --bundle $ROOT/stash/${s#*:} --jobs 1 --no-progress \
+        --methods adamw adagrad loko loko-scalar psi-lora-default scaled-psi-lora --out $T/online-${s%%:*} \
+        > $T/online-${s%%:*}.log 2>&1
+    done ) &
+  wait
+  tail -n 40 $T/cost.log; tail -n 5 $T/*.log
+  tar czf "$OUT/timing.tgz" -C $T . ; ls -la "$OUT" ;;
+*) echo "unknown STAGE=$STAGE"; exit 2 ;;
+esac
