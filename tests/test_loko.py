@@ -229,7 +229,7 @@ def test_regression_observation_equals_pure_filter():
 def test_scalar_loss_observation_equals_pure_filter():
     model = make_model()
     params = trainable(model)
-    opt = create_loko_optimizer(model, num_outputs=None, observation="loss", beta=0.9)
+    opt = create_loko_optimizer(model, num_outputs=None, observation="loss", beta=0.9, r0=0.1)
     opt.step()
     x, y = data(8, 4)
     loss = nn.functional.cross_entropy(model(x), y)

@@ -27,6 +27,7 @@ Jacobian rows then come from ``torch.func`` in one vectorised pass.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
@@ -51,6 +52,7 @@ from .loko_config import (
     check_state_dict,
     expand_observation,
     resolve_p_init,
+    resolve_r0,
     validate_group,
 )
 from .loko_factory import create_loko_optimizer
@@ -130,7 +132,11 @@ class LoKO(LoRAOptimizer):
             ``DEFAULT_P_INIT[observation]``, i.e. ``(1e-3, 1e-1)`` for softmax and regression and ``(1e-2, 1)`` for
             the scalar-loss observation.
         beta: forgetting factor of the ``R`` EMA, in ``[0, 1]`` (1 keeps ``R = r0 I``).
-        r0: ``R_0 = r0 I``.
+        r0: ``R_0 = r0 I``. Default (``None``): ``0.1`` for softmax and regression; ``"first-loss"`` for
+            ``observation="loss"``: ``R_0 = max(0.1, L_1^2)``, set at the first update from the first observed (rank-
+            averaged) loss, so that a loss that stays far from 0 (a language model's ~4 nats) is not met with
+            near-Polyak steps toward 0 while the ``R`` EMA catches up (``loraopt.optim.loko_config``). ``"score"``
+            then calibrates against that ``R_0``.
         r_min: floor of ``R`` (see ``observation``).
         q: process noise added to ``p`` before each update (0: static parameters, as in the paper).
         jitter: relative diagonal shift ``jitter * tr(S)/k + 1e-12`` before factoring ``S`` (retried x10 up to 3
@@ -179,7 +185,7 @@ class LoKO(LoRAOptimizer):
         lr: float = 1.0,
         p_init: Union[Tuple[float, float], float, str, None] = None,
         beta: float = 0.95,
-        r0: float = 0.1,
+        r0: Union[float, str, None] = None,
         r_min: float = 1e-4,
         q: float = 0.0,
         jitter: float = 1e-6,
@@ -197,7 +203,8 @@ class LoKO(LoRAOptimizer):
         expand_observation(filter_values)
         defaults = dict(
             lr=lr, q=q, p_init=resolve_p_init(p_init, filter_values["observation"]), p_floor=p_floor, beta=beta,
-            r0=r0, r_min=r_min, jitter=jitter, batch_mode=batch_mode, seed=seed, exact_residual=exact_residual,
+            r0=resolve_r0(r0, filter_values["observation"]), r_min=r_min, jitter=jitter, batch_mode=batch_mode,
+            seed=seed, exact_residual=exact_residual,
             **filter_values,
         )
         if dtype not in (None, torch.float32, torch.float64):
@@ -262,6 +269,7 @@ class LoKO(LoRAOptimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         group["p_init"] = resolve_p_init(group["p_init"], group["observation"])
+        group["r0"] = resolve_r0(group["r0"], group["observation"])
         validate_group(group)
         if len(self.param_groups) > 1:
             check_same_filter(self.param_groups[0], group, "; set it once in the constructor")
@@ -507,9 +515,24 @@ class LoKO(LoRAOptimizer):
             pending, samples = exact
             residual = exact_residual(pending.model, pending.forward, pending.targets, [p for _, p in active],
                                       samples, s.observation, self._dtype)
+        first = all(float(self.state[p]["step"]) == 0 for _, p in active)
+        if s.r0_from_loss and isinstance(obs, LossGradient) and first:
+            s = self._warm_start_noise(obs, s)
         skipped = filter_update(self.state, self.anchor, active, filtered, obs, s, self._dtype, residual)
         # Counted (no host sync on a GPU) and warned about, rate-limited, by the shared counter.
         self._record_skipped(skipped, "non-finite innovation, covariance or step, or S not factorable")
+
+
+    def _warm_start_noise(self, obs: LossGradient, s: LoKOConfig) -> LoKOConfig:
+        """``r0="first-loss"``, first update: ``R = max(r0 floor, L^2)`` from the observed (rank-averaged) loss, so
+        the noise EMA starts at the value it tends to while the loss stays near its first value, instead of far
+        below it (``loraopt.optim.loko_config``). A non-finite loss leaves ``R`` alone (the step is then skipped).
+        Returns the settings with that ``r0``, so that ``p_init="score"`` calibrates against the same noise."""
+        R = self.state[self.anchor]["R"]
+        L = obs.loss.to(R.dtype).reshape(())
+        value = torch.where(torch.isfinite(L), torch.clamp(L * L, min=s.r0), R.reshape(()))
+        R.copy_(value.reshape(R.shape))
+        return dataclasses.replace(s, r0=float(value))  # one host sync, on the first step only
 
 
 create_loko_optimizer.forwards_to = LoKO  # type: ignore[attr-defined]  (the registry lists LoKO's keywords too)

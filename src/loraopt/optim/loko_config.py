@@ -10,7 +10,17 @@ Fashion-MNIST):
   against 0.84). The scalar-loss observation takes ``U(1e-2, 1)``: its step tends to the bounded Polyak-type step
   ``L p g / sum(p g^2)`` as ``p`` grows, and ``U(1e-2, 1)`` and ``U(0.1, 10)`` were equal and better than
   ``U(1e-3, 1e-1)`` there. Regression was not measured and takes the softmax bounds.
-* ``beta = 0.95``, ``r0 = 0.1`` (the spec's): checked one factor at a time (``beta`` 0.9 / 0.99, ``r0`` 0.01 / 1)
+* ``r0`` of the scalar-loss observation: ``"first-loss"``, ``R_0 = max(0.1, L_1^2)`` set from the first observed
+  loss. With ``R_0 = 0.1`` and the default P0, a causal LM (SmolLM2-135M, loss ~4.6 nats) blew up in 4 steps
+  (validation loss 4.6 -> 14.3): the gain ``sum(p g^2) / (sum(p g^2) + R)`` was 0.65 then 0.93, i.e. near-Polyak
+  steps that try to bring a loss with a floor of ~3-4 nats to 0 (first step 0.3x the adapter norm, all of it in
+  ``lora_B``). The ``R`` EMA (residual form) tends to about ``L^2`` when the loss cannot fall much, but takes tens of
+  steps to get there from 0.1; starting it there keeps the first steps small (LM: no blow-up, and better than the
+  former ``"score"`` at 30 steps) and left the classifier streams where they were (the notes). P0 itself is not the
+  lever: in the near-Polyak regime the step ``L p g / sum(p g^2)`` does not depend on P0's scale, and a data-scaled
+  P0 small enough for the LM (``"score"``) was far worse on the classifier streams (MNIST held-out 0.26-0.46
+  against 0.76-0.83).
+* ``beta = 0.95``, ``r0 = 0.1`` (the spec's, softmax): checked one factor at a time (``beta`` 0.9 / 0.99, ``r0`` 0.01 / 1)
   around the new ``p_init``; see the notes for the numbers.
 * Why P0 matters this much: with ~10^5 filtered coordinates, a 1,000-sample pass shrinks the mean of ``p`` by only
   ~1%, so the filter acts as a fixed diagonal preconditioner (the P0 draw) normalised by ``S``, and the scale of P0
@@ -41,7 +51,7 @@ from ..functional.ekf import EKFConfig
 from ..functional.observations import OBSERVATIONS, Observation, make_observation
 from .checks import check_nonnegative, check_positive, check_range
 
-__all__ = ["LoKOConfig", "GroupSettings", "DEFAULT_P_INIT", "JACOBIAN_PATHS", "SCORE_SNR"]
+__all__ = ["LoKOConfig", "GroupSettings", "DEFAULT_P_INIT", "DEFAULT_R0", "FIRST_LOSS", "JACOBIAN_PATHS", "SCORE_SNR"]
 
 # Where observe() takes the Jacobian rows from (see LoKO.observe); "auto" picks per observation.
 JACOBIAN_PATHS = ("auto", "func", "per-sample", "batch")
@@ -53,6 +63,11 @@ DEFAULT_P_INIT = {name: cls.default_p_init for name, cls in OBSERVATIONS.items()
 # linearisation: on the digits stream (benchmarks/notes/loko.md) it diverged for one seed in three at b = 8, while
 # 0.1 was the best or tied-best P0 on both toy streams measured; 0.01 learns too slowly.
 SCORE_SNR = 0.1
+# r0="first-loss": R_0 = max(R0_FLOOR, L_1^2), the square of the first observed loss (observation="loss" only; see
+# the module docstring). The default r0 per observation (r0=None resolves to it; explicit values win).
+FIRST_LOSS = "first-loss"
+R0_FLOOR = 0.1
+DEFAULT_R0: Dict[str, Union[float, str]] = {"softmax": 0.1, "regression": 0.1, "loss": FIRST_LOSS}
 # Hyperparameters of the one filter over all groups (one R, one S); they must agree across parameter groups.
 FILTER_KEYS = (
     "num_outputs", "observation", "beta", "r0", "r_min", "jitter", "batch_mode", "reduce_simplex", "seed", "exact_residual"
@@ -80,6 +95,7 @@ class LoKOConfig:
     batch_mode: str = "joint"
     seed: int = 0
     exact_residual: bool = False
+    r0_from_loss: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.observation, Observation):
@@ -93,6 +109,11 @@ class LoKOConfig:
                 "exact_residual=True applies to the softmax and regression observations; with observation='loss' the "
                 "residual is the loss itself (use exact_residual=False)"
             )
+        if self.r0_from_loss and self.observation.uses_outputs:
+            raise ValueError(
+                f"r0={FIRST_LOSS!r} applies to observation='loss' only (it sets R_0 from the first observed loss); "
+                f"give observation={self.observation.name!r} a positive float r0"
+            )
         check_range("beta", self.beta, 0.0, 1.0, high_inclusive=True)
         check_positive("r0", self.r0)
         check_positive("r_min", self.r_min)
@@ -105,8 +126,12 @@ class LoKOConfig:
     def from_group(cls, group: Mapping) -> "LoKOConfig":
         """The configuration stored in a parameter group (its ``FILTER_KEYS``)."""
         obs = make_observation(group["observation"], group["num_outputs"], group["reduce_simplex"])
-        return cls(obs, group["beta"], group["r0"], group["r_min"], group["jitter"], group["batch_mode"],
-                   group["seed"], group["exact_residual"])
+        r0 = group["r0"]
+        from_loss = isinstance(r0, str)
+        if from_loss and r0 != FIRST_LOSS:
+            raise ValueError(f"r0 must be a positive float or {FIRST_LOSS!r}, got {r0!r}")
+        return cls(obs, group["beta"], R0_FLOOR if from_loss else r0, group["r_min"], group["jitter"],
+                   group["batch_mode"], group["seed"], group["exact_residual"], from_loss)
 
     def ekf_config(self, lr: Any, q: Any, p_floor: Any, dtype: torch.dtype) -> EKFConfig:
         """The :class:`~loraopt.functional.ekf.EKFConfig` of one step (``lr``, ``q``, ``p_floor``: per group)."""
@@ -181,6 +206,14 @@ def resolve_p_init(p_init: Any, observation: Any) -> Any:
         name = observation.name if isinstance(observation, Observation) else observation
         return DEFAULT_P_INIT.get(name, DEFAULT_P_INIT["softmax"])
     return tuple(p_init) if isinstance(p_init, list) else p_init
+
+
+def resolve_r0(r0: Any, observation: Any) -> Any:
+    """``None`` -> the default ``r0`` of the observation (``DEFAULT_R0``); anything else is kept (validated later)."""
+    if r0 is None:
+        name = observation.name if isinstance(observation, Observation) else observation
+        return DEFAULT_R0.get(name, DEFAULT_R0["softmax"])
+    return r0
 
 
 def validate_group(group: Mapping) -> LoKOConfig:
