@@ -292,6 +292,7 @@ class LoKO(LoRAOptimizer):
         check_state_dict(state_dict, self.param_groups)
         super().load_state_dict(state_dict)
         self._pending = None
+        self._noise_checked = False
 
     @property
     def anchor(self) -> Tensor:
@@ -515,9 +516,15 @@ class LoKO(LoRAOptimizer):
             pending, samples = exact
             residual = exact_residual(pending.model, pending.forward, pending.targets, [p for _, p in active],
                                       samples, s.observation, self._dtype)
-        first = all(float(self.state[p]["step"]) == 0 for _, p in active)
-        if s.r0_from_loss and isinstance(obs, LossGradient) and first:
-            s = self._warm_start_noise(obs, s)
+        if s.r0_from_loss and isinstance(obs, LossGradient) and not getattr(self, "_noise_checked", False):
+            # Read on the host once per optimizer (and once after a load), not at every step: later steps stay free
+            # of host synchronisation. A resumed filter (steps > 0) keeps the R it saved.
+            if all(float(self.state[p]["step"]) == 0 for _, p in active):
+                s = self._warm_start_noise(obs, s)
+                # A non-finite first loss (the step is skipped) leaves R alone and tries again at the next update.
+                self._noise_checked = bool(torch.isfinite(obs.loss).all())
+            else:
+                self._noise_checked = True
         skipped = filter_update(self.state, self.anchor, active, filtered, obs, s, self._dtype, residual)
         # Counted (no host sync on a GPU) and warned about, rate-limited, by the shared counter.
         self._record_skipped(skipped, "non-finite innovation, covariance or step, or S not factorable")
