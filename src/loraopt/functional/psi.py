@@ -23,13 +23,13 @@ Variants (``docs/specs/psi-lora.md`` §3, §3b, §4), with ``g = grad_coef`` (``
 
 Deliberate differences from the reference code, each switchable:
 
-* ``momentum_balance="svd"`` (default) rewrites the low-rank momentum after each update in balanced SVD form,
-  ``M_B = U sqrt(S)``, ``M_A = sqrt(S) V^T`` (two thin QRs and an r_m x r_m SVD; the product ``M_B M_A`` is
-  unchanged).  Without it the momentum LoRSum shrinks one factor by ``mu`` per step while the other absorbs the
+* ``momentum_balance="gram"`` (default) rewrites the low-rank momentum after each update in balanced SVD form,
+  ``M_B = U sqrt(S)``, ``M_A = sqrt(S) V^T``, from r_m x r_m Grams, Cholesky factors and an SVD in float64 (see
+  :func:`balance_gram`); ``"svd"`` gets there with two thin QRs and an r_m x r_m SVD.  The product ``M_B M_A`` is
+  unchanged.  Without it the momentum LoRSum shrinks one factor by ``mu`` per step while the other absorbs the
   gradient: the factors drift apart, ``M_A M_A^T`` becomes ill-conditioned and the next solves amplify rounding
-  until the step blows up (``benchmarks/notes/psi.md``).  ``"gram"`` reaches the same form without a QR of the
-  tall factors (k x k Grams, Cholesky and SVD in float64; see :func:`balance_gram`).  ``"norm"`` only equalises
-  the two Frobenius norms; ``"none"`` is the reference.
+  until the step blows up (``benchmarks/notes/psi.md``).  ``"norm"`` only equalises the two Frobenius norms;
+  ``"none"`` is the reference.
 * ``reference_compat=True`` reproduces the reference where it differs from the paper, which is only at K = 0: its
   unscaled LoRSum is a no-op there (plain PSI-LoRA never moves, the momentum never updates, the first step of
   Proj. PSI-LoRA does nothing).  At K >= 1 the switch changes nothing.
@@ -72,7 +72,7 @@ class PSIConfig(NamedTuple):
     variant: str = "psi"  # "psi" (low-rank momentum; Scaled PSI-LoRA when a metric is given) or "proj"
     iters: int = 1  # K; 0 is the Jacobi round
     jitter: float = 1e-6
-    momentum_balance: str = "svd"  # "svd", "gram", "norm" or "none"
+    momentum_balance: str = "gram"  # "gram", "svd", "norm" or "none"
     momentum_prox: float = 1e-2  # relative proximal weight of the momentum LoRSum, used when lam_momentum is None
     reference_compat: bool = False
     # False: the low-rank momentum is returned unbalanced and the caller balances it (``balance_many``): the

@@ -73,12 +73,14 @@ _ARGS_DOC = r"""
         max_grad_norm: clip the full gradient (captured G of every layer plus other parameters' .grad) to this
             norm inside the optimizer; 0 disables.  Disable the trainer's own clipping: it never sees G.
         jitter: added to the diagonal of every r x r system.
-        momentum_balance: ``"svd"`` (default) keeps the low-rank momentum in balanced SVD form after each update
+        momentum_balance: ``"gram"`` (default) keeps the low-rank momentum in balanced SVD form after each update
             (``M_B = U sqrt(S)``, ``M_A = sqrt(S) V^T``; the product is unchanged), which keeps its solves well
-            conditioned; ``"gram"`` (opt-in) reaches the same form from r_m x r_m Grams, Cholesky factors and an
-            SVD in float64, without a QR of the tall factors (``functional.psi.balance_gram``; on CUDA the tall QR
-            runs one library call per matrix); ``"norm"`` only equalises the factor norms; ``"none"`` is the
-            reference code.
+            conditioned, reached from r_m x r_m Grams, Cholesky factors and an SVD in float64 without a QR of the
+            tall factors (``functional.psi.balance_gram``: on CUDA a tall QR is one library call per matrix; on an
+            H200 this cut the step's kernel launches 3-4.6x and PSI-LoRA K = 1's end-to-end time on SmolLM2-shaped
+            layers from 1.66x to 1.29x fused AdamW, ``benchmarks/notes/cost.md``); ``"svd"`` reaches it with two
+            thin QRs (the earlier default; equal up to the signs of the singular pairs, and rank-deficient factors,
+            see ``balance_gram``); ``"norm"`` only equalises the factor norms; ``"none"`` is the reference code.
         reference_compat: reproduce the reference code where it differs from the paper, which is only at K = 0
             (its unscaled LoRSum is a no-op there: plain PSI-LoRA does not move and no momentum updates).  For
             comparisons with published runs; it changes nothing at K >= 1.
@@ -136,7 +138,7 @@ class PSILoRA(_ProjectedSubspaceOptimizer):
         weight_decay: float = 0.0,
         max_grad_norm: float = 0.0,
         jitter: float = 1e-6,
-        momentum_balance: str = "svd",
+        momentum_balance: str = "gram",
         momentum_prox: Optional[float] = None,
         other_optimizer: str = "sgd",
         adam_betas: Tuple[float, float] = (0.9, 0.999),
@@ -246,7 +248,7 @@ class ScaledPSILoRA(_ProjectedSubspaceOptimizer):
         bias_correction: bool = False,
         metric_scale: str = "absolute",
         jitter: float = 1e-6,
-        momentum_balance: str = "svd",
+        momentum_balance: str = "gram",
         momentum_prox: Optional[float] = None,
         reference_compat: bool = False,
         capture: str = "auto",

@@ -317,7 +317,7 @@ class _ProjectedSubspaceOptimizer(_PSIOptimizerBase):
         momentum_lists = self._momentum_state(layers)
         momentum = None if momentum_lists is None else tuple(torch.stack(ts) for ts in momentum_lists)
         metric = self._metric_input(group, layers, reds)
-        balance = group.get("momentum_balance", "svd")
+        balance = group.get("momentum_balance", "gram")
         reference_compat = group.get("reference_compat", False)
         # The fast path balances the low-rank momentum of every bucket at the end of the step, with one batched SVD
         # (psi_gather.balance_momentum); the per-layer reference balances inside the functional step: same arithmetic.
