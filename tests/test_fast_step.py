@@ -100,6 +100,10 @@ SYNC_CASES = [
     ("proj-psi-lora", dict(lr=0.1, inner_iters=0), 0),
     ("scaled-psi-lora", dict(lr=0.1, other_lr=1e-2), 1),
     ("scaled-psi-lora", dict(lr=0.1, other_lr=1e-2, metric="shampoo", inner_iters=1, momentum_balance="norm"), 0),
+    # The sync-free balancing: no SVD, nothing read on the host.
+    ("psi-lora", dict(lr=0.1, inner_iters=1, momentum=0.9, momentum_balance="polar"), 0),
+    ("psi-lora", dict(lr=0.1, inner_iters=0, momentum=0.9, momentum_balance="polar"), 0),
+    ("scaled-psi-lora", dict(lr=0.1, other_lr=1e-2, momentum_balance="polar"), 0),
 ]
 
 

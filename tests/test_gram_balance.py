@@ -100,7 +100,7 @@ def test_gram_balance_in_float32_keeps_the_product():
 
 
 def test_momentum_balance_is_validated():
-    with pytest.raises(ValueError, match="'svd', 'gram', 'norm' or 'none'"):
+    with pytest.raises(ValueError, match="'gram', 'svd', 'polar', 'norm' or 'none'"):
         loraopt.create_optimizer("psi-lora", make_model(), momentum_balance="qr")
 
 
@@ -139,3 +139,75 @@ def test_gram_balance_makes_no_more_dispatcher_calls_than_svd(name, hp):
     svd = _calls_per_step(name, dict(hp, momentum_balance="svd"), 2, 64)
     gram = _calls_per_step(name, dict(hp, momentum_balance="gram"), 2, 64)
     assert gram <= svd, (svd, gram)
+
+
+# ------------------------------------------------------------------------------------------- "polar" (sync-free)
+
+@pytest.mark.parametrize("case", list(_pairs()))
+def test_polar_balance_keeps_the_product_and_balances_the_factors(case):
+    """``balance_polar``: the product to rounding; equal Grams up to the floor shift; on the directions the SVD
+    resolves (singular values above 1 % of the largest), the singular values of both factors equal the SVD
+    path's ``sqrt(s)``."""
+    from loraopt.functional.psi import balance_polar
+
+    B, A = _pairs()[case]
+    pB, pA = balance_polar(B, A)
+    assert not torch.equal(pB, B)
+    assert _rel(pB @ pA, B @ A) < 1e-13
+    fro = torch.linalg.matrix_norm(B @ A).amax().item()
+    assert (pB.mT @ pB - pA @ pA.mT).abs().max().item() <= 10 * 1e-4 * fro
+    sB, sA = balance_svd(B, A)
+    s = torch.linalg.svdvals(B @ A)[..., :K]
+    resolved = s > 1e-2 * s[..., :1]
+    for new, ref in ((pB, sB), (pA, sA)):
+        got, want = torch.linalg.svdvals(new)[resolved], torch.linalg.svdvals(ref)[resolved]
+        assert torch.allclose(got, want, rtol=2e-3), case
+
+
+def test_polar_balance_leaves_zero_and_nonfinite_pairs_as_given():
+    from loraopt.functional.psi import balance_polar
+
+    g = torch.Generator().manual_seed(3)
+    B, A = torch.randn(L, M, K, dtype=F64, generator=g), torch.randn(L, K, N, dtype=F64, generator=g)
+    B_mixed = torch.cat([torch.zeros_like(B[:2]), B[2:]])
+    out_B, out_A = balance_polar(B_mixed, A)
+    assert torch.equal(out_B[:2], B_mixed[:2]) and torch.equal(out_A[:2], A[:2])
+    assert not torch.equal(out_A[2:], A[2:])
+    bad = B.clone()
+    bad[1, 0, 0] = float("nan")
+    out_B, out_A = balance_polar(bad, A)
+    assert torch.equal(out_A[1], A[1]) and torch.isnan(out_B[1]).any()
+    assert not torch.equal(out_A[0], A[0])
+
+
+@pytest.mark.parametrize("name,hp", [
+    ("psi-lora", {}),
+    ("psi-lora", dict(inner_iters=0)),
+    ("psi-lora", dict(foreach=False)),
+    ("scaled-psi-lora", {}),
+])
+def test_a_polar_balanced_run_follows_the_svd_balanced_run(name, hp):
+    """Ten float64 steps: the PSI momentum step sees the balanced factors only through Grams and products, so a
+    rotation of the balanced pair does not change the run; what remains is the floor (a shift of every direction
+    by 1e-4 of the core's norm instead of a clamp of the small ones)."""
+    runs = {}
+    for balance in ("svd", "polar"):
+        model = make_model().to(F64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = loraopt.create_optimizer(name, model, lr=1e-2, momentum_balance=balance, **hp)
+        for t in range(10):
+            x, y = make_batch("mlp", seed=t)
+            opt.zero_grad()
+            loss_fn(model, x.to(F64), y).backward()
+            opt.step()
+        momentum = [opt.state[layer.B]["momentum_B"] @ opt.state[layer.A]["momentum_A"]
+                    for layer in find_lora_layers(model)]
+        runs[balance] = (params_snapshot(model), momentum)
+    (p_svd, m_svd), (p_polar, m_polar) = runs["svd"], runs["polar"]
+    for n in p_svd:
+        scale = p_svd[n].abs().max().item()
+        assert (p_svd[n] - p_polar[n]).abs().max().item() < 2e-5 * scale, n
+    assert len(m_svd) > 0 and len(m_svd) == len(m_polar)
+    for a, b in zip(m_svd, m_polar):
+        assert (a - b).abs().max().item() < 5e-3 * a.abs().max().item()

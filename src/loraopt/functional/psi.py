@@ -28,8 +28,9 @@ Deliberate differences from the reference code, each switchable:
   :func:`balance_gram`); ``"svd"`` gets there with two thin QRs and an r_m x r_m SVD.  The product ``M_B M_A`` is
   unchanged.  Without it the momentum LoRSum shrinks one factor by ``mu`` per step while the other absorbs the
   gradient: the factors drift apart, ``M_A M_A^T`` becomes ill-conditioned and the next solves amplify rounding
-  until the step blows up (``benchmarks/notes/psi.md``).  ``"norm"`` only equalises the two Frobenius norms;
-  ``"none"`` is the reference.
+  until the step blows up (``benchmarks/notes/psi.md``).  ``"polar"`` balances without any host
+  synchronisation (:func:`balance_polar`).  ``"norm"`` only equalises the two Frobenius norms; ``"none"`` is the
+  reference.
 * ``reference_compat=True`` reproduces the reference where it differs from the paper, which is only at K = 0: its
   unscaled LoRSum is a no-op there (plain PSI-LoRA never moves, the momentum never updates, the first step of
   Proj. PSI-LoRA does nothing).  At K >= 1 the switch changes nothing.
@@ -58,6 +59,7 @@ __all__ = [
     "balance_gram",
     "balance_norm",
     "balance_many",
+    "balance_polar",
     "CompiledPSIStep",
     "resolve_compile",
 ]
@@ -72,7 +74,7 @@ class PSIConfig(NamedTuple):
     variant: str = "psi"  # "psi" (low-rank momentum; Scaled PSI-LoRA when a metric is given) or "proj"
     iters: int = 1  # K; 0 is the Jacobi round
     jitter: float = 1e-6
-    momentum_balance: str = "gram"  # "gram", "svd", "norm" or "none"
+    momentum_balance: str = "gram"  # "gram", "svd", "polar", "norm" or "none"
     momentum_prox: float = 1e-2  # relative proximal weight of the momentum LoRSum, used when lam_momentum is None
     reference_compat: bool = False
     # False: the low-rank momentum is returned unbalanced and the caller balances it (``balance_many``): the
@@ -202,9 +204,13 @@ def _shifted_cholesky(G: Tensor, eye: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     return L.mT, Linv.mT, ok
 
 
-def _gram_group(pairs, floor: float):
-    """:func:`balance_gram` for pairs of one k: the k x k work of all pairs (both sides) in one batch, and per
-    pair only its tall products (two Grams, the first Cholesky QR pass and the rewrite: four ``bmm`` per side)."""
+def _cholesky_qr2(pairs):
+    """The k x k reduction shared by ``"gram"`` and ``"polar"`` for pairs of one k: ``B = Y_B R_B`` and
+    ``A^T = Y_A R_A`` by Cholesky QR run twice in float64 (CholeskyQR2: the second pass on the explicit first-pass
+    ``Q``, so ill-conditioned factors are still orthonormalised to rounding), both sides of every pair in one
+    batch.  Returns ``(Y, sizes, G2, R2inv, core, usable)``: ``Y`` the tall orthonormal factors (the B sides, then
+    the A sides), ``G2`` their Grams, ``R2inv`` the second pass's inverse factors, ``core = R_B R_A^T (P, k, k)``
+    with ``B A = Y_B core Y_A^T`` and ``usable (P,)`` where both factorisations succeeded and the core is finite."""
     k = pairs[0][0].shape[-1]
     P = len(pairs)
     tall = [B.to(torch.float64).reshape(-1, B.shape[-2], k) for B, _ in pairs]
@@ -212,7 +218,6 @@ def _gram_group(pairs, floor: float):
     sizes = [x.shape[0] for x in tall]
     G = torch.cat([torch.bmm(x.mT, x) for x in tall])
     eye = torch.eye(k, dtype=G.dtype, device=G.device)
-    # Cholesky QR, two passes (the second on the explicit first-pass Q, as in CholeskyQR2): X = Y R2 R1.
     R1, R1inv, ok1 = _shifted_cholesky(G, eye)
     Y = [torch.bmm(x, r) for x, r in zip(tall, R1inv.split(sizes))]
     G2 = torch.cat([torch.bmm(y.mT, y) for y in Y])
@@ -223,6 +228,27 @@ def _gram_group(pairs, floor: float):
     usable = usable[:h] & usable[h:]
     core = torch.bmm(R[:h], R[h:].mT)  # B A = (B R_B^-1) core (A^T R_A^-1)^T
     usable = usable & torch.isfinite(core).flatten(1).all(1)
+    return Y, sizes, G2, R2inv, core, usable
+
+
+def _rewrite(pairs, Y, sizes, Tb, Ta, usable):
+    """``B' = Y_B Tb``, ``A' = Ta Y_A^T`` per pair, in the pair's dtype; the pair as given where not ``usable``."""
+    P = len(pairs)
+    out = []
+    for (B, A), yb, ya, tb, ta, u in zip(pairs, Y[:P], Y[P:], Tb.split(sizes[:P]), Ta.split(sizes[:P]),
+                                          usable[:, None, None].split(sizes[:P])):
+        new_B = torch.bmm(yb, tb).to(B.dtype).reshape(B.shape)
+        new_A = torch.bmm(ta, ya.mT).to(A.dtype).reshape(A.shape)
+        u = u.reshape(B.shape[:-2] + (1, 1))
+        out.append((torch.where(u, new_B, B), torch.where(u, new_A, A)))
+    return out
+
+
+def _gram_group(pairs, floor: float):
+    """:func:`balance_gram` for pairs of one k: the k x k work of all pairs (both sides) in one batch, and per
+    pair only its tall products (two Grams, the first Cholesky QR pass and the rewrite: four ``bmm`` per side)."""
+    Y, sizes, G2, R2inv, core, usable = _cholesky_qr2(pairs)
+    h = core.shape[0]
     U, S, Vh = torch.linalg.svd(torch.where(usable[:, None, None], core, torch.zeros_like(core)))
     top = S[:, :1]
     kept = torch.maximum(S, floor * top)
@@ -240,14 +266,62 @@ def _gram_group(pairs, floor: float):
     usable = (usable & (top[:, 0] > 0) & (eb.abs() <= tol * top.unsqueeze(2)).flatten(1).all(1)
               & ~bad_a.flatten(1).any(1) & (ea.diagonal(dim1=-2, dim2=-1) <= tol * kept).all(1))
     # (non-finite Tb or Ta fail the comparisons above: NaN compares false, and reaches eb's and ea's diagonals)
-    out = []
-    for (B, A), yb, ya, tb, ta, u in zip(pairs, Y[:P], Y[P:], Tb.split(sizes[:P]), Ta.split(sizes[:P]),
-                                          usable[:, None, None].split(sizes[:P])):
-        new_B = torch.bmm(yb, tb).to(B.dtype).reshape(B.shape)
-        new_A = torch.bmm(ta, ya.mT).to(A.dtype).reshape(A.shape)
-        u = u.reshape(B.shape[:-2] + (1, 1))
-        out.append((torch.where(u, new_B, B), torch.where(u, new_A, A)))
-    return out
+    return _rewrite(pairs, Y, sizes, Tb, Ta, usable)
+
+
+# Fixed iteration counts of the sync-free "polar" balancing (no convergence test, so no host read): the polar
+# iteration lifts a singular value s of the normalised core by ~1.5x per step while small, so 32 steps resolve
+# s >= ~1e-5 of the Frobenius norm before the quadratic phase; the square root then sees eigenvalues >= the floor
+# shift (1e-4 of the norm), which 20 coupled Newton-Schulz steps resolve (~2.25x per step while small).
+POLAR_ITERS = 32
+SQRT_ITERS = 20
+
+
+def _polar_group(pairs, floor: float):
+    """:func:`balance_polar` for pairs of one k (see :func:`_gram_group` for the batching)."""
+    Y, sizes, G2, R2inv, core, usable = _cholesky_qr2(pairs)
+    h, k = core.shape[0], core.shape[-1]
+    C = torch.where(usable[:, None, None], core, torch.zeros_like(core))
+    norm = torch.linalg.matrix_norm(C).clamp_min(torch.finfo(C.dtype).tiny)[:, None, None]  # Frobenius
+    # Polar factor W of C (C = W H) by the Newton-Schulz iteration X <- 1.5 X - 0.5 X X^T X, X_0 = C / |C|_F.
+    X = C / norm
+    for _ in range(POLAR_ITERS):
+        X = torch.baddbmm(X, X, torch.bmm(X.mT, X), beta=1.5, alpha=-0.5)
+    H = torch.bmm(X.mT, C)
+    eye = torch.eye(k, dtype=C.dtype, device=C.device).expand_as(C)
+    H = 0.5 * (H + H.mT) + (floor * norm) * eye  # symmetric, floored: small directions keep sqrt(floor |C|)
+    # H^(1/2) and H^(-1/2) by the coupled Newton-Schulz square root on H / |H|_F.
+    hn = torch.linalg.matrix_norm(H)[:, None, None]
+    Sq, Z = H / hn, eye
+    for _ in range(SQRT_ITERS):
+        T = torch.baddbmm(eye, Z, Sq, beta=1.5, alpha=-0.5)
+        Sq, Z = torch.bmm(Sq, T), torch.bmm(T, Z)
+    root, inv_root = Sq * hn.sqrt(), Z / hn.sqrt()
+    Tb = torch.bmm(torch.bmm(R2inv[:h], C), inv_root)  # B' = Y_B C H^-1/2
+    Ta = torch.bmm(root, R2inv[h:].mT)  # A' = H^1/2 Y_A^T, so B' A' = Y_B C Y_A^T = B A for any H
+    # Balanced to the floor: B'^T B' = H^-1/2 C^T C H^-1/2 and A' A'^T = H agree up to ~floor |C|_F.
+    gb = torch.bmm(torch.bmm(Tb.mT, G2[:h]), Tb)
+    ga = torch.bmm(torch.bmm(Ta, G2[h:]), Ta.mT)
+    err = (gb - ga).abs().flatten(1).amax(1)
+    usable = usable & (norm[:, 0, 0] > torch.finfo(C.dtype).tiny) & (err <= 10 * floor * norm[:, 0, 0])
+    return _rewrite(pairs, Y, sizes, Tb, Ta, usable)
+
+
+def balance_polar(B: Tensor, A: Tensor, *, floor: float = 1e-4) -> Tuple[Tensor, Tensor]:
+    """A balanced factorisation of ``B A`` without any host synchronisation: ``B' A' = B A`` (to rounding) with
+    ``B'^T B' = A' A'^T`` (to ``~floor |B A|_F``), from the Cholesky QR of :func:`balance_gram` and, instead of
+    its k x k SVD, the polar decomposition ``core = W H`` and ``H^(1/2)`` by fixed counts of Newton-Schulz
+    iterations (batched products only): ``B' = Y_B core H^-1/2``, ``A' = H^1/2 Y_A^T``.
+
+    The same singular values as :func:`balance_svd` (``sqrt(s)`` on both sides) up to a rotation ``Q``:
+    ``(B' , A') = (U sqrt(S) Q, Q^T sqrt(S) V^T)``, which the PSI momentum step does not see (its solves use
+    Grams and products only).  The floor is a shift ``floor |core|_F I`` of ``H`` rather than a clamp of each
+    singular value, so every direction moves by at most that amount.  Where the iterations have not balanced a
+    pair to ``10 floor |core|_F`` (or the core is zero or not finite) the pair is returned as given.  No operation
+    reads a device value on the host, so the step stays free of synchronisations and can be captured in a CUDA
+    graph.
+    """
+    return balance_many([(B, A)], mode="polar", floor=floor)[0]
 
 
 def balance_many(pairs, *, mode: str = "svd", floor: float = 1e-4):
@@ -258,7 +332,7 @@ def balance_many(pairs, *, mode: str = "svd", floor: float = 1e-4):
     only the tall products per pair): ``linalg.svd`` reads its convergence flags
     on the host, a synchronisation on CUDA, so one call for every bucket of a step costs one synchronisation
     instead of one per bucket."""
-    if mode not in ("svd", "gram"):
+    if mode not in ("svd", "gram", "polar"):
         return [_BALANCE[mode](B, A) for B, A in pairs]
     out: list = [None] * len(pairs)
     groups: dict = {}
@@ -268,12 +342,13 @@ def balance_many(pairs, *, mode: str = "svd", floor: float = 1e-4):
             out[i] = balance_norm(B, A)
             continue
         groups.setdefault((k, B.dtype, B.device), []).append(i)
-    if mode == "gram":
+    if mode in ("gram", "polar"):
+        group_fn = _gram_group if mode == "gram" else _polar_group
         by_k: dict = {}
         for (k, _, device), idx in groups.items():
             by_k.setdefault((k, device), []).extend(idx)
         for idx in by_k.values():
-            for i, pair in zip(idx, _gram_group([pairs[i] for i in idx], floor)):
+            for i, pair in zip(idx, group_fn([pairs[i] for i in idx], floor)):
                 out[i] = pair
         return out
     for idx in groups.values():
@@ -298,7 +373,8 @@ def balance_many(pairs, *, mode: str = "svd", floor: float = 1e-4):
     return out
 
 
-_BALANCE = {"svd": balance_svd, "gram": balance_gram, "norm": balance_norm, "none": lambda B, A: (B, A)}
+_BALANCE = {"svd": balance_svd, "gram": balance_gram, "polar": balance_polar, "norm": balance_norm,
+            "none": lambda B, A: (B, A)}
 
 
 # ---------------------------------------------------------------------------------------------- the step

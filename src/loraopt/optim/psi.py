@@ -80,7 +80,10 @@ _ARGS_DOC = r"""
             H200 this cut the step's kernel launches 3-4.6x and PSI-LoRA K = 1's end-to-end time on SmolLM2-shaped
             layers from 1.66x to 1.29x fused AdamW, ``benchmarks/notes/cost.md``); ``"svd"`` reaches it with two
             thin QRs (the earlier default; equal up to the signs of the singular pairs, and rank-deficient factors,
-            see ``balance_gram``); ``"norm"`` only equalises the factor norms; ``"none"`` is the reference code.
+            see ``balance_gram``); ``"polar"`` reaches a balanced pair (the same singular values, up to a rotation
+            the step does not see) from batched products alone, with no host synchronisation, for CUDA-graph
+            capture (``balance_polar``; about 600 more small kernels per step than ``"gram"`` when not captured);
+            ``"norm"`` only equalises the factor norms; ``"none"`` is the reference code.
         reference_compat: reproduce the reference code where it differs from the paper, which is only at K = 0
             (its unscaled LoRSum is a no-op there: plain PSI-LoRA does not move and no momentum updates).  For
             comparisons with published runs; it changes nothing at K >= 1.

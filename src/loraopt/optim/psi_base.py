@@ -45,9 +45,9 @@ def check_shared_hyperparameters(defaults: Dict[str, Any]) -> None:
     check_nonnegative("weight_decay", defaults["weight_decay"])
     check_nonnegative("max_grad_norm", defaults["max_grad_norm"])
     check_nonnegative("jitter", defaults["jitter"])
-    if defaults["momentum_balance"] not in ("svd", "gram", "norm", "none"):
+    if defaults["momentum_balance"] not in ("svd", "gram", "polar", "norm", "none"):
         raise ValueError(
-            f"momentum_balance must be 'svd', 'gram', 'norm' or 'none', got {defaults['momentum_balance']!r}"
+            f"momentum_balance must be 'gram', 'svd', 'polar', 'norm' or 'none', got {defaults['momentum_balance']!r}"
         )
     if defaults["momentum_prox"] is not None:
         check_nonnegative("momentum_prox", defaults["momentum_prox"])
