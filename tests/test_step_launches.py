@@ -91,6 +91,7 @@ CASES = [
     ("proj-psi-lora", {}, 4),
     ("scaled-psi-lora", {}, 64),
     ("scaled-psi-lora", dict(inner_iters=1, metric="shampoo"), 4),
+    ("psi-lora", dict(momentum_balance="polar"), 64),  # the fixed k x k iterations: once per step, not per bucket
 ]
 
 _ADDED_BLOCKS = 6  # 2 -> 8 blocks: 18 more adapters

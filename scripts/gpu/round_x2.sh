@@ -71,8 +71,8 @@ timing)
   pkill -f "bench quality"; sleep 2
   tail -n 3 $ROOT/work/*/*.log; archive
   T=$ROOT/timing; mkdir -p $T
-  ( CUDA_VISIBLE_DEVICES=0 python -m loraopt_bench.cost levers --warmup 2 --steps 6 --budget-s ${COST_BUDGET_S:-200} \
-      --optimizers adamw-fused,psi-k0,psi-k1,proj-psi,scaled-psi,loko-scalar,psi-k0-gram,psi-k1-gram,scaled-psi-gram \
+  ( CUDA_VISIBLE_DEVICES=0 python -m loraopt_bench.cost levers --warmup 2 --steps 6 --budget-s ${COST_BUDGET_S:-240} \
+      --optimizers adamw-fused,psi-k0,psi-k1,proj-psi,scaled-psi,loko-scalar,psi-k0-svd,psi-k1-svd,scaled-psi-svd,psi-k0-polar,psi-k1-polar,scaled-psi-polar \
       --out $T/cost > $T/cost.log 2>&1
     CUDA_VISIBLE_DEVICES=0 timeout 90 python -m loraopt_bench.cost run --label profile --only smol-r8-s2048 \
       --optimizers adamw-fused,psi-k1,scaled-psi --profile-config smol-r8-s2048 --profile-opts psi-k1,scaled-psi \

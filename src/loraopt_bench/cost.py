@@ -599,11 +599,13 @@ LEVER_OPTIMIZERS: List[tuple] = [
     ("scaled-psi", "scaled-psi-lora", dict(), "grad"),
     ("loko-scalar", "loko", dict(num_outputs=None, observation="loss", lr=1e-3), "loss"),
 ]
-# Opt-in levers, measured only when named in --optimizers (the QR-free momentum balancing, notes/cost.md).
+# Opt-in rows, measured only when named in --optimizers: the momentum balancing other than the default "gram"
+# (notes/cost.md): "svd" (the earlier default, two tall QRs) and "polar" (no host synchronisation).
 LEVER_OPTIONAL: List[tuple] = [
-    ("psi-k0-gram", "psi-lora", dict(inner_iters=0, momentum_balance="gram"), "grad"),
-    ("psi-k1-gram", "psi-lora", dict(inner_iters=1, momentum_balance="gram"), "grad"),
-    ("scaled-psi-gram", "scaled-psi-lora", dict(momentum_balance="gram"), "grad"),
+    (f"{name}-{mode}", registry, dict(hp, momentum_balance=mode), "grad")
+    for mode in ("svd", "polar")
+    for name, registry, hp in (("psi-k0", "psi-lora", dict(inner_iters=0)), ("psi-k1", "psi-lora", dict(inner_iters=1)),
+                               ("scaled-psi", "scaled-psi-lora", {}))
 ]
 # --compare-eager: the same optimizers with a lever switched off, measured in the same run.
 #   ":compiled"  compile=True: lever 3 on (the library default is the eager step since the H200 run of

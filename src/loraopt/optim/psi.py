@@ -82,7 +82,7 @@ _ARGS_DOC = r"""
             thin QRs (the earlier default; equal up to the signs of the singular pairs, and rank-deficient factors,
             see ``balance_gram``); ``"polar"`` reaches a balanced pair (the same singular values, up to a rotation
             the step does not see) from batched products alone, with no host synchronisation, for CUDA-graph
-            capture (``balance_polar``; about 600 more small kernels per step than ``"gram"`` when not captured);
+            capture (``balance_polar``; about 150 more small kernels per step than ``"gram"`` when not captured);
             ``"norm"`` only equalises the factor norms; ``"none"`` is the reference code.
         reference_compat: reproduce the reference code where it differs from the paper, which is only at K = 0
             (its unscaled LoRSum is a no-op there: plain PSI-LoRA does not move and no momentum updates).  For

@@ -254,15 +254,15 @@ def _rows_as(value: Tensor, destinations: List[Tensor]) -> List[Tensor]:
 
 def balance_momentum(commits: List[Commit], ok: Tensor) -> None:
     """Balance the new low-rank momentum of every bucket (balanced SVD form, ``functional.psi.balance_many``:
-    one batched k x k SVD for all buckets of one ``momentum_balance`` mode, "svd" or "gram") and write it back
-    where the step went through (``ok``; the old momentum, already balanced, stays otherwise).  Runs last in the
+    one batched k x k SVD, or the k x k iterations, for all buckets of one ``momentum_balance`` mode, "svd", "gram"
+    or "polar") and write it back where the step went through (``ok``; the old momentum, already balanced, stays otherwise).  Runs last in the
     step: ``linalg.svd`` reads its convergence flags on the host, which on CUDA waits for the device, and with
     nothing left to launch after it the wait exposes only this tail instead of the rest of the step."""
     pending = [c.deferred for c in commits if c.deferred is not None]
     if not pending:
         return
     balanced: list = [None] * len(pending)
-    for mode in dict.fromkeys(d[3] for d in pending):  # "svd" or "gram" (a group's momentum_balance)
+    for mode in dict.fromkeys(d[3] for d in pending):  # "svd", "gram" or "polar" (a group's momentum_balance)
         idx = [i for i, d in enumerate(pending) if d[3] == mode]
         for i, pair in zip(idx, balance_many([(pending[i][1][0], pending[i][1][1]) for i in idx], mode=mode)):
             balanced[i] = pair

@@ -322,7 +322,7 @@ class _ProjectedSubspaceOptimizer(_PSIOptimizerBase):
         # The fast path balances the low-rank momentum of every bucket at the end of the step, with one batched SVD
         # (psi_gather.balance_momentum); the per-layer reference balances inside the functional step: same arithmetic.
         defer_balance = (self._foreach and self._variant == "psi" and momentum_lists is not None
-                         and balance in ("svd", "gram")
+                         and balance in ("svd", "gram", "polar")
                          and m_coef > 0 and not (reference_compat and group["inner_iters"] == 0))
         config = PSIConfig(
             variant=self._variant, iters=group["inner_iters"], jitter=group["jitter"],
