@@ -72,9 +72,10 @@ class MethodSpec:
 #   but leaves the head nearly untrained in a few hundred steps (measured: dev accuracy stuck at the majority class
 #   for 4 of 5 lrs at 200 steps);
 # - LoKO: lr scales the Kalman mean update (1 = the filter's own step); P0 is the library default per observation
-#   (chosen on the online benchmark, benchmarks/notes/loko.md). The LM suite's LoKO-scalar keeps the data-scaled
-#   P0 ("score") its committed runs used; "score" was not kept for the classification suites because it was
-#   poor on SST-2 with a fresh head (notes/loko.md).
+#   (chosen on the online benchmark, benchmarks/notes/loko.md). The LM suite's "loko" is LoKO-scalar with the
+#   data-scaled P0 ("score") that its committed runs used (results/lm_epoch/; kept under that key so that merging
+#   them keeps them); "loko-scalar" is LoKO-scalar at the library defaults, whose noise now starts at the first loss
+#   squared (r0="first-loss"), which notes/loko.md measured better than "score" on a 30-step LM check.
 ADAMW_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 METHODS: Dict[str, MethodSpec] = {
     m.key: m
@@ -129,7 +130,8 @@ ABLATIONS: Tuple[MethodSpec, ...] = (
                config={"warmup_fraction": 0.06}),
 )
 METHODS.update({m.key: m for m in ABLATIONS})
-LOKO_SCALAR = replace(METHODS["loko"], label="LoKO-scalar", hp={"p_init": "score", "observation": "loss"})
+LOKO_SCALAR = replace(METHODS["loko"], label="LoKO-scalar (p_init='score')",
+                      hp={"p_init": "score", "observation": "loss"})
 
 # The realistic suites after the defaults were settled (vision first): every method at its library defaults (no hp
 # override), with an lr grid of >= 4 values over >= 30x that holds the library default lr, so that "default" is one
@@ -145,7 +147,9 @@ LIBRARY_DEFAULT_METHODS: Tuple[MethodSpec, ...] = (
 LM_METHODS: Tuple[MethodSpec, ...] = tuple(
     [m for m in LIBRARY_DEFAULT_METHODS if m.key != "loko"]
     + [MethodSpec("riemannian-adamw", "riemannian-adamw", "Riemannian AdamW", (3e-4, 1e-3, 3e-3, 1e-2)),
-       replace(LOKO_SCALAR, lrs=(0.1, 0.3, 1.0, 3.0))])
+       replace(LOKO_SCALAR, lrs=(0.1, 0.3, 1.0, 3.0)),
+       MethodSpec("loko-scalar", "loko", "LoKO-scalar (library defaults)", (0.1, 0.3, 1.0, 3.0),
+                  {"observation": "loss"})])
 LIBRARY_DEFAULT_LRS = {"adamw": 3e-3, "lora-plus": 3e-4, "psi-lora": 3e-2, "proj-psi-lora": 3e-2,
                        "scaled-psi-lora": 0.3, "loko": 1.0}
 
