@@ -112,26 +112,29 @@ def test_momentum_balance_is_validated():
 ])
 def test_a_gram_balanced_run_equals_an_svd_balanced_run(name, hp):
     """Ten float64 steps on a tiny PEFT model: the same parameters to 1e-10 and the same momentum product."""
-    runs = {}
-    for balance in ("svd", "gram"):
-        model = make_model().to(F64)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            opt = loraopt.create_optimizer(name, model, lr=1e-2, momentum_balance=balance, **hp)
-        for t in range(10):
-            x, y = make_batch("mlp", seed=t)
-            opt.zero_grad()
-            loss_fn(model, x.to(F64), y).backward()
-            opt.step()
-        momentum = [opt.state[layer.B]["momentum_B"] @ opt.state[layer.A]["momentum_A"]
-                    for layer in find_lora_layers(model)]
-        runs[balance] = (params_snapshot(model), momentum)
-    (p_svd, m_svd), (p_gram, m_gram) = runs["svd"], runs["gram"]
+    p_svd, m_svd = _ten_steps(name, hp, "svd")
+    p_gram, m_gram = _ten_steps(name, hp, "gram")
     for n in p_svd:
         assert (p_svd[n] - p_gram[n]).abs().max().item() < 1e-10, n
     assert len(m_svd) > 0 and len(m_svd) == len(m_gram)
     for a, b in zip(m_svd, m_gram):
         assert (a - b).abs().max().item() < 1e-10 * max(a.abs().max().item(), 1.0)
+
+
+def _ten_steps(name, hp, balance):
+    """Parameters and per-layer momentum products after ten float64 steps of ``name`` with ``balance``."""
+    model = make_model().to(F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = loraopt.create_optimizer(name, model, lr=1e-2, momentum_balance=balance, **hp)
+    for t in range(10):
+        x, y = make_batch("mlp", seed=t)
+        opt.zero_grad()
+        loss_fn(model, x.to(F64), y).backward()
+        opt.step()
+    momentum = [opt.state[layer.B]["momentum_B"] @ opt.state[layer.A]["momentum_A"]
+                for layer in find_lora_layers(model)]
+    return params_snapshot(model), momentum
 
 
 @pytest.mark.parametrize("name,hp", [("psi-lora", {}), ("psi-lora", dict(inner_iters=0)), ("scaled-psi-lora", {})])
@@ -190,21 +193,8 @@ def test_a_polar_balanced_run_follows_the_svd_balanced_run(name, hp):
     """Ten float64 steps: the PSI momentum step sees the balanced factors only through Grams and products, so a
     rotation of the balanced pair does not change the run; what remains is the floor (a shift of every direction
     by 1e-4 of the core's norm instead of a clamp of the small ones)."""
-    runs = {}
-    for balance in ("svd", "polar"):
-        model = make_model().to(F64)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            opt = loraopt.create_optimizer(name, model, lr=1e-2, momentum_balance=balance, **hp)
-        for t in range(10):
-            x, y = make_batch("mlp", seed=t)
-            opt.zero_grad()
-            loss_fn(model, x.to(F64), y).backward()
-            opt.step()
-        momentum = [opt.state[layer.B]["momentum_B"] @ opt.state[layer.A]["momentum_A"]
-                    for layer in find_lora_layers(model)]
-        runs[balance] = (params_snapshot(model), momentum)
-    (p_svd, m_svd), (p_polar, m_polar) = runs["svd"], runs["polar"]
+    p_svd, m_svd = _ten_steps(name, hp, "svd")
+    p_polar, m_polar = _ten_steps(name, hp, "polar")
     for n in p_svd:
         scale = p_svd[n].abs().max().item()
         assert (p_svd[n] - p_polar[n]).abs().max().item() < 2e-5 * scale, n
