@@ -218,7 +218,9 @@ class LossObservation(Observation):
     loss), target 0, ``H = grad L``, one row per step, ``O(n)`` like AdamW. ``num_outputs`` is ignored.
 
     Default P0 bounds one decade above the output observations: the step tends to the bounded Polyak-type step
-    ``L p g / sum(p g^2)`` as ``p`` grows, so it tolerates, and gains from, larger ``p``."""
+    ``L p g / sum(p g^2)`` as ``p`` grows, so it tolerates, and gains from, larger ``p``.  That step aims at a
+    loss of 0, so ``LoKO`` starts this observation's noise at the first loss squared (``r0="first-loss"``,
+    ``loraopt.optim.loko_config``) rather than at ``0.1``, which kept a language model's first steps small."""
 
     num_outputs: Optional[int] = None
     name: ClassVar[str] = "loss"
