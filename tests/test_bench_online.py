@@ -202,3 +202,51 @@ def test_online_run_records_the_device_and_runs_from_a_bundle_lookup(tmp_path):
     (bundle / "bundle.json").write_text(json.dumps({"bundle": "effnet-fashion-mnist"}))
     assert online.bundle_for("effnet-lite0", [str(bundle)]) == str(bundle)
     assert online.bundle_for("minilm", [str(bundle)]) is None
+
+
+def test_records_resume_a_cut_sweep_and_merge_shares_into_the_uninterrupted_result(tmp_path, monkeypatch):
+    """--records: every finished run is saved; a second call with more seeds runs only the new ones; --merge of two
+    shares (seed 0 and seed 1, written by separate calls) equals one uninterrupted two-seed call, sec/sample
+    aside (timings differ run to run)."""
+    base = ["bench", "online", "--streams", "digits", "--methods", "adamw,loko-scalar", "--samples", "16",
+            "--eval-samples", "20", "--no-progress"]
+    ran = []
+    real_run_one = online.run_one
+    monkeypatch.setattr(online, "run_one", lambda task: ran.append((task.method, task.seed)) or real_run_one(task))
+    share0, share1 = tmp_path / "share0", tmp_path / "share1"
+    assert cli_main(base + ["--seeds-list", "0", "--records", str(share0), "--out", str(tmp_path / "a")]) == 0
+    first = list(ran)
+    assert first and {seed for _, seed in first} == {0}
+    assert len(list(share0.rglob("*.json"))) == len(first)
+    # The same records folder with seeds 0 and 1: seed 0 is reused, only seed 1 runs.
+    ran.clear()
+    assert cli_main(base + ["--seeds-list", "0", "1", "--records", str(share0), "--out", str(tmp_path / "b")]) == 0
+    assert ran and {seed for _, seed in ran} == {1} and len(ran) == len(first)
+    # Seed 1 alone into another folder, then the two shares merged.
+    ran.clear()
+    assert cli_main(base + ["--seeds-list", "1", "--records", str(share1), "--out", str(tmp_path / "c")]) == 0
+    only0 = tmp_path / "only0"
+    for path in share0.rglob("*-s0-*.json"):
+        (only0 / path.relative_to(share0)).parent.mkdir(parents=True, exist_ok=True)
+        (only0 / path.relative_to(share0)).write_text(path.read_text())
+    ran.clear()
+    assert cli_main(["bench", "online", "--merge", str(only0), str(share1), "--out", str(tmp_path / "merged")]) == 0
+    assert ran == []
+    whole = json.loads((tmp_path / "b" / "digits.json").read_text())["runs"]
+    merged = json.loads((tmp_path / "merged" / "digits.json").read_text())["runs"]
+    assert set(whole) == set(merged)
+    for label, run in whole.items():
+        for key in ("online_acc", "online_acc_std", "final_acc", "final_acc_std", "prequential_acc", "window_acc"):
+            assert merged[label][key] == run[key], (label, key)
+        assert [s["seed"] for s in merged[label]["seeds"]] == [0, 1]
+    assert (tmp_path / "merged" / "summary.md").is_file()
+
+
+def test_merge_refuses_records_of_two_protocols(tmp_path, capsys):
+    for samples in ("8", "12"):
+        assert cli_main(["bench", "online", "--streams", "digits", "--methods", "adamw", "--samples", samples,
+                         "--eval-samples", "10", "--seeds", "1", "--no-progress", "--records", str(tmp_path / "r"),
+                         "--out", str(tmp_path / samples)]) == 0
+    assert cli_main(["bench", "online", "--merge", str(tmp_path / "r"), "--out", str(tmp_path / "m")]) == 2
+    assert "disagree on (samples, eval_samples, image_size)" in capsys.readouterr().err
+    assert cli_main(["bench", "online", "--merge", str(tmp_path / "missing"), "--out", str(tmp_path / "m")]) == 2

@@ -6,6 +6,10 @@
 # Every GPU gets its own runner over a share of the seeds; JOBS processes per GPU (keep JOBS x GPUs <= cores: batch-1
 # steps are launch-bound and oversubscribed cores slow every process, benchmarks/notes/psi.md §4). Everything
 # comes back as one archive, $OUT/online.tgz. SEEDS_PER_GPU lists the seeds of each GPU, e.g. "0 1|2" for two GPUs.
+# Every finished run is saved in $WORK/records (--records) and comes back in the archive, so a call stopped by
+# RUN_TIMEOUT loses only the runs in flight. RECORDS=<folder in the checkout> (carried) seeds $WORK/records with the
+# runs of earlier calls, which are then not run again; `loraopt bench online --merge <records folders> --out DIR`
+# turns the records of every call into the stream tables.
 set -u
 : "${OUT:?set OUT}" "${STREAMS:?set STREAMS}" "${BUNDLE:?set BUNDLE}"
 SRC=${SRC:-src}
@@ -16,7 +20,8 @@ ls .whl/*.whl >/dev/null 2>&1 && pip install -q --no-deps --target /tmp/loraopt-
 JOBS=${JOBS:-7}
 SEEDS_PER_GPU=${SEEDS_PER_GPU:-"0 1 2"}
 WORK=/tmp/online
-mkdir -p $WORK
+mkdir -p $WORK/records
+[ -n "${RECORDS:-}" ] && cp -r "$RECORDS"/. $WORK/records/
 IFS='|' read -ra SHARES <<< "$SEEDS_PER_GPU"
 for gpu in "${!SHARES[@]}"; do
   for stream in $STREAMS; do
@@ -24,7 +29,7 @@ for gpu in "${!SHARES[@]}"; do
     ( CUDA_VISIBLE_DEVICES=$gpu timeout ${RUN_TIMEOUT:-540} python -m loraopt.cli bench online --streams $stream \
         --methods ${METHODS:-adamw-wide adagrad-wide loko loko-scalar psi-lora-default scaled-psi-lora} \
         --samples $samples --seeds-list ${SHARES[$gpu]} --device cuda --bundle "$PWD/$BUNDLE" --jobs $JOBS \
-        --no-progress --out $WORK/gpu$gpu-$stream > $WORK/gpu$gpu-$stream.log 2>&1 ) &
+        --no-progress --records $WORK/records --out $WORK/gpu$gpu-$stream > $WORK/gpu$gpu-$stream.log 2>&1 ) &
   done
 done
 wait

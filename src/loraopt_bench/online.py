@@ -643,11 +643,14 @@ def _worker_init(threads: int) -> None:
 
 
 def run_online(tasks: Sequence[RunTask], *, jobs: int = 1, progress: bool = True,
-               on_stream_done: Optional[Callable[[str, Dict[str, Any]], None]] = None) -> Dict[str, Dict[str, Any]]:
+               on_stream_done: Optional[Callable[[str, Dict[str, Any]], None]] = None,
+               done: Optional[Mapping[RunTask, Dict[str, Any]]] = None,
+               on_record: Optional[Callable[[RunTask, Dict[str, Any]], None]] = None) -> Dict[str, Dict[str, Any]]:
     """Run every task (in ``jobs`` worker processes when > 1) and return ``{stream: {run key: aggregate}}``.
 
     ``on_stream_done(stream, runs)`` is called as soon as every task of a stream has finished, so outputs of
-    finished streams are written even if a later stream fails.
+    finished streams are written even if a later stream fails. ``done`` holds records of tasks that already ran
+    (``--records``): they are aggregated, not run again. ``on_record(task, record)`` is called after each run.
     """
     from tqdm.auto import tqdm
 
@@ -671,13 +674,23 @@ def run_online(tasks: Sequence[RunTask], *, jobs: int = 1, progress: bool = True
             if on_stream_done is not None:
                 on_stream_done(task.stream, runs)
 
+    done = done or {}
+    for task in tasks:
+        if task in done:
+            collect(task, done[task])
+
+    def ran(task: RunTask, record: Dict[str, Any]) -> None:
+        if on_record is not None:
+            on_record(task, record)
+        collect(task, record)
+
     # The filter with m Jacobian rows is the slowest run; starting those first balances the workers.
-    ordered = sorted(tasks, key=lambda t: METHODS[t.method].update != SOFTMAX_OBSERVATION)
-    if jobs <= 1:
-        _worker_init(tasks[0].threads if tasks else 1)
+    ordered = sorted((t for t in tasks if t not in done), key=lambda t: METHODS[t.method].update != SOFTMAX_OBSERVATION)
+    if ordered and jobs <= 1:
+        _worker_init(tasks[0].threads)
         for task in ordered:
-            collect(task, run_one(task))
-    else:
+            ran(task, run_one(task))
+    elif ordered:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -687,9 +700,91 @@ def run_online(tasks: Sequence[RunTask], *, jobs: int = 1, progress: bool = True
                                  initargs=(tasks[0].threads,)) as pool:
             futures = {pool.submit(run_one, task): task for task in ordered}
             for future in as_completed(futures):
-                collect(futures[future], future.result())
+                ran(futures[future], future.result())
     bar.close()
     return results
+
+
+# ------------------------------------------------------------------------------------------------- records
+
+# What makes two runs the same run: a record file is reused (--records) or merged (--merge) by these task fields;
+# the device, threads and bundle paths may differ between the calls that produced them.
+RECORD_KEY = ("stream", "method", "grid_index", "seed", "samples", "eval_samples", "image_size")
+
+
+def record_path(records_dir: Path, task: RunTask) -> Path:
+    return records_dir / task.stream / f"{task.method}-g{task.grid_index}-s{task.seed}-n{task.samples}.json"
+
+
+def save_record(records_dir: Path, task: RunTask, record: Dict[str, Any], command: str) -> Path:
+    """One finished run as ``<records_dir>/<stream>/<method>-g<grid>-s<seed>-n<samples>.json`` (written to a
+    temporary name first, so a run stopped mid-write leaves no partial file)."""
+    path = record_path(records_dir, task)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"task": {k: getattr(task, k) for k in RECORD_KEY}, "device": task.device, "command": command,
+               "torch": torch.__version__, "record": jsonable(record)}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_record_files(paths: Sequence[Path]) -> List[Dict[str, Any]]:
+    """Every record file under the given folders (or the files themselves), sorted by path."""
+    files: List[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files.extend(sorted(path.rglob("*.json")))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: no such record folder or file (written by --records)")
+    payloads = []
+    for file in files:
+        payload = json.loads(file.read_text())
+        if not {"task", "record"} <= set(payload):
+            raise ValueError(f"{file} is not a run record of `loraopt bench online --records`")
+        payloads.append(payload)
+    return payloads
+
+
+def _key_of(task_fields: Mapping[str, Any]) -> Tuple[Any, ...]:
+    return tuple(task_fields[k] for k in RECORD_KEY)
+
+
+def records_for(tasks: Sequence[RunTask], records_dir: Path) -> Dict[RunTask, Dict[str, Any]]:
+    """The saved records of ``tasks`` that already ran (same stream, method, grid point, seed and sizes)."""
+    if not records_dir.is_dir():
+        return {}
+    saved = {_key_of(p["task"]): p["record"] for p in load_record_files([records_dir])}
+    return {t: saved[_key_of({k: getattr(t, k) for k in RECORD_KEY})] for t in tasks
+            if _key_of({k: getattr(t, k) for k in RECORD_KEY}) in saved}
+
+
+def merge_records(paths: Sequence[Path]) -> Dict[str, Tuple[int, Dict[str, Any], List[str]]]:
+    """``{stream: (samples, runs, commands)}`` from record files: the runs of one stream aggregated per (method,
+    grid point) over their seeds. A duplicate (same run twice) keeps the later file; a stream whose records
+    disagree on the stream length or held-out size is refused."""
+    by_stream: Dict[str, Dict[Tuple[Any, ...], Dict[str, Any]]] = {}
+    for payload in load_record_files(paths):
+        by_stream.setdefault(payload["task"]["stream"], {})[_key_of(payload["task"])] = payload
+    merged = {}
+    for stream, payloads in by_stream.items():
+        sizes = {(p["task"]["samples"], p["task"]["eval_samples"], p["task"]["image_size"]) for p in payloads.values()}
+        if len(sizes) > 1:
+            raise ValueError(f"stream {stream}: the records disagree on (samples, eval_samples, image_size): "
+                             f"{sorted(sizes, key=str)}; merge records of one protocol at a time")
+        samples = next(iter(sizes))[0]
+        groups: Dict[Tuple[str, int], List[Dict[str, Any]]] = {}
+        for p in payloads.values():
+            groups.setdefault((p["task"]["method"], p["task"]["grid_index"]), []).append(p["record"])
+        runs = {}
+        for (method, index), records in groups.items():
+            aggregate = aggregate_runs(stream, method, index, records, samples)
+            runs[aggregate["label"]] = aggregate
+        commands = sorted({p["command"] for p in payloads.values()})
+        merged[stream] = (samples, runs, commands)
+    return merged
 
 
 # ------------------------------------------------------------------------------------------------- outputs
@@ -877,7 +972,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel worker processes (default "
                         "%(default)s); each uses --threads threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--records", type=Path, default=None, metavar="DIR",
+                        help="write each finished run to DIR/<stream>/ as it ends, and reuse the runs already there "
+                             "(the same stream, method, grid point, seed and sizes): a sweep cut short loses only "
+                             "the runs in flight, and a later call finishes it")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR",
+                        help="run nothing: aggregate the record folders (or files) of --records, e.g. shares of one "
+                             "sweep run on several machines, into --out")
     args = parser.parse_args(argv)
+    command = "loraopt bench online" + ("" if not argv else " " + " ".join(shlex.quote(a) for a in argv))
+    if args.merge:
+        try:
+            merged = merge_records(args.merge)
+        except (FileNotFoundError, ValueError) as error:
+            print(f"loraopt bench online: {error}", file=sys.stderr)
+            return 2
+        if not merged:
+            print(f"loraopt bench online: no run records under {' '.join(map(str, args.merge))}", file=sys.stderr)
+            return 2
+        for stream, (samples, runs, commands) in merged.items():
+            config = {"command": command, "samples": samples, "merged_commands": commands,
+                      "seeds": max(len(run["seeds"]) for run in runs.values()),
+                      "selection": "best grid point per method = highest mean final held-out accuracy"}
+            write_stream_outputs(stream, runs, args.out, config=config)
+        summary = write_summary(args.out, header=f"Merged from the run records of {len(merged)} stream(s): "
+                                                 f"`{command}`.\n")
+        print(f"wrote {args.out}/<stream>.json, .png and {summary}")
+        return 0
 
     streams = _split_list(args.streams) or list(DEFAULT_STREAMS)
     methods = _split_list(args.methods)
@@ -893,8 +1014,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tasks = plan_tasks(streams, methods, seeds, samples=args.samples, eval_samples=args.eval_samples,
                        quick=args.quick, image_size=args.image_size, threads=args.threads, device=args.device,
                        bundles=args.bundle)
-    command = "loraopt bench online" + ("" if not argv else " " + " ".join(shlex.quote(a) for a in argv))
     started = time.perf_counter()
+    done = records_for(tasks, args.records) if args.records is not None else {}
+    if done:
+        print(f"reusing {len(done)} of {len(tasks)} runs from {args.records}")
 
     def write(stream: str, runs: Dict[str, Any]) -> None:
         task = next(t for t in tasks if t.stream == stream)
@@ -913,7 +1036,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         write_stream_outputs(stream, runs, args.out, config=config)
 
     try:
-        results = run_online(tasks, jobs=args.jobs, progress=not args.no_progress, on_stream_done=write)
+        results = run_online(
+            tasks, jobs=args.jobs, progress=not args.no_progress, on_stream_done=write, done=done,
+            on_record=(None if args.records is None else
+                       lambda task, record: save_record(args.records, task, record, command)))
     except (FileNotFoundError, ImportError) as error:
         print(f"loraopt bench online: {error}", file=sys.stderr)
         return 1
