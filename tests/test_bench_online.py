@@ -250,3 +250,10 @@ def test_merge_refuses_records_of_two_protocols(tmp_path, capsys):
     assert cli_main(["bench", "online", "--merge", str(tmp_path / "r"), "--out", str(tmp_path / "m")]) == 2
     assert "disagree on (samples, eval_samples, image_size)" in capsys.readouterr().err
     assert cli_main(["bench", "online", "--merge", str(tmp_path / "missing"), "--out", str(tmp_path / "m")]) == 2
+
+
+def test_every_stream_has_a_class_count_and_topk_is_refused_where_it_has_too_few(capsys):
+    assert set(online.STREAM_CLASSES) == set(online.STREAMS)
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "online", "--streams", "sst2", "--methods", "loko-topk", "--quick"])
+    assert "stream sst2 has 2" in capsys.readouterr().err

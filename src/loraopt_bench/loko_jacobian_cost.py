@@ -24,7 +24,8 @@ Methods per configuration: ``adamw-fused`` (forward, cross-entropy, backward, ``
 with the softmax observation through each Jacobian path: ``loko-batch`` (rows from the batch graph),
 ``loko-per-sample`` (one-sample graphs from ``inputs=``), ``loko-func`` (``torch.func``, attention forced to the
 math kernel), ``loko-func-fused-attn`` (``torch.func`` with the default attention kernels; attention models
-only) and ``loko-auto`` (the default choice). A LoKO step is forward + ``observe`` + ``step`` (no backward).
+only) and ``loko-auto`` (the default choice); ``loko-func-top2`` / ``loko-func-top3`` run the reduced observation
+(``top_k``) through ``torch.func``. A LoKO step is forward + ``observe`` + ``step`` (no backward).
 
 Per method: ``warmup`` steps, then up to ``steps`` timed steps (fewer when a step is slow, ``--budget`` seconds per
 method); CUDA events (host clock on CPU) around the whole step and around ``step()``; medians. The ratio is
@@ -57,6 +58,9 @@ from .data import project_root
 # Targets of issue 10 (e2e step time against fused AdamW).
 TARGETS = {"cls-b8": 3.0, "cls-b1": 1.5, "effnet-b32": 5.0}
 LOKO_PATHS = ("batch", "per-sample", "func", "func-fused-attn", "auto")
+# The reduced observation (``top_k``: the target and the k - 1 most probable other classes) through torch.func:
+# k of the m rows per sample.
+LOKO_TOPK = ("func-top2", "func-top3")
 
 
 # ------------------------------------------------------------------------------------------------- models
@@ -203,8 +207,9 @@ def _make_optimizer(method: str, model: nn.Module, m: int, device: torch.device)
     if method == "adamw-fused":
         return loraopt.create_optimizer("adamw", model, lr=1e-4, fused=device.type == "cuda")
     path = method[len("loko-"):]
+    path, _, top = path.partition("-top")
     jac = "func" if path.startswith("func") else path
-    opt = loraopt.create_optimizer("loko", model, num_outputs=m, jacobian=jac)
+    opt = loraopt.create_optimizer("loko", model, num_outputs=m, jacobian=jac, top_k=int(top) if top else None)
     if path == "func-fused-attn":
         opt._func_math_attention = False
     return opt
@@ -380,7 +385,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         info["gpu"] = torch.cuda.get_device_name()
         torch.backends.cuda.matmul.allow_tf32 = False  # the library's setting (fp32 filter math)
     print(json.dumps(info), flush=True)
-    methods = ["adamw-fused"] + [f"loko-{p}" for p in LOKO_PATHS]
+    methods = ["adamw-fused"] + [f"loko-{p}" for p in LOKO_PATHS + LOKO_TOPK]
     if args.methods:
         methods = [m for m in methods if m in args.methods.split(",")]
     data: Dict[str, Any] = dict(info=info, targets=TARGETS, configs=[])

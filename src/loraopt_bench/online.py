@@ -139,6 +139,8 @@ METHODS: Dict[str, MethodSpec] = {
                    _grid(p_init=[(1e-4, 1e-2), (1e-3, 1e-1), (3e-3, 3e-1), (1e-2, 1.0), "score"])),
         MethodSpec("loko-beta", "loko", "LoKO beta", SOFTMAX_OBSERVATION, _grid(beta=(0.9, 0.99))),
         MethodSpec("loko-r0", "loko", "LoKO r0", SOFTMAX_OBSERVATION, _grid(r0=(0.01, 1.0))),
+        # The reduced observation (issue 10 §1): the target and the top_k - 1 most probable other classes.
+        MethodSpec("loko-topk", "loko", "LoKO top_k", SOFTMAX_OBSERVATION, _grid(top_k=(2, 3))),
         MethodSpec("loko-scalar-p0", "loko", "LoKO-scalar P0", LOSS_OBSERVATION,
                    tuple({"observation": "loss", "p_init": p} for p in [(1e-4, 1e-2), (1e-3, 1e-1), (1e-2, 1.0),
                                                                         (1e-1, 10.0)])),
@@ -146,6 +148,8 @@ METHODS: Dict[str, MethodSpec] = {
 }
 
 # ------------------------------------------------------------------------------------------------- streams
+
+STREAM_CLASSES = {"mnist": 10, "fashion": 10, "sst2": 2, "drift": 10, "digits": 10}
 
 
 @dataclass(frozen=True)
@@ -1006,6 +1010,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if unknown:
         parser.error(f"unknown stream or method {unknown}: streams are {', '.join(STREAMS)}; methods are "
                      f"{', '.join(METHODS)}")
+    too_few = [(m, st) for m in (methods or []) for st in streams
+               if any(g.get("top_k", 0) > STREAM_CLASSES[st] for g in METHODS[m].grid)]
+    if too_few:
+        parser.error(f"{too_few[0][0]} observes up to {max(g['top_k'] for g in METHODS[too_few[0][0]].grid)} classes "
+                     f"per sample; stream {too_few[0][1]} has {STREAM_CLASSES[too_few[0][1]]}: leave it out there")
     seeds = list(args.seeds_list) if args.seeds_list else list(range(1 if args.quick else args.seeds))
     if not seeds or (args.samples is not None and args.samples < 1) or args.jobs < 1 or args.threads < 1:
         parser.error("--seeds, --samples, --jobs and --threads must be at least 1")

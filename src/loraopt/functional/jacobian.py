@@ -210,10 +210,11 @@ def func_jacobian(
     model: nn.Module,
     inputs: Any,
     params: Sequence[Tensor],
-    observe_one: Callable[[Tensor], Tensor],
+    observe_one: Callable[..., Tensor],
     *,
     dtype: torch.dtype,
     math_attention: bool = True,
+    per_sample: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Jacobian rows and values of an observed function of every sample, from one ``vmap`` of ``jacrev``.
 
@@ -221,8 +222,10 @@ def func_jacobian(
         model: the module ``params`` belong to; it is called through ``functional_call`` on one sample at a time.
         inputs: the batch (see :func:`split_inputs`), samples along dim 0 of each batched tensor.
         params: the ``n``-coordinate state, in order.
-        observe_one: ``out -> h: (k,)``, the observed function of one sample's model output ``out`` (any shape).
+        observe_one: ``out -> h: (k,)``, the observed function of one sample's model output ``out`` (any shape);
+            ``(out, extra) -> h`` when ``per_sample`` is given.
         dtype: dtype of ``H``.
+        per_sample: ``(b, ...)``: one more input of ``observe_one`` per sample (e.g. which outputs it observes).
         math_attention: run scaled-dot-product attention on the math kernel (the fused ones cannot be vmapped).
 
     Returns:
@@ -236,15 +239,19 @@ def func_jacobian(
     b = leaves[0].shape[0]
     theta = {name: p.detach() for name, p in zip(names, params)}
 
+    extra = [] if per_sample is None else [per_sample]
+
     def observed(th: Dict[str, Tensor], *sample: Tensor) -> Tuple[Tensor, Tensor]:
+        sample, more = sample[: len(leaves)], sample[len(leaves):]
         args, kwargs = rebuild([x.unsqueeze(0) for x in sample])
-        h = observe_one(model_outputs(functional_call(model, th, args, kwargs), "the model"))
+        h = observe_one(model_outputs(functional_call(model, th, args, kwargs), "the model"), *more)
         return h, h
 
-    rows = vmap(jacrev(observed, has_aux=True), in_dims=(None,) + (0,) * len(leaves), randomness="different")
+    rows = vmap(jacrev(observed, has_aux=True), in_dims=(None,) + (0,) * (len(leaves) + len(extra)),
+                randomness="different")
     try:
         with _attention_for_vmap(math_attention):
-            jac, h = rows(theta, *leaves)
+            jac, h = rows(theta, *leaves, *extra)
     except (RuntimeError, NotImplementedError) as exc:
         raise FuncUnsupported(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
     H = torch.cat([jac[name].reshape(b * h.shape[-1], -1).to(dtype) for name in names], dim=1)

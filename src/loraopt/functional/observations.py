@@ -116,24 +116,75 @@ class SoftmaxObservation(Observation):
     ``R``'s all-ones direction is floored (innovations and rows are orthogonal to it, so the EMA would shrink it to
     a singular ``S``). ``reduce_simplex=True`` observes the first ``m - 1`` classes (exact and cheaper): ``R`` is
     ``(m-1) x (m-1)``, started at the ``1``-orthogonal part of ``r0 I`` so both forms give the same updates, and no
-    floor is needed."""
+    floor is needed.
+
+    ``top_k=k`` (a reduced observation, not the paper's): per sample only ``k`` of the ``m`` probabilities are
+    observed, in slots: slot 0 is the target class (the most probable one under soft targets), slots ``1..k-1``
+    the other classes the model finds most probable now, in decreasing order. The Jacobian rows, their cost and
+    ``S`` shrink by ``k / m``; ``R`` is ``k x k`` over the slots (its smallest eigenvalue floored, as for
+    regression). The classes left out carry the smallest innovations ``0 - p_c``. With ``k = m`` the first update
+    equals the full observation's (the slots are a permutation of the classes and ``R_0 = r0 I``); later ones
+    differ only through ``R``, whose EMA runs over slots instead of classes."""
 
     num_outputs: int
     reduce_simplex: bool = False
+    top_k: Optional[int] = None
     name: ClassVar[str] = "softmax"
 
     def __post_init__(self) -> None:
         _check_count(self.name, self.num_outputs, 2, "classes")
         if not isinstance(self.reduce_simplex, bool):
             raise ValueError(f"reduce_simplex must be True or False, got {self.reduce_simplex!r}")
+        k = self.top_k
+        if k is not None:
+            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_outputs:
+                raise ValueError(f"top_k must be an integer in [1, num_outputs={self.num_outputs}] (or None: every "
+                                 f"class), got {k!r}")
+            if self.reduce_simplex:
+                raise ValueError("top_k and reduce_simplex=True are two different reductions: choose one")
 
     @property
     def noise_floor(self) -> str:  # type: ignore[override]
+        if self.top_k is not None:
+            return "eig"
         return "none" if self.reduce_simplex else "ones"
 
     @property
     def dim(self) -> int:
+        if self.top_k is not None:
+            return self.top_k
         return self.num_outputs - 1 if self.reduce_simplex else self.num_outputs
+
+    def select(self, p: Tensor, y: Tensor) -> Tensor:
+        """``(N, k)`` class index per slot (``top_k`` only): the target class, then the ``k - 1`` other classes
+        of largest probability ``p: (N, m)`` (detached), in decreasing order; ``y: (N, m)`` encoded targets."""
+        target = y.argmax(-1, keepdim=True)
+        if self.top_k == 1:
+            return target
+        others = p.detach().scatter(-1, target, float("-inf"))
+        return torch.cat([target, others.topk(self.top_k - 1, dim=-1).indices], dim=-1)
+
+    def innovation(self, y: Tensor, h: Tensor) -> Tensor:
+        if self.top_k is None:
+            return super().innovation(y, h)
+        return (y - h).gather(-1, self.select(h, y))
+
+    def observe_one(self, out: Tensor, slots: Optional[Tensor] = None) -> Tensor:
+        if self.top_k is None:
+            return super().observe_one(out)
+        return torch.softmax(out.reshape(self.num_outputs), dim=-1).index_select(0, slots)
+
+    def rows(
+        self, h: Tensor, y: Tensor, samples: Iterable[int], params: Sequence[Tensor], dtype: torch.dtype
+    ) -> OutputRows:
+        if self.top_k is None:
+            return super().rows(h, y, samples, params, dtype)
+        m = h.shape[1]
+        idx = torch.as_tensor(list(samples), dtype=torch.long, device=h.device)
+        slots = self.select(h.detach().index_select(0, idx), y.index_select(0, idx))
+        H = output_jacobian(h, params, rows=(idx[:, None] * m + slots).reshape(-1), dtype=dtype)
+        e = (y.index_select(0, idx) - h.detach().index_select(0, idx)).gather(-1, slots)
+        return OutputRows(H, e)
 
     def initial_noise(self, r0: float, dtype: torch.dtype, device: torch.device) -> Tensor:
         R = r0 * torch.eye(self.dim, dtype=dtype, device=device)
@@ -245,13 +296,16 @@ class LossObservation(Observation):
 OBSERVATIONS = {cls.name: cls for cls in (SoftmaxObservation, RegressionObservation, LossObservation)}
 
 
-def make_observation(observation: object, num_outputs: Optional[int], reduce_simplex: bool = False) -> Observation:
+def make_observation(observation: object, num_outputs: Optional[int], reduce_simplex: bool = False,
+                     top_k: Optional[int] = None) -> Observation:
     """The observation type for the string options of ``LoKO`` (``"softmax"``, ``"regression"``, ``"loss"``)."""
     if observation not in OBSERVATIONS:
         raise ValueError(f"observation must be one of {tuple(OBSERVATIONS)}, got {observation!r}")
     if observation == "softmax":
-        return SoftmaxObservation(num_outputs, reduce_simplex)  # type: ignore[arg-type]
+        return SoftmaxObservation(num_outputs, reduce_simplex, top_k)  # type: ignore[arg-type]
     made = OBSERVATIONS[observation](num_outputs)  # type: ignore[abstract]
     if reduce_simplex:
         raise ValueError("reduce_simplex=True only applies to observation='softmax'")
+    if top_k is not None:
+        raise ValueError("top_k only applies to observation='softmax'")
     return made

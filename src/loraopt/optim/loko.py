@@ -144,6 +144,8 @@ class LoKO(LoRAOptimizer):
         p_floor: lower clamp of ``p``.
         batch_mode: ``"joint"`` or ``"sequential"``.
         reduce_simplex: softmax only, observe ``m - 1`` classes.
+        top_k: softmax only, a reduced observation: per sample the target class and the ``top_k - 1`` other
+            classes the model finds most probable (``SoftmaxObservation``); ``top_k / m`` of the Jacobian rows.
         seed: seed of the P0 draw (identical on every rank).
         exact_residual: use the exact post-update residual ``y - h(x; theta_new)`` in the ``R`` update instead of
             the linearised ``e - lr H delta`` (``docs/specs/loko.md`` §4). It costs one more forward per sample, so
@@ -176,6 +178,9 @@ class LoKO(LoRAOptimizer):
 
     supports_dtensor = True
 
+    # State dicts saved before ``top_k`` existed lack it: they load as the full observation (``top_k=None``).
+    _optional_group_keys = frozenset({"top_k"})
+
     def __init__(
         self,
         params: Iterable,
@@ -192,6 +197,7 @@ class LoKO(LoRAOptimizer):
         p_floor: float = 1e-12,
         batch_mode: str = "joint",
         reduce_simplex: bool = False,
+        top_k: Optional[int] = None,
         seed: int = 0,
         exact_residual: bool = False,
         dtype: Optional[torch.dtype] = None,
@@ -199,7 +205,8 @@ class LoKO(LoRAOptimizer):
         jacobian: str = "auto",
         model: Optional[nn.Module] = None,
     ):
-        filter_values = dict(num_outputs=num_outputs, observation=observation, reduce_simplex=reduce_simplex)
+        filter_values = dict(num_outputs=num_outputs, observation=observation, reduce_simplex=reduce_simplex,
+                             top_k=top_k)
         expand_observation(filter_values)
         defaults = dict(
             lr=lr, q=q, p_init=resolve_p_init(p_init, filter_values["observation"]), p_floor=p_floor, beta=beta,
@@ -278,7 +285,7 @@ class LoKO(LoRAOptimizer):
         first = self.param_groups[0]
         for group in self.param_groups[1:]:
             check_same_filter(first, group)
-        key = tuple(first[k] for k in FILTER_KEYS)
+        key = tuple(first.get(k) for k in FILTER_KEYS)
         if self._config_cache is None or self._config_cache[0] != key:
             self._config_cache = (key, LoKOConfig.from_group(first))
         return self._config_cache[1]

@@ -69,8 +69,11 @@ FIRST_LOSS = "first-loss"
 R0_FLOOR = 0.1
 DEFAULT_R0: Dict[str, Union[float, str]] = {"softmax": 0.1, "regression": 0.1, "loss": FIRST_LOSS}
 # Hyperparameters of the one filter over all groups (one R, one S); they must agree across parameter groups.
+# Filter keys a state dict saved before they existed may lack (read with their default, None).
+OPTIONAL_KEYS = ("top_k",)
 FILTER_KEYS = (
-    "num_outputs", "observation", "beta", "r0", "r_min", "jitter", "batch_mode", "reduce_simplex", "seed", "exact_residual"
+    "num_outputs", "observation", "beta", "r0", "r_min", "jitter", "batch_mode", "reduce_simplex", "seed", "exact_residual",
+    "top_k",
 )
 # The hyperparameters every LoKO parameter group carries (checked when a state dict is loaded).
 GROUP_KEYS = ("lr", "q", "p_init", "p_floor")
@@ -125,7 +128,11 @@ class LoKOConfig:
     @classmethod
     def from_group(cls, group: Mapping) -> "LoKOConfig":
         """The configuration stored in a parameter group (its ``FILTER_KEYS``)."""
-        obs = make_observation(group["observation"], group["num_outputs"], group["reduce_simplex"])
+        obs = make_observation(group["observation"], group["num_outputs"], group["reduce_simplex"],
+                               group.get("top_k"))
+        if getattr(obs, "top_k", None) is not None and group["exact_residual"]:
+            raise ValueError("exact_residual=True re-evaluates every observed output after the update, and top_k "
+                             "picks the observed classes from the outputs before it: use one of the two")
         r0 = group["r0"]
         from_loss = isinstance(r0, str)
         if from_loss and r0 != FIRST_LOSS:
@@ -175,10 +182,10 @@ def check_same_filter(first: Mapping, group: Mapping, hint: str = "") -> None:
     """``ValueError`` unless ``group`` has ``first``'s filter-level settings (``FILTER_KEYS``): LoKO runs one filter
     over all groups.  ``hint`` ends the message."""
     for key in FILTER_KEYS:
-        if group[key] != first[key]:
+        if group.get(key) != first.get(key):
             raise ValueError(
                 f"{key} must be the same in every parameter group (LoKO runs one filter over all groups), got "
-                f"{first[key]!r} and {group[key]!r}{hint}"
+                f"{first.get(key)!r} and {group.get(key)!r}{hint}"
             )
 
 
@@ -197,6 +204,7 @@ def expand_observation(values: Dict[str, Any]) -> None:
     values["observation"] = obs.name
     values["num_outputs"] = obs.num_outputs if obs.uses_outputs else given
     values["reduce_simplex"] = bool(obs.reduce_simplex)
+    values["top_k"] = getattr(obs, "top_k", None)
 
 
 def resolve_p_init(p_init: Any, observation: Any) -> Any:
@@ -234,7 +242,7 @@ def check_state_dict(state_dict: Any, param_groups: Sequence[Dict[str, Any]]) ->
         raise bad("expected optimizer.state_dict() output, a dict with 'state' and 'param_groups'")
     groups, state = state_dict["param_groups"], state_dict["state"]
     for i, saved in enumerate(groups):
-        missing = [k for k in FILTER_KEYS + GROUP_KEYS if k not in saved]
+        missing = [k for k in FILTER_KEYS + GROUP_KEYS if k not in saved and k not in OPTIONAL_KEYS]
         if missing:
             found = sorted({k for st in state.values() for k in st}) if state else []
             raise bad(
@@ -256,14 +264,14 @@ def check_state_dict(state_dict: Any, param_groups: Sequence[Dict[str, Any]]) ->
             validate_group(group)
         except ValueError as exc:
             raise bad(f"parameter group {i}: {exc}") from None
-        for key in ("num_outputs", "observation", "reduce_simplex"):
-            if saved[key] != mine[key]:
+        for key in ("num_outputs", "observation", "reduce_simplex", "top_k"):
+            if saved.get(key) != mine.get(key):
                 raise bad(
-                    f"it was saved with {key}={saved[key]!r}, this optimizer has {key}={mine[key]!r} "
+                    f"it was saved with {key}={saved.get(key)!r}, this optimizer has {key}={mine.get(key)!r} "
                     "(a different task or head)"
                 )
         for key in FILTER_KEYS:
-            if saved[key] != groups[0][key]:
+            if saved.get(key) != groups[0].get(key):
                 raise bad(f"{key} differs between parameter groups 0 and {i}")
         ids += list(saved["params"])
     params = [p for g in param_groups for p in g["params"]]

@@ -192,9 +192,11 @@ def observe_outputs(
         rows = None
         if path == "func":
             try:
+                slots = getattr(obs, "top_k", None) and obs.select(obs.predict(z.detach()), y)
                 H, h = func_jacobian(model, inputs, params, obs.observe_one, dtype=dtype,
-                                     math_attention=math_attention)
-                rows = OutputRows(H, y[:, : obs.dim] - h.to(dtype))
+                                     math_attention=math_attention, per_sample=slots)
+                observed_y = y[:, : obs.dim] if slots is None else y.gather(-1, slots)
+                rows = OutputRows(H, observed_y - h.to(dtype))
             except FuncUnsupported as exc:
                 if mode == "func":
                     raise ValueError(
