@@ -236,6 +236,10 @@ def run_method(cfg: Config, method: str, model: nn.Module, x: Any, y: torch.Tens
     if method == "loko-func-fused-attn" and not isinstance(x, dict):
         res["skipped"] = "no attention in this model"
         return res
+    top = method.partition("-top")[2]
+    if top and int(top) > m:
+        res["skipped"] = f"top_k={top} needs more than the {m} classes of this model"
+        return res
     opt = None
     state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     try:
