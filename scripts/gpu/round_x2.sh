@@ -12,7 +12,13 @@
 #   STAGE=timing  wait for the suites' end, archive, then alone on the GPUs: the cost levers (GPU 0) and the online
 #                 per-sample probe (GPU 1); $OUT/round.tgz and $OUT/timing.tgz
 # RUN_S: seconds from STAGE=lm1 at which every suite's --deadline falls (default 1050).
+# PLAN: which runs the lm2 / vision / sst2 / timing stages launch. PLAN=1 (default) is the round of 2026-11-30
+# (results/lm_epoch, sst2_epoch call 5, cost/nvidia-h200.*); PLAN=2 is what that round left undone, sized by its
+# lesson: with 14 processes per GPU every PSI-family run went 5-10x slower than alone (the GPU time-slices the
+# small kernels of many processes), so PLAN=2 keeps at most ~5 PSI-family processes per GPU (benchmarks/notes/psi.md
+# §5-6).
 set -u
+PLAN=${PLAN:-1}
 : "${OUT:?set OUT}" "${STAGE:?set STAGE}"
 ROOT=/tmp/round
 SNAP=$ROOT/snap
@@ -26,6 +32,9 @@ quality() {  # gpu suite name workers args...  (background, own session)
     --deadline "$(left)" --timing-reserve 0 --out "$ROOT/work/$suite/$name" --runs-dir "/tmp/runs/$suite/$name" \
     "$@" > "$ROOT/work/$suite/$name.log" 2>&1
 }
+after() {  # suite name: wait until that quality run (if any) has ended, so chained runs share a GPU in turn
+  while pgrep -f -- "--out $ROOT/work/$1/$2 " >/dev/null; do sleep 5; done
+}
 archive() { tar czf "$OUT/round.tgz" -C $ROOT/work --exclude='*.png' . ; ls -la "$OUT"; }
 case "$STAGE" in
 lm1)
@@ -36,18 +45,28 @@ lm2)
   mkdir -p $ROOT/work/lm && pip install -q --no-deps --target $ROOT/pyext .whl/gguf-*.whl
   python -c "from loraopt_bench.assets import assemble_smollm2_bundle as a; print(a(['$ROOT/stash/smollm2-part1', '.gpu_assets/smollm2-part2'], '$ROOT/smollm2'))" || exit 1
   D="--model $ROOT/smollm2 --data-dir $ROOT/stash/smollm2-part1/data"
-  export -f quality left; export ROOT
+  export -f quality left after; export ROOT
+  if [ "$PLAN" = 1 ]; then
   setsid nohup bash -c "quality 0 lm sweep-a 4 $D --methods adamw lora-plus riemannian-adamw loko --seeds 0" >/dev/null 2>&1 < /dev/null &
   setsid nohup bash -c "quality 0 lm defaults-a 2 $D --methods adamw lora-plus riemannian-adamw loko --lrs adamw=3e-3 lora-plus=3e-4 riemannian-adamw=3e-3 loko=1.0 --seeds 1 2" >/dev/null 2>&1 < /dev/null &
   setsid nohup bash -c "quality 1 lm sweep-b 4 $D --methods psi-lora proj-psi-lora scaled-psi-lora --seeds 0" >/dev/null 2>&1 < /dev/null &
   setsid nohup bash -c "quality 1 lm defaults-b 2 $D --methods psi-lora proj-psi-lora scaled-psi-lora --lrs psi-lora=0.03 proj-psi-lora=0.03 scaled-psi-lora=0.3 --seeds 1 2" >/dev/null 2>&1 < /dev/null &
+  else
+  # The PSI family above the grid's top (its best lr was 0.1), Scaled PSI-LoRA's sweep and missing default seeds,
+  # Proj. seed 2; Riemannian AdamW and LoKO-scalar at the library defaults (new key), sweep + seeds.
+  setsid nohup bash -c "quality 0 lm psi-high 2 $D --methods psi-lora proj-psi-lora --lrs psi-lora=0.3,1.0 proj-psi-lora=0.3,1.0 --seeds 0; quality 0 lm proj-seed 1 $D --methods proj-psi-lora --lrs proj-psi-lora=0.03 --seeds 2" >/dev/null 2>&1 < /dev/null &
+  setsid nohup bash -c "quality 0 lm baselines 3 $D --methods riemannian-adamw loko-scalar --seeds 0; quality 0 lm baseline-seeds 3 $D --methods riemannian-adamw loko-scalar --lrs riemannian-adamw=3e-3 loko-scalar=1.0 --seeds 1 2" >/dev/null 2>&1 < /dev/null &
+  setsid nohup bash -c "quality 1 lm scaled 3 $D --methods scaled-psi-lora --lrs scaled-psi-lora=0.03,0.1,1.0 --seeds 0; quality 1 lm scaled-seeds 2 $D --methods scaled-psi-lora --lrs scaled-psi-lora=0.3 --seeds 0 2" >/dev/null 2>&1 < /dev/null &
+  fi
   sleep 5; left ;;
 vision)
   mkdir -p $ROOT/work/vision && cp -r .gpu_assets/effnet-fashion-mnist $ROOT/stash/
   B=$ROOT/stash/effnet-fashion-mnist
   export LORAOPT_FASHION_MNIST_DIR=$B/data/fashion-mnist
   D="--model $B --data-dir $B/data --loko-jacobian func"
-  export -f quality left; export ROOT
+  export -f quality left after; export ROOT
+  # PLAN 1 ran nine PSI-family processes next to 20 others and finished none; PLAN 2 runs the same nine runs with
+  # the GPUs less shared (PSI-LoRA and Proj. on GPU 0, Scaled on GPU 1; 4-5 processes each).
   # GPU 0: PSI-LoRA and Proj. PSI-LoRA at 0.01 and 0.1 (0.03, the default, has 3 seeds), then seeds 1-2 at 0.1.
   setsid nohup bash -c "quality 0 vision psi-sweep 4 $D --methods psi-lora proj-psi-lora --lrs psi-lora=0.01,0.1 proj-psi-lora=0.01,0.1 --seeds 0; quality 0 vision psi-seeds 4 $D --methods psi-lora proj-psi-lora --lrs psi-lora=0.1 proj-psi-lora=0.1 --seeds 1 2" >/dev/null 2>&1 < /dev/null &
   # GPU 1: Scaled PSI-LoRA at its default 0.3 (3 seeds) and at 0.1 and 1.0.
@@ -58,9 +77,16 @@ sst2)
   mkdir -p $ROOT/work/sst2 && cp -r .gpu_assets/minilm-sst2 $ROOT/stash/
   B=$ROOT/stash/minilm-sst2
   D="--model $B --data-dir $B/data --steps 2105 --eval-every 500"
-  export -f quality left; export ROOT
+  export -f quality left after; export ROOT
+  if [ "$PLAN" = 1 ]; then
   setsid nohup bash -c "quality 0 sst2 defaults 4 $D --methods psi-lora-default proj-psi-lora-default riemannian-adamw lora-plus --lrs riemannian-adamw=3e-3 lora-plus=3e-4 --seeds 0 1 2 --method-seeds lora-plus=1,2; quality 0 sst2 riemannian-sweep 4 $D --methods riemannian-adamw --lrs riemannian-adamw=1e-3,1e-2 --seeds 0" >/dev/null 2>&1 < /dev/null &
   setsid nohup bash -c "quality 1 sst2 ablations 4 $D --methods psi-lora-k0 psi-lora-k2 psi-lora-rank2 psi-lora-warmup proj-psi-lora-k2 proj-psi-lora-warmup scaled-psi-lora-k1 scaled-psi-lora-shampoo scaled-psi-lora-p025 scaled-psi-lora-p1 scaled-psi-lora-beta999 scaled-psi-lora-damp1e-3 scaled-psi-lora-nobc scaled-psi-lora-warmup --seeds 0" >/dev/null 2>&1 < /dev/null &
+  else
+  # What call 5 left: the third default seeds, Riemannian AdamW (3 seeds + sweep), the ten unfinished ablations;
+  # each chain starts when the LM runs on its GPU have ended (at most ~5-8 PSI-family processes per GPU).
+  setsid nohup bash -c "after lm psi-high; sleep 3; after lm proj-seed; quality 0 sst2 defaults 3 $D --methods psi-lora-default proj-psi-lora-default riemannian-adamw --lrs riemannian-adamw=3e-3 --seeds 0 1 2 --method-seeds psi-lora-default=2 proj-psi-lora-default=2; quality 0 sst2 riemannian-sweep 2 $D --methods riemannian-adamw --lrs riemannian-adamw=1e-3,1e-2 --seeds 0" >/dev/null 2>&1 < /dev/null &
+  setsid nohup bash -c "after lm scaled; sleep 3; after lm scaled-seeds; quality 1 sst2 ablations 3 $D --methods proj-psi-lora-k2 proj-psi-lora-warmup scaled-psi-lora-k1 scaled-psi-lora-shampoo scaled-psi-lora-p025 scaled-psi-lora-p1 scaled-psi-lora-beta999 scaled-psi-lora-damp1e-3 scaled-psi-lora-nobc scaled-psi-lora-warmup --seeds 0" >/dev/null 2>&1 < /dev/null &
+  fi
   sleep 5; left; nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv ;;
 wait)
   end=$(( $(date +%s) + ${WAIT_S:-540} ))
@@ -77,6 +103,11 @@ timing)
     CUDA_VISIBLE_DEVICES=0 timeout 90 python -m loraopt_bench.cost run --label profile --only smol-r8-s2048 \
       --optimizers adamw-fused,psi-k1,scaled-psi --profile-config smol-r8-s2048 --profile-opts psi-k1,scaled-psi \
       --warmup 2 --steps 3 --check 0 --out $T/profile > $T/profile.log 2>&1 ) &
+  if [ "$PLAN" != 1 ]; then  # LoKO's reduced observation against the full one (issue 10 §1), on GPU 1
+    ( CUDA_VISIBLE_DEVICES=1 timeout 300 python -m loraopt_bench.loko_jacobian_cost --only effnet-b32,cls-b1,cls-b8 \
+        --methods adamw-fused,loko-func,loko-auto,loko-func-top2,loko-func-top3 --assets $ROOT/stash \
+        --out $T/loko_jacobian > $T/loko_jacobian.log 2>&1 ) &
+  else
   ( export LORAOPT_FASHION_MNIST_DIR=$ROOT/stash/effnet-fashion-mnist/data/fashion-mnist
     for s in fashion:effnet-fashion-mnist sst2:minilm-sst2; do
       CUDA_VISIBLE_DEVICES=1 timeout 130 python -m loraopt.cli bench online --streams ${s%%:*} --samples 300 \
@@ -84,6 +115,7 @@ timing)
         --methods adamw adagrad loko loko-scalar psi-lora-default scaled-psi-lora --out $T/online-${s%%:*} \
         > $T/online-${s%%:*}.log 2>&1
     done ) &
+  fi
   wait
   tail -n 40 $T/cost.log; tail -n 5 $T/*.log
   tar czf "$OUT/timing.tgz" -C $T . ; ls -la "$OUT" ;;
