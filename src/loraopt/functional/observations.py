@@ -81,13 +81,17 @@ class Observation:
 
     def observe_one(self, out: Tensor) -> Tensor:
         """``h[:k]: (k,)`` of one sample's outputs ``out`` (``m`` values, any shape); used under ``vmap``."""
+        self._check_sample(out)
+        m = self.num_outputs
+        return self.predict(out.reshape(1, m)).reshape(m)[: self.dim]
+
+    def _check_sample(self, out: Tensor) -> None:
         m = self.num_outputs
         if out.numel() != m:
             raise ValueError(
                 f"the model returned {out.numel()} values for one sample, expected num_outputs={m}; pass inputs "
                 "whose dim 0 indexes the samples"
             )
-        return self.predict(out.reshape(1, m)).reshape(m)[: self.dim]
 
     def innovation(self, y: Tensor, h: Tensor) -> Tensor:
         """``e: (N, k)``: the observed columns of ``y - h`` (both ``(N, m)``; ``h`` detached by the caller)."""
@@ -170,8 +174,12 @@ class SoftmaxObservation(Observation):
         return (y - h).gather(-1, self.select(h, y))
 
     def observe_one(self, out: Tensor, slots: Optional[Tensor] = None) -> Tensor:
+        """As for the base; with ``top_k``, ``h`` at this sample's observed classes ``slots: (k,)``."""
         if self.top_k is None:
             return super().observe_one(out)
+        if slots is None:
+            raise ValueError("top_k: observe_one(out, slots) needs the classes this sample observes (select())")
+        self._check_sample(out)
         return torch.softmax(out.reshape(self.num_outputs), dim=-1).index_select(0, slots)
 
     def rows(

@@ -192,7 +192,8 @@ def observe_outputs(
         rows = None
         if path == "func":
             try:
-                slots = getattr(obs, "top_k", None) and obs.select(obs.predict(z.detach()), y)
+                # top_k: which classes each sample observes, chosen from the outputs before the rows are taken.
+                slots = obs.select(obs.predict(z.detach()), y) if getattr(obs, "top_k", None) else None
                 H, h = func_jacobian(model, inputs, params, obs.observe_one, dtype=dtype,
                                      math_attention=math_attention, per_sample=slots)
                 observed_y = y[:, : obs.dim] if slots is None else y.gather(-1, slots)
