@@ -499,7 +499,7 @@ with fp32 PEFT LoRA adapters (`autocast_adapter_dtype=True`, PEFT's default) on 
 tokens (4 x 2048); `cls` = smol with a 10-class head, batch 1 or 8 x 512. Runs: `before` = the code before this
 work; `after` = batched step + dense capture + LoKO write-back (full grid); `run3` = plus fewer host ops per hook and step
 and a dense-whenever-smaller rule in stream mode (reverted: slower for PSI K=0); `confirm` = the final code (20 timed
-steps); `run5` = the same code measured again in a later session (20 timed steps), adding Scaled PSI-LoRA with
+steps); `run5` = the same code measured again later (20 timed steps), adding Scaled PSI-LoRA with
 `max_grad_norm=0` and LoKO 10-class with rows from the batch graph; `run6`, `run6b` = LoKO's flat state built and
 written back with single flatten / unflatten calls instead of per-parameter reshapes (two back-to-back runs). e2e = forward + backward + `optimizer.step()`, CUDA events, median of the timed steps; `step` = the
 isolated `optimizer.step()` (its host time in parentheses); `step floor` = bytes / measured copy bandwidth or fp32
