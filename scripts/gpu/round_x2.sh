@@ -10,7 +10,8 @@
 #   STAGE=sst2    carry .gpu_assets/minilm-sst2         SST-2 defaults, baselines' seeds, ablations (8 workers)
 #   STAGE=wait    sleep WAIT_S (or until every suite ended), then archive what is there: $OUT/round.tgz
 #   STAGE=timing  wait for the suites' end, archive, then alone on the GPUs: the cost levers (GPU 0) and the online
-#                 per-sample probe (GPU 1); $OUT/round.tgz and $OUT/timing.tgz
+#                 per-sample probe (GPU 1); $OUT/round.tgz and $OUT/timing.tgz. PLAN=2: carry .gpu_assets/wheels-test
+#                 (pytest) to check the CUDA-graph step on the GPU first; GPU 1 times LoKO's top-k rows.
 # RUN_S: seconds from STAGE=lm1 at which every suite's --deadline falls (default 1050).
 # PLAN: which runs the lm2 / vision / sst2 / timing stages launch. PLAN=1 (default) is the round of 2026-11-30
 # (results/lm_epoch, sst2_epoch call 5, cost/nvidia-h200.*); PLAN=2 is what that round left undone, sized by its
@@ -97,8 +98,19 @@ timing)
   pkill -f "bench quality"; sleep 2
   tail -n 3 $ROOT/work/*/*.log; archive
   T=$ROOT/timing; mkdir -p $T
+  if [ "$PLAN" = 1 ]; then  # the balancing rows were named by "gram", then opt-in (now the default)
+    COST_OPTS=adamw-fused,psi-k0,psi-k1,proj-psi,scaled-psi,loko-scalar,psi-k0-gram,psi-k1-gram,scaled-psi-gram
+  else  # today's names: the default is "gram"; -svd / -polar the other balancings; -graph the captured step
+    COST_OPTS=adamw-fused,psi-k0,psi-k1,proj-psi,scaled-psi,loko-scalar,psi-k1-svd,psi-k1-polar,psi-k0-graph,psi-k1-graph,proj-psi-graph,scaled-psi-graph
+  fi
+  if [ "$PLAN" != 1 ] && ls .gpu_assets/wheels-test/*.whl >/dev/null 2>&1; then  # carry .gpu_assets/wheels-test
+    pip install -q --no-deps --target $ROOT/pyext .gpu_assets/wheels-test/*.whl
+    # The captured step against the eager one on the GPU, before it is timed (tests/test_graphed_step.py).
+    (cd $SNAP && CUDA_VISIBLE_DEVICES=0 timeout 120 python -m pytest -q -p no:cacheprovider tests/test_graphed_step.py \
+      > $T/graph_tests.log 2>&1); tail -n 3 $T/graph_tests.log
+  fi
   ( CUDA_VISIBLE_DEVICES=0 python -m loraopt_bench.cost levers --warmup 2 --steps 6 --budget-s ${COST_BUDGET_S:-240} \
-      --optimizers adamw-fused,psi-k0,psi-k1,proj-psi,scaled-psi,loko-scalar,psi-k0-svd,psi-k1-svd,scaled-psi-svd,psi-k0-polar,psi-k1-polar,scaled-psi-polar \
+      --optimizers $COST_OPTS \
       --out $T/cost > $T/cost.log 2>&1
     CUDA_VISIBLE_DEVICES=0 timeout 90 python -m loraopt_bench.cost run --label profile --only smol-r8-s2048 \
       --optimizers adamw-fused,psi-k1,scaled-psi --profile-config smol-r8-s2048 --profile-opts psi-k1,scaled-psi \

@@ -601,11 +601,16 @@ LEVER_OPTIMIZERS: List[tuple] = [
 ]
 # Opt-in rows, measured only when named in --optimizers: the momentum balancing other than the default "gram"
 # (notes/cost.md): "svd" (the earlier default, two tall QRs) and "polar" (no host synchronisation).
+# "-graph": each bucket's functional step captured in a CUDA graph and replayed (cuda_graph=True).
 LEVER_OPTIONAL: List[tuple] = [
     (f"{name}-{mode}", registry, dict(hp, momentum_balance=mode), "grad")
     for mode in ("svd", "polar")
     for name, registry, hp in (("psi-k0", "psi-lora", dict(inner_iters=0)), ("psi-k1", "psi-lora", dict(inner_iters=1)),
                                ("scaled-psi", "scaled-psi-lora", {}))
+] + [
+    (f"{name}-graph", registry, dict(hp, cuda_graph=True), "grad")
+    for name, registry, hp in (("psi-k0", "psi-lora", dict(inner_iters=0)), ("psi-k1", "psi-lora", dict(inner_iters=1)),
+                               ("proj-psi", "proj-psi-lora", {}), ("scaled-psi", "scaled-psi-lora", {}))
 ]
 # --compare-eager: the same optimizers with a lever switched off, measured in the same run.
 #   ":compiled"  compile=True: lever 3 on (the library default is the eager step since the H200 run of

@@ -41,7 +41,7 @@ finite) and the outputs of a failed layer are its inputs, so the caller can writ
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -609,6 +609,170 @@ class CompiledPSIStep:
                 stacklevel=4,
             )
             return psi_step(*args, **kwargs)
+
+
+# Hyperparameters of psi_step that may change from step to step (an lr scheduler moves lr, and with it lam,
+# lam_momentum and anchor_coef; the clip factor is a device tensor; the bias-correction step counts): a captured step
+# reads them from 0-dim tensors filled before each replay. Everything else is part of the capture key.
+_DYNAMIC_SCALARS = ("lr", "grad_coef", "lam", "lam_momentum", "anchor_coef")
+
+
+class _Capture(NamedTuple):
+    inputs: List[Tensor]  # static copies of the step's tensor inputs
+    scalars: List[Tensor]  # 0-dim tensors of the dynamic hyperparameters (and the metric step)
+    outputs: PSIStepResult  # what the step wrote, at the same addresses every replay
+    graph: Any  # torch.cuda.CUDAGraph, or None when emulated
+    run: Callable[[], PSIStepResult]  # the step on the static inputs (the emulated replay)
+
+
+class GraphedPSIStep:
+    """:func:`psi_step` captured once per bucket in a CUDA graph and replayed at every later step.
+
+    The step is launch-bound on GPUs (hundreds of small kernels per bucket whose host-side launch costs as much as
+    their work); a replay launches the whole captured step at once.  Per call: the tensor inputs are copied into the
+    capture's static inputs (one batched copy), the dynamic hyperparameters (``_DYNAMIC_SCALARS`` and the metric's
+    bias-correction step) are written into 0-dim tensors, the graph is replayed, and the result is returned: tensors
+    of the capture, overwritten by the next replay of the same capture, so the caller uses them within the step (the
+    PSI optimizers write them back before the step ends).  A capture is keyed on everything else: shapes, dtypes,
+    the step's configuration, the constant hyperparameters, and the call's position in the step among calls with
+    the same key (two buckets of equal shapes get two captures).  :meth:`begin_step` starts the count of a step.
+
+    Eager instead: off CUDA (unless ``emulate``), with ``all_reduce`` (collectives), and after any failure: one
+    ``RuntimeWarning`` names the error and the eager :func:`psi_step` runs from then on (the failing call is repeated
+    eagerly; the step is pure, so nothing is half-written).  ``emulate=True`` runs the same bookkeeping on any device
+    with an eager re-run in place of the replay (the tests' check of the static-buffer logic on the CPU).
+    """
+
+    def __init__(self, owner: str = "loraopt", *, emulate: bool = False, warmup: int = 2):
+        self.owner = owner
+        self.emulate = emulate
+        self.warmup = warmup
+        self.disabled = False
+        self.captures = 0  # how many captures were made (one per bucket and position, not per step)
+        self._captured: Dict[tuple, _Capture] = {}
+        self._seen: Dict[tuple, int] = {}
+        self._pool = None
+
+    def begin_step(self) -> None:
+        self._seen.clear()
+
+    def __call__(self, A: Tensor, B: Tensor, grad: Gradient, **kwargs) -> PSIStepResult:
+        if self.disabled or kwargs.get("all_reduce") is not None or not (A.is_cuda or self.emulate):
+            return psi_step(A, B, grad, **kwargs)
+        try:
+            return self._replay(A, B, grad, kwargs)
+        except Exception as error:  # noqa: BLE001 - any failure of capture or replay means: run eagerly
+            self.disabled = True
+            import warnings
+
+            warnings.warn(
+                f"{self.owner}: the CUDA-graph step failed ({type(error).__name__}: {str(error)[:200]}); running the "
+                "eager step from now on (same results, more host time per step). Pass cuda_graph=False to silence "
+                "this.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return psi_step(A, B, grad, **kwargs)
+
+    # ------------------------------------------------------------------------------------------ bookkeeping
+
+    @staticmethod
+    def _split(A: Tensor, B: Tensor, grad: Gradient, kwargs: Dict[str, Any]):
+        """``(tensors, scalars, key)``: the tensor inputs in a fixed order, the dynamic hyperparameters (numbers or
+        0-dim tensors), and the key of everything static."""
+        tensors = [A, B, grad.left] + ([] if grad.right is None else [grad.right])
+        momentum, metric = kwargs.get("momentum"), kwargs.get("metric")
+        tensors += list(momentum or ())
+        if metric is not None:
+            tensors += [metric.v_in, metric.v_out, metric.stat_in, metric.stat_out]
+        dynamic = [k for k in _DYNAMIC_SCALARS if kwargs.get(k) is not None]
+        scalars = [kwargs[k] for k in dynamic] + ([metric.step] if metric is not None else [])
+        static = {k: v for k, v in kwargs.items() if k not in _DYNAMIC_SCALARS and k not in ("momentum", "metric")}
+        key = (
+            tuple((tuple(t.shape), t.dtype, t.device) for t in tensors), grad.projected, grad.right is None,
+            None if momentum is None else len(momentum),
+            None if metric is None else (metric.beta2, metric.damping, metric.power, metric.bias_correction,
+                                         metric.relative),
+            tuple(dynamic), tuple(sorted((k, repr(v)) for k, v in static.items())),
+        )
+        return tensors, scalars, key
+
+    @staticmethod
+    def _assemble(inputs: List[Tensor], scalars: List[Tensor], grad: Gradient, kwargs: Dict[str, Any]):
+        """The call of :func:`psi_step` on the capture's static inputs (the same structure as the original)."""
+        it = iter(inputs)
+        A, B, left = next(it), next(it), next(it)
+        right = None if grad.right is None else next(it)
+        kw = dict(kwargs)
+        if kwargs.get("momentum") is not None:
+            kw["momentum"] = tuple(next(it) for _ in kwargs["momentum"])
+        dynamic = [k for k in _DYNAMIC_SCALARS if kwargs.get(k) is not None]
+        for name, value in zip(dynamic, scalars):
+            kw[name] = value
+        if kwargs.get("metric") is not None:
+            v_in, v_out, stat_in, stat_out = (next(it) for _ in range(4))
+            kw["metric"] = kwargs["metric"]._replace(v_in=v_in, v_out=v_out, stat_in=stat_in, stat_out=stat_out,
+                                                     step=scalars[len(dynamic)])
+        return A, B, Gradient(left, right, grad.projected), kw
+
+    @staticmethod
+    def _fill(buffers: List[Tensor], values: List[Any]) -> None:
+        for buffer, value in zip(buffers, values):
+            if torch.is_tensor(value):
+                buffer.copy_(value.reshape(()))
+            else:
+                buffer.fill_(float(value))
+
+    def _replay(self, A: Tensor, B: Tensor, grad: Gradient, kwargs: Dict[str, Any]) -> PSIStepResult:
+        tensors, scalars, key = self._split(A, B, grad, kwargs)
+        position = self._seen.get(key, 0)
+        self._seen[key] = position + 1
+        key = key + (position,)
+        captured = self._captured.get(key)
+        if captured is None:
+            captured = self._captured[key] = self._capture(tensors, scalars, grad, kwargs, A)
+            self.captures += 1
+        else:
+            torch._foreach_copy_(captured.inputs, tensors)
+            self._fill(captured.scalars, scalars)
+            if captured.graph is not None:
+                captured.graph.replay()
+            else:
+                torch._foreach_copy_(_flat_result(captured.outputs), _flat_result(captured.run()))
+        return captured.outputs
+
+    def _capture(self, tensors, scalars, grad, kwargs, A: Tensor) -> _Capture:
+        inputs = [t.detach().clone() for t in tensors]
+        buffers = [torch.zeros((), dtype=A.dtype if A.dtype == torch.float64 else torch.float32, device=A.device)
+                   for _ in scalars]
+        self._fill(buffers, scalars)
+        call = self._assemble(inputs, buffers, grad, kwargs)
+
+        def run() -> PSIStepResult:
+            return psi_step(call[0], call[1], call[2], **call[3])
+
+        if self.emulate and not A.is_cuda:
+            return _Capture(inputs, buffers, run(), None, run)
+        side = torch.cuda.Stream(device=A.device)
+        side.wait_stream(torch.cuda.current_stream(A.device))
+        with torch.cuda.stream(side):  # warm-up off the capture (library handles, workspaces, lazy kernels)
+            for _ in range(self.warmup):
+                run()
+        torch.cuda.current_stream(A.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):  # one memory pool for every capture, replayed in order
+            outputs = run()
+        self._pool = graph.pool()
+        graph.replay()  # this call's result (the capture itself does not run the kernels)
+        return _Capture(inputs, buffers, outputs, graph, run)
+
+
+def _flat_result(result: PSIStepResult) -> List[Tensor]:
+    """The tensors of a :class:`PSIStepResult`, in a fixed order."""
+    out = [result.A, result.B]
+    out += list(result.momentum or ())
+    out += list(result.metric or ())
+    return out + [result.ok, result.fallbacks]
 
 
 def resolve_compile(flag: Union[bool, str], device: torch.device) -> bool:

@@ -104,6 +104,12 @@ _ARGS_DOC = r"""
             than eager there (it recompiled).  Each bucket shape compiles at its first step; if the compiler fails,
             one warning and the eager step from then on (same math; ``foreach=False`` and distributed runs always
             step eagerly).
+        cuda_graph: capture each bucket's functional step in a CUDA graph at its first step and replay it after
+            (``functional.psi.GraphedPSIStep``): one launch instead of hundreds, for the launch-bound step.  Needs
+            fixed shapes (a new batch shape or row count is a new capture) and takes its lr and other changing
+            hyperparameters from device scalars, so schedulers work.  CUDA only (eager elsewhere), not with
+            ``compile`` or ``foreach=False``; distributed runs and any capture failure (one warning) step eagerly.
+            Off by default: not measured on a GPU yet (``benchmarks/notes/cost.md``).
 """
 
 
@@ -155,6 +161,7 @@ class PSILoRA(_ProjectedSubspaceOptimizer):
         foreach: bool = True,
         dense: str = "auto",
         compile: Union[bool, str] = False,
+        cuda_graph: bool = False,
     ):
         # The shared hyperparameters are checked by the base class (check_shared_hyperparameters).
         check_range("momentum", momentum, 0.0, 1.0)
@@ -170,7 +177,7 @@ class PSILoRA(_ProjectedSubspaceOptimizer):
         )
         super().__init__(
             params, model, defaults, capture=capture, row_budget=row_budget, seed=seed, strict=strict,
-            process_group=process_group, foreach=foreach, dense=dense, compile=compile,
+            process_group=process_group, foreach=foreach, dense=dense, compile=compile, cuda_graph=cuda_graph,
         )
 
     def _coefficients(self, group):
@@ -262,6 +269,7 @@ class ScaledPSILoRA(_ProjectedSubspaceOptimizer):
         foreach: bool = True,
         dense: str = "auto",
         compile: Union[bool, str] = False,
+        cuda_graph: bool = False,
     ):
         # The shared hyperparameters are checked by the base class (check_shared_hyperparameters).
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
@@ -287,7 +295,7 @@ class ScaledPSILoRA(_ProjectedSubspaceOptimizer):
         self._loss_reduction = loss_reduction
         super().__init__(
             params, model, defaults, capture=capture, row_budget=row_budget, seed=seed, strict=strict,
-            process_group=process_group, foreach=foreach, dense=dense, compile=compile,
+            process_group=process_group, foreach=foreach, dense=dense, compile=compile, cuda_graph=cuda_graph,
         )
 
     def _coefficients(self, group):

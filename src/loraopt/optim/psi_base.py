@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..functional.elementwise import adam_, sgd_momentum_
-from ..functional.psi import CompiledPSIStep, psi_step, resolve_compile
+from ..functional.psi import CompiledPSIStep, GraphedPSIStep, psi_step, resolve_compile
 from ..lora.capture import GradientCapture
 from ..lora.layers import (
     LoRALayer,
@@ -91,6 +91,7 @@ class _PSIOptimizerBase(LoRAOptimizer):
         foreach: bool = True,
         dense: str = "auto",
         compile: Union[bool, str] = False,
+        cuda_graph: bool = False,
     ):
         # The hyperparameters every variant takes (each variant has checked its own before building ``defaults``).
         check_shared_hyperparameters(defaults)
@@ -158,7 +159,13 @@ class _PSIOptimizerBase(LoRAOptimizer):
         # torch.compile of the batched functional step (CUDA by default); the eager step is the fallback.
         device = self._layers[0].A.device
         self._compile = resolve_compile(compile, device) and self._foreach
-        self._step_fn = CompiledPSIStep(type(self).__name__) if self._compile else psi_step
+        if not isinstance(cuda_graph, bool):
+            raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
+        if cuda_graph and (self._compile or not self._foreach):
+            raise ValueError("cuda_graph=True captures the batched eager step: use it with compile=False and "
+                             "foreach=True")
+        self._step_fn = (CompiledPSIStep(type(self).__name__) if self._compile
+                         else GraphedPSIStep(type(self).__name__) if cuda_graph else psi_step)
         self._root_cache: Dict[tuple, Tensor] = {}
         # Stream mode: the momentum subspace a layer's state will start from, drawn when its first probes are pushed
         # (before its state exists) and taken over by the state when it is allocated.

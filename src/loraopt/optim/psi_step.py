@@ -66,6 +66,9 @@ class _ProjectedSubspaceOptimizer(_PSIOptimizerBase):
 
     def _step(self) -> None:
         self._rebind_if_swapped()
+        begin = getattr(self._step_fn, "begin_step", None)
+        if begin is not None:  # the CUDA-graph step counts its calls per step (equal buckets get their own capture)
+            begin()
         if not self._check_step_lrs():  # a NaN/inf lr (a broken scheduler): counted, warned, nothing changes
             return
         anything = False
