@@ -115,10 +115,15 @@ def test_step_equals_pure_filter_joint_batch():
     opt.observe(model(x), y)
     opt.step()
     params = trainable(model)
+    assert_filter_state(opt, params, ref)
+    assert all(float(opt.state[p]["step"]) == 1 for p in params)
+
+
+def assert_filter_state(opt, params, ref):
+    """The parameters, covariance and noise of ``opt`` equal the pure filter's result ``ref``."""
     torch.testing.assert_close(flat(params), ref.theta, rtol=0, atol=1e-12)
     torch.testing.assert_close(state_p(opt, params), ref.p, rtol=0, atol=1e-14)
     torch.testing.assert_close(opt.state[opt.anchor]["R"], ref.R, rtol=0, atol=1e-14)
-    assert all(float(opt.state[p]["step"]) == 1 for p in params)
 
 
 def test_all_trainable_parameters_are_filtered_including_dora_and_head():

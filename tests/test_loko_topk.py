@@ -11,7 +11,7 @@ from loraopt.functional.ekf import EKFConfig, diag_ekf_update
 from loraopt.functional.observations import SoftmaxObservation
 from loraopt.functional.reference import loop_jacobian
 from loraopt.optim.loko import create_loko_optimizer
-from test_loko import F64, D_IN, data, flat, make_model, state_p, trainable
+from test_loko import F64, assert_filter_state, data, flat, make_model, state_p, trainable
 
 M4 = 4  # classes of the models below (top_k < m needs m > 2 to pick among the others)
 
@@ -52,10 +52,7 @@ def test_a_topk_step_equals_the_pure_filter_with_the_selected_rows(top_k):
     ref = _reference(model, opt, x, y, top_k, lr=0.7, beta=0.9, r_min=1e-4, jitter=1e-6, jitter_abs=1e-12)
     opt.observe(model(x), y)
     opt.step()
-    params = trainable(model)
-    torch.testing.assert_close(flat(params), ref.theta, rtol=0, atol=1e-12)
-    torch.testing.assert_close(state_p(opt, params), ref.p, rtol=0, atol=1e-14)
-    torch.testing.assert_close(opt.state[opt.anchor]["R"], ref.R, rtol=0, atol=1e-14)
+    assert_filter_state(opt, trainable(model), ref)
     assert opt.state[opt.anchor]["R"].shape == (top_k, top_k)
 
 

@@ -559,6 +559,18 @@ def _proj(A, B, grad, *, lr, g, m, lam, c0, momentum, config, reference_noop, al
 # ---------------------------------------------------------------------------------------------- compiled step
 
 
+def _warn_eager_from_now(owner: str, what: str, switch: str, error: Exception) -> None:
+    """The one warning of a fast path that failed and hands over to the eager step for good."""
+    import warnings
+
+    warnings.warn(
+        f"{owner}: {what} failed ({type(error).__name__}: {str(error)[:200]}); running the eager step from now on "
+        f"(same results, more host time per step). Pass {switch} to silence this.",
+        RuntimeWarning,
+        stacklevel=5,
+    )
+
+
 class CompiledPSIStep:
     """:func:`psi_step` through ``torch.compile``, falling back to the eager function.
 
@@ -599,15 +611,7 @@ class CompiledPSIStep:
             return self._fn(*args, **kwargs)
         except Exception as error:  # noqa: BLE001 - any failure of the compiler stack means: run eagerly
             self.disabled = True
-            import warnings
-
-            warnings.warn(
-                f"{self.owner}: torch.compile of the PSI step failed ({type(error).__name__}: {str(error)[:200]}); "
-                "running the eager step from now on (same results, more host time per step). Pass compile=False to "
-                "silence this.",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+            _warn_eager_from_now(self.owner, "torch.compile of the PSI step", "compile=False", error)
             return psi_step(*args, **kwargs)
 
 
@@ -663,15 +667,7 @@ class GraphedPSIStep:
             return self._replay(A, B, grad, kwargs)
         except Exception as error:  # noqa: BLE001 - any failure of capture or replay means: run eagerly
             self.disabled = True
-            import warnings
-
-            warnings.warn(
-                f"{self.owner}: the CUDA-graph step failed ({type(error).__name__}: {str(error)[:200]}); running the "
-                "eager step from now on (same results, more host time per step). Pass cuda_graph=False to silence "
-                "this.",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+            _warn_eager_from_now(self.owner, "the CUDA-graph step", "cuda_graph=False", error)
             return psi_step(A, B, grad, **kwargs)
 
     # ------------------------------------------------------------------------------------------ bookkeeping
