@@ -1026,3 +1026,17 @@ def test_quality_ablation_warmup_fraction_becomes_steps(tmp_path):
                                       method, 0.03, 0, tmp_path, args)
     assert config.warmup_steps == 126 and config.hp == {}
     assert all(m.lrs == (0.3,) or m.lrs == (0.03,) for m in quality.ABLATIONS)
+
+
+def test_quality_merge_keeps_every_run_and_names_the_device_of_a_call_that_ran():
+    """Merging the committed SST-2 calls: every successful run of every file is kept, and the device comes from a
+    call that ran something (the last file's runs were all stopped, so it only knows "cuda")."""
+    from loraopt_bench import quality
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "sst2_epoch"
+    paths = [str(root / "call4" / "results.json"), str(root / "call5" / "riemannian-sweep" / "results.json")]
+    payloads = [json.loads(Path(p).read_text()) for p in paths]
+    assert payloads[-1]["runs_done"] == 0 and payloads[-1]["device"] == "cuda"
+    merged = quality.merge_results(quality.SUITES["sst2"], paths)
+    assert merged["device"] == payloads[0]["device"] != "cuda"
+    assert merged["runs_done"] == payloads[0]["runs_done"]

@@ -656,6 +656,8 @@ def merge_results(suite: SuiteSpec, paths: Sequence[str]) -> Dict[str, Any]:
     merged["commands"] = [p["command"] for p in payloads]
     merged["sweep_wall_seconds"] = sum(p.get("sweep_wall_seconds") or 0 for p in payloads)
     merged["merged_from"] = [str(p) for p in paths]
+    # A payload whose runs all ended early knows only the device it was asked for ("cuda"); one that ran names it.
+    merged["device"] = next((p["device"] for p in reversed(payloads) if p.get("runs_done")), last.get("device"))
     merged["notes"] = sorted({n for p in payloads for n in p.get("notes", [])})
     merged["runs_done"] = len(records)
     merged["skipped_runs"] = []
