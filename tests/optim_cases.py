@@ -51,6 +51,8 @@ CASES = [
         "scaled-k1-shampoo", "scaled-psi-lora",
         dict(lr=0.1, other_lr=1e-2, inner_iters=1, metric="shampoo", power=0.25), structured=True,
     ),
+    Case("psi-k1-normalized", "psi-lora", dict(lr=0.01, inner_iters=1, momentum=0.9, normalize="layer"),
+         structured=True),
     Case("proj-psi-k1-momentum", "proj-psi-lora", dict(lr=0.1, inner_iters=1, momentum=0.9), structured=True),
     Case("proj-psi-k0-clip", "proj-psi-lora", dict(lr=0.1, inner_iters=0, momentum=0.9, max_grad_norm=0.5,
                                                     other_optimizer="adam", other_lr=1e-2), structured=True),

@@ -130,6 +130,17 @@ ABLATIONS: Tuple[MethodSpec, ...] = (
                config={"warmup_fraction": 0.06}),
 )
 METHODS.update({m.key: m for m in ABLATIONS})
+# The per-layer step normalisation (normalize="layer", benchmarks/notes/psi.md §7): the lr is then about the RMS of a
+# step's entries, hence grids ~3 decades below the plain steps'. Clipping off (it would bring the gradient's scale back).
+NORMALIZED: Tuple[MethodSpec, ...] = (
+    MethodSpec("psi-lora-norm", "psi-lora", "PSI-LoRA, normalize='layer'", (1e-5, 3e-5, 1e-4, 3e-4),
+               {"normalize": "layer", "max_grad_norm": 0.0}),
+    MethodSpec("proj-psi-lora-norm", "proj-psi-lora", "Proj. PSI-LoRA, normalize='layer'", (1e-5, 3e-5, 1e-4, 3e-4),
+               {"normalize": "layer", "max_grad_norm": 0.0}),
+    MethodSpec("scaled-psi-lora-norm", "scaled-psi-lora", "Scaled PSI-LoRA, normalize='layer'",
+               (1e-4, 3e-4, 1e-3, 3e-3), {"normalize": "layer", "max_grad_norm": 0.0}),
+)
+METHODS.update({m.key: m for m in NORMALIZED})
 LOKO_SCALAR = replace(METHODS["loko"], label="LoKO-scalar (p_init='score')",
                       hp={"p_init": "score", "observation": "loss"})
 
@@ -149,7 +160,8 @@ LM_METHODS: Tuple[MethodSpec, ...] = tuple(
     + [MethodSpec("riemannian-adamw", "riemannian-adamw", "Riemannian AdamW", (3e-4, 1e-3, 3e-3, 1e-2)),
        replace(LOKO_SCALAR, lrs=(0.1, 0.3, 1.0, 3.0)),
        MethodSpec("loko-scalar", "loko", "LoKO-scalar (library defaults)", (0.1, 0.3, 1.0, 3.0),
-                  {"observation": "loss"})])
+                  {"observation": "loss"})]
+    + list(NORMALIZED))
 LIBRARY_DEFAULT_LRS = {"adamw": 3e-3, "lora-plus": 3e-4, "psi-lora": 3e-2, "proj-psi-lora": 3e-2,
                        "scaled-psi-lora": 0.3, "loko": 1.0}
 
@@ -184,7 +196,7 @@ SUITES: Dict[str, SuiteSpec] = {
     ),
     "vision": SuiteSpec(
         "vision", "EfficientNet-Lite0 on Fashion-MNIST, 64 px, one epoch (test accuracy)", "effnet-lite0",
-        "fashion-mnist", LIBRARY_DEFAULT_METHODS,
+        "fashion-mnist", LIBRARY_DEFAULT_METHODS + NORMALIZED,
         dict(steps=1875, batch_size=32, image_size=64, eval_every=500, eval_limit=None, eval_batch_size=500),
         notes=("Riemannian AdamW is left out: PEFT's create_riemannian_optimizer preconditions only 2-D "
                "lora_A/lora_B and finds no pair among EfficientNet's 1x1-conv adapters (4-D weights).",

@@ -8,17 +8,21 @@ of one of two per-step statistics of the captured rows ``X: (N, d_in)`` and outp
   ``1/N`` of a mean-reduced loss inside ``S``;
 * Shampoo diagonal: ``diag(G^T G)`` and ``diag(G G^T)`` for ``G = S^T X``, times ``kappa'``.
 
+The per-layer step normalisation (``normalize="layer"`` of the PSI family) is the scalar extreme of such a metric:
+one EMA of the mean squared entry of ``G`` per layer (:func:`layer_grad_sq_norms`, :func:`layer_step_scale`).
+
 Every function accepts a leading batch dimension (``(L, d)``), one row per layer.
 """
 
 from __future__ import annotations
 
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["metric_ema", "debias", "metric_preconditioner", "metric_step", "stack_or_scalar"]
+__all__ = ["metric_ema", "debias", "metric_preconditioner", "metric_step", "stack_or_scalar", "layer_grad_sq_norms",
+           "layer_step_scale"]
 
 Scalar = Union[float, Tensor]
 
@@ -85,6 +89,35 @@ def _relative(v: Tensor, damping: float, power: float) -> Tensor:
     tiny = torch.finfo(v.dtype).tiny
     p = (v + damping * mean + tiny).pow(power)
     return p / p.mean(-1, keepdim=True)
+
+
+def layer_grad_sq_norms(left: Tensor, right: Optional[Tensor]) -> Tensor:
+    """``|G|_F^2`` of each layer, ``(L,)``, without forming ``G`` when that is cheaper.
+
+    ``left = S^T: (L, d_out, N)`` and ``right = X: (L, N, d_in)`` (rows, ``G = S^T X``), or ``left = G: (L, d_out,
+    d_in)`` and ``right = None`` (dense).  Rows take the Gram route ``<S S^T, X X^T>`` (``N^2 (d_in + d_out)``
+    flops) when it is cheaper than forming ``G`` (``N d_in d_out``)."""
+    if right is None:
+        return left.square().sum(dim=(-2, -1))
+    d_out, n = left.shape[-2:]
+    d_in = right.shape[-1]
+    if n * (d_in + d_out) <= d_in * d_out:
+        return ((left.mT @ left) * (right @ right.mT)).sum(dim=(-2, -1))
+    return (left @ right).square().sum(dim=(-2, -1))
+
+
+def layer_step_scale(
+    avg: Tensor, sq_norm: Tensor, *, numel: Scalar, beta2: float, step: Scalar, eps: float
+) -> Tuple[Tensor, Tensor]:
+    """Per-layer normalisation of the full-weight step: ``(scale, new avg)``, both ``(L,)``.
+
+    ``avg`` is an EMA (rate ``beta2``, started at zero) of each layer's mean squared gradient entry
+    ``|G|_F^2 / numel``; ``scale = 1 / (sqrt(avg / (1 - beta2^step)) + eps)``.  Multiplying ``G`` by ``scale`` makes
+    the root mean square of each layer's step entries about the learning rate, whatever the scale of that layer's
+    gradient: Adam's second moment with one number per layer instead of one per entry.  ``step`` is the index of this
+    update (1 for the first)."""
+    new_avg = metric_ema(avg, sq_norm / numel, beta2)
+    return 1.0 / (debias(new_avg, beta2, step).clamp_min(0.0).sqrt() + eps), new_avg
 
 
 def stack_or_scalar(values, device) -> Union[float, Tensor]:

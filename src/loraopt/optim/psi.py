@@ -149,6 +149,8 @@ class PSILoRA(_ProjectedSubspaceOptimizer):
         jitter: float = 1e-6,
         momentum_balance: str = "gram",
         momentum_prox: Optional[float] = None,
+        normalize: Optional[str] = None,
+        normalize_beta2: float = 0.999,
         other_optimizer: str = "sgd",
         adam_betas: Tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
@@ -173,7 +175,7 @@ class PSILoRA(_ProjectedSubspaceOptimizer):
             momentum=momentum, dampening=dampening, rank_mult=rank_mult, weight_decay=weight_decay,
             max_grad_norm=max_grad_norm, jitter=jitter, momentum_balance=momentum_balance, momentum_prox=momentum_prox,
             other_optimizer=other_optimizer, adam_betas=adam_betas, adam_eps=adam_eps,
-            reference_compat=reference_compat,
+            reference_compat=reference_compat, normalize=normalize, normalize_beta2=normalize_beta2,
         )
         super().__init__(
             params, model, defaults, capture=capture, row_budget=row_budget, seed=seed, strict=strict,
@@ -260,6 +262,8 @@ class ScaledPSILoRA(_ProjectedSubspaceOptimizer):
         jitter: float = 1e-6,
         momentum_balance: str = "gram",
         momentum_prox: Optional[float] = None,
+        normalize: Optional[str] = None,
+        normalize_beta2: float = 0.999,
         reference_compat: bool = False,
         capture: str = "auto",
         row_budget: Optional[int] = 1 << 20,
@@ -290,7 +294,7 @@ class ScaledPSILoRA(_ProjectedSubspaceOptimizer):
             rank_mult=rank_mult, weight_decay=weight_decay, max_grad_norm=max_grad_norm, adam_betas=adam_betas,
             adam_eps=adam_eps, bias_correction=bool(bias_correction), metric_scale=metric_scale, jitter=jitter,
             other_optimizer="adam", momentum_balance=momentum_balance, momentum_prox=momentum_prox,
-            reference_compat=reference_compat,
+            reference_compat=reference_compat, normalize=normalize, normalize_beta2=normalize_beta2,
         )
         self._loss_reduction = loss_reduction
         super().__init__(

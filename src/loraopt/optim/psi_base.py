@@ -51,6 +51,9 @@ def check_shared_hyperparameters(defaults: Dict[str, Any]) -> None:
         )
     if defaults["momentum_prox"] is not None:
         check_nonnegative("momentum_prox", defaults["momentum_prox"])
+    if defaults.get("normalize") not in (None, "layer"):
+        raise ValueError(f"normalize must be None or 'layer', got {defaults['normalize']!r}")
+    check_range("normalize_beta2", defaults.get("normalize_beta2", 0.999), 0.0, 1.0)
     betas = defaults["adam_betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"adam_betas must be a pair (beta1, beta2), got {betas!r}")
@@ -135,15 +138,18 @@ class _PSIOptimizerBase(LoRAOptimizer):
         self._model_factor_ids = {id(p) for name, p in model.named_parameters() if is_lora_factor_name(name)}
 
         lora_groups = [self.param_groups[i] for i in self._layers_by_group]
-        streamable = self._variant == "psi" and all(g["inner_iters"] == 0 for g in lora_groups)
+        # Stream mode keeps only projections of G: no inner iterations, and no |G| for the layer normalisation.
+        streamable = self._variant == "psi" and all(g["inner_iters"] == 0 and not g.get("normalize")
+                                                    for g in lora_groups)
         if capture == "auto":
             capture = "stream" if streamable else "rows"
         if capture not in ("rows", "stream"):
             raise ValueError(f"capture must be 'auto', 'rows' or 'stream', got {capture!r}")
         if capture == "stream" and not streamable:
             raise ValueError(
-                "capture='stream' keeps no rows: it supports inner_iters=0 of PSI-LoRA and Scaled PSI-LoRA only "
-                "(Proj. PSI-LoRA needs the gradient at the new factors); use capture='rows' or 'auto'"
+                "capture='stream' keeps no rows: it supports inner_iters=0 of PSI-LoRA and Scaled PSI-LoRA without "
+                "normalize='layer' only (Proj. PSI-LoRA needs the gradient at the new factors, the normalisation "
+                "its norm); use capture='rows' or 'auto'"
             )
         metrics = {g.get("metric") for g in lora_groups}
         self._capture = GradientCapture(
@@ -271,7 +277,7 @@ class _PSIOptimizerBase(LoRAOptimizer):
 
     def _expected_state_shapes(self, param: Tensor, group: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
         """The shape of every state tensor of ``param`` (checked by ``load_state_dict``)."""
-        counters = {"step": (), "skipped_steps": (), "solve_fallbacks": ()}
+        counters = {"step": (), "skipped_steps": (), "solve_fallbacks": (), "grad_sq_avg": ()}
         for layer in self._layers:
             if param is layer.A or param is layer.B:
                 r_m = self._momentum_rank(group, layer)
@@ -312,6 +318,8 @@ class _PSIOptimizerBase(LoRAOptimizer):
             r_m = self._momentum_rank(group, layer)
             state_a["momentum_A"] = self._initial_momentum_a(group, layer, take=True)
             state_b["momentum_B"] = torch.zeros(layer.d_out, r_m, device=device, dtype=dtype)
+        if group.get("normalize") == "layer":  # EMA of the mean squared entry of G, from zero (bias-corrected)
+            state_a["grad_sq_avg"] = torch.zeros((), device=device, dtype=dtype)
         self._init_metric_state(layer)
 
     def _ensure_other_state(self, group: Dict[str, Any], param: Tensor) -> None:

@@ -17,11 +17,15 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..functional.metrics import layer_grad_sq_norms, layer_step_scale
 from ..functional.psi import MetricInput, PSIConfig
 from ..lora.capture import LayerObservation
 from ..lora.layers import LoRALayer
 from .counters import DeferredHostRead
 from .psi_base import _PSIOptimizerBase
+
+# normalize="layer": added to the root of the EMA so that a layer whose gradient is exactly zero takes no step.
+NORMALIZE_EPS = 1e-12
 from .psi_checks import grads_edited, missing_message
 from .psi_gather import (
     Commit,
@@ -296,6 +300,21 @@ class _ProjectedSubspaceOptimizer(_PSIOptimizerBase):
             )
         return None
 
+    def _layer_normalization(self, group, layers, grad, g_coef):
+        """``normalize="layer"``: the gradient coefficient times each layer's ``1 / RMS`` of ``G`` (an ``(L, 1, 1)``
+        tensor), and the write-back of the EMAs.  Under data parallelism the squared norm is the ranks' mean of
+        their local ``|G|^2`` (the global ``G`` is never formed): like a second moment at the per-rank batch."""
+        states = [self.state[layer.A]["grad_sq_avg"] for layer in layers]
+        avg = torch.stack(states)
+        sq = layer_grad_sq_norms(grad.left, grad.right).to(avg.dtype)
+        if self._dist.active:
+            sq = self._dist.mean(sq)
+        numel = layers[0].d_in * layers[0].d_out  # a bucket holds one shape
+        step = float(self.state[layers[0].A]["step"]) + 1.0  # a CPU tensor: no device sync
+        scale, new_avg = layer_step_scale(avg, sq, numel=numel, beta2=group["normalize_beta2"], step=step,
+                                          eps=NORMALIZE_EPS)
+        return g_coef * scale.view(-1, 1, 1), (states, new_avg, avg)
+
     def _lora_step_batched(self, group, items, reduced, clip) -> "Commit":
         """Gather the stacked factors, gradient, momentum and metric of one bucket, run the functional step, and
         return what to write back."""
@@ -317,6 +336,9 @@ class _ProjectedSubspaceOptimizer(_PSIOptimizerBase):
                 root = self._root_cache[(roots, device)] = torch.tensor(roots, device=device).view(-1, 1, 1)
         A_params, B_params, A_raw, B_raw = stack_factors(layers)
         grad = stack_gradient(items, reds)
+        normalized = None
+        if group.get("normalize") == "layer":
+            g_coef, normalized = self._layer_normalization(group, layers, grad, g_coef)
         momentum_lists = self._momentum_state(layers)
         momentum = None if momentum_lists is None else tuple(torch.stack(ts) for ts in momentum_lists)
         metric = self._metric_input(group, layers, reds)
@@ -353,6 +375,8 @@ class _ProjectedSubspaceOptimizer(_PSIOptimizerBase):
                 ([self.state[layer.A]["metric_in"] for layer in layers], result.metric[0], metric.v_in),
                 ([self.state[layer.B]["metric_out"] for layer in layers], result.metric[1], metric.v_out),
             ]
+        if normalized is not None:
+            targets.append(normalized)
         torch._foreach_add_([self.state[layer.A]["solve_fallbacks"] for layer in layers],
                             list(result.fallbacks.unbind(0)))
         return Commit(targets, result.ok, deferred)

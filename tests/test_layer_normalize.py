@@ -1,0 +1,129 @@
+"""normalize="layer": the PSI family's step divided by each layer's RMS gradient entry (a per-layer second moment)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+import loraopt
+from loraopt.functional.metrics import layer_grad_sq_norms, layer_step_scale
+from loraopt.functional.psi import Gradient, PSIConfig, psi_step
+from loraopt.optim.psi_step import NORMALIZE_EPS
+from toys import loss_fn, make_batch, make_model, params_snapshot
+
+F64 = torch.float64
+
+
+@pytest.mark.parametrize("n", [3, 40])  # 3 rows: the Gram route; 40 rows: G formed (cheaper there)
+def test_layer_grad_sq_norms_equal_the_dense_gradients_norms(n):
+    g = torch.Generator().manual_seed(0)
+    S, X = torch.randn(2, n, 7, generator=g, dtype=F64), torch.randn(2, n, 5, generator=g, dtype=F64)
+    G = S.mT @ X
+    want = G.square().sum(dim=(-2, -1))
+    torch.testing.assert_close(layer_grad_sq_norms(S.mT, X), want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(layer_grad_sq_norms(G, None), want, rtol=1e-12, atol=0)
+
+
+def test_layer_step_scale_is_the_bias_corrected_rms_of_the_gradient_entries():
+    beta2, numel = 0.9, 6
+    sq = [torch.tensor([4.0, 0.25], dtype=F64), torch.tensor([1.0, 9.0], dtype=F64), torch.tensor([16.0, 1.0], dtype=F64)]
+    avg = torch.zeros(2, dtype=F64)
+    for t, s in enumerate(sq, start=1):
+        scale, avg = layer_step_scale(avg, s, numel=numel, beta2=beta2, step=t, eps=0.0)
+        weights = [(1 - beta2) * beta2 ** (t - 1 - i) for i in range(t)]
+        mean_sq = sum(w * q for w, q in zip(weights, sq[:t])) / sum(weights) / numel
+        torch.testing.assert_close(scale, mean_sq.rsqrt(), rtol=1e-12, atol=0)
+    # A layer whose gradient is exactly zero takes no step (eps keeps the scale finite).
+    scale, _ = layer_step_scale(torch.zeros(1), torch.zeros(1), numel=3, beta2=0.99, step=1, eps=1e-12)
+    assert torch.isfinite(scale).all() and (scale * 0 == 0).all()
+
+
+def _one_layer(seed=0, r=3, d_in=6, d_out=5):
+    torch.manual_seed(seed)
+    model = get_peft_model(nn.Sequential(nn.Linear(d_in, d_out)), LoraConfig(r=r, lora_alpha=r, target_modules=["0"]))
+    model = model.to(F64)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    return model
+
+
+def test_two_normalized_steps_equal_the_functional_step_with_a_hand_computed_layer_scale():
+    """The optimizer divides G by its running RMS entry (bias-corrected EMA from zero) and nothing else changes."""
+    lr, lmbd, beta2 = 0.05, 0.1, 0.9
+    model = _one_layer()
+    opt = loraopt.create_optimizer("psi-lora", model, lr=lr, lmbd=lmbd, momentum=0.0, max_grad_norm=0.0,
+                                   inner_iters=1, normalize="layer", normalize_beta2=beta2)
+    (A,) = [p for n, p in model.named_parameters() if "lora_A" in n]
+    (B,) = [p for n, p in model.named_parameters() if "lora_B" in n]
+    base = model.base_model.model[0].base_layer.weight
+    A_ref, B_ref, avg = A.detach().clone(), B.detach().clone(), torch.zeros(1, dtype=F64)
+    g = torch.Generator().manual_seed(3)
+    for t in (1, 2):
+        x, y = torch.randn(8, 6, generator=g, dtype=F64), torch.randn(8, 5, generator=g, dtype=F64)
+        base.requires_grad_(True)  # dL/dW0 is the full-weight gradient G the PSI step uses
+        opt.zero_grad()
+        base.grad = None
+        nn.functional.mse_loss(model(x), y).backward()
+        G = base.grad.detach().clone()
+        base.requires_grad_(False)
+        opt.step()
+        scale, avg = layer_step_scale(avg, G.square().sum().view(1), numel=G.numel(), beta2=beta2, step=t,
+                                      eps=NORMALIZE_EPS)
+        ref = psi_step(A_ref[None], B_ref[None], Gradient(G[None], None), lr=lr, grad_coef=scale.view(-1, 1, 1),
+                       momentum_coef=0.0, lam=lr * lmbd, lam_momentum=lr * lmbd, config=PSIConfig(iters=1))
+        A_ref, B_ref = ref.A[0], ref.B[0]
+        torch.testing.assert_close(A.detach(), A_ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(B.detach(), B_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(opt.state[A]["grad_sq_avg"].view(1), avg, rtol=1e-12, atol=0)
+
+
+def _train(name, loss_scale, steps=3, **kw):
+    model = make_model("mlp")
+    if name != "scaled-psi-lora":  # Scaled PSI-LoRA's other parameters always take Adam
+        kw["other_optimizer"] = "adam"
+    opt = loraopt.create_optimizer(name, model, max_grad_norm=0.0, **kw)
+    for t in range(steps):
+        x, y = make_batch("mlp", seed=t)
+        opt.zero_grad()
+        (loss_fn(model, x, y) * loss_scale).backward()
+        opt.step()
+    return {n: p for n, p in params_snapshot(model).items() if "lora_" in n}
+
+
+@pytest.mark.parametrize("name", ["psi-lora", "proj-psi-lora"])
+def test_the_normalized_step_does_not_depend_on_the_loss_scale(name):
+    kw = dict(lr=0.01, inner_iters=1, momentum=0.9)
+    one, big = _train(name, 1.0, normalize="layer", **kw), _train(name, 1000.0, normalize="layer", **kw)
+    for n in one:
+        torch.testing.assert_close(big[n], one[n], rtol=1e-5, atol=1e-6)
+    # Without the normalisation the same runs differ: the check above can fail.
+    plain_one, plain_big = _train(name, 1.0, **kw), _train(name, 1000.0, **kw)
+    assert any(not torch.allclose(plain_one[n], plain_big[n], rtol=1e-3, atol=1e-4) for n in plain_one)
+
+
+def test_scaled_psi_lora_takes_the_layer_normalisation_too():
+    kw = dict(lr=1e-3, inner_iters=1)
+    one, big = (_train("scaled-psi-lora", s, normalize="layer", other_lr=1e-2, **kw) for s in (1.0, 1000.0))
+    for n in one:
+        torch.testing.assert_close(big[n], one[n], rtol=1e-4, atol=1e-6)
+
+
+def test_streaming_capture_and_unknown_modes_are_refused_with_what_to_do():
+    with pytest.raises(ValueError, match="normalize='layer'"):
+        loraopt.create_optimizer("psi-lora", make_model("mlp"), inner_iters=0, normalize="layer", capture="stream")
+    with pytest.raises(ValueError, match="normalize must be None or 'layer'"):
+        loraopt.create_optimizer("psi-lora", make_model("mlp"), normalize="row")
+    with pytest.raises(ValueError, match="normalize_beta2"):
+        loraopt.create_optimizer("psi-lora", make_model("mlp"), normalize="layer", normalize_beta2=1.0)
+    # K = 0 with capture="auto" keeps rows (the norm needs them) and steps.
+    model = make_model("mlp")
+    opt = loraopt.create_optimizer("psi-lora", model, inner_iters=0, normalize="layer")
+    before = params_snapshot(model)
+    x, y = make_batch("mlp")
+    loss_fn(model, x, y).backward()
+    opt.step()
+    assert any(not torch.equal(before[n], p) for n, p in params_snapshot(model).items() if "lora_A" in n)
