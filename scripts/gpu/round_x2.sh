@@ -17,7 +17,7 @@
 # (results/lm_epoch, sst2_epoch call 5, cost/nvidia-h200.*); PLAN=2 is what that round left undone, sized by its
 # lesson: with 14 processes per GPU every PSI-family run went 5-10x slower than alone (the GPU time-slices the
 # small kernels of many processes), so PLAN=2 keeps at most ~5 PSI-family processes per GPU (benchmarks/notes/psi.md
-# §5-6).
+# §5-6). PLAN=3 puts the per-layer normalised steps (normalize="layer") first and keeps PLAN=2's most needed runs.
 set -u
 PLAN=${PLAN:-1}
 : "${OUT:?set OUT}" "${STAGE:?set STAGE}"
@@ -52,6 +52,12 @@ lm2)
   setsid nohup bash -c "quality 0 lm defaults-a 2 $D --methods adamw lora-plus riemannian-adamw loko --lrs adamw=3e-3 lora-plus=3e-4 riemannian-adamw=3e-3 loko=1.0 --seeds 1 2" >/dev/null 2>&1 < /dev/null &
   setsid nohup bash -c "quality 1 lm sweep-b 4 $D --methods psi-lora proj-psi-lora scaled-psi-lora --seeds 0" >/dev/null 2>&1 < /dev/null &
   setsid nohup bash -c "quality 1 lm defaults-b 2 $D --methods psi-lora proj-psi-lora scaled-psi-lora --lrs psi-lora=0.03 proj-psi-lora=0.03 scaled-psi-lora=0.3 --seeds 1 2" >/dev/null 2>&1 < /dev/null &
+  elif [ "$PLAN" = 3 ]; then
+  # The per-layer normalised PSI steps first (GPU 0), PSI-LoRA / Proj. above the old grid's top after them;
+  # Riemannian AdamW's sweep and seeds beside them (cheap steps); Scaled PSI-LoRA's sweep on GPU 1 next to vision.
+  setsid nohup bash -c "quality 0 lm norm 6 $D --methods psi-lora-norm scaled-psi-lora-norm --lrs psi-lora-norm=3e-5,1e-4,3e-4 scaled-psi-lora-norm=3e-4,1e-3,3e-3 --seeds 0; quality 0 lm psi-high 2 $D --methods psi-lora proj-psi-lora --lrs psi-lora=0.3 proj-psi-lora=0.3 --seeds 0" >/dev/null 2>&1 < /dev/null &
+  setsid nohup bash -c "quality 0 lm riemannian 3 $D --methods riemannian-adamw --lrs riemannian-adamw=1e-3,3e-3,1e-2 --seeds 0; quality 0 lm riemannian-seeds 2 $D --methods riemannian-adamw --lrs riemannian-adamw=3e-3 --seeds 1 2" >/dev/null 2>&1 < /dev/null &
+  setsid nohup bash -c "quality 1 lm scaled 2 $D --methods scaled-psi-lora --lrs scaled-psi-lora=0.1,1.0 --seeds 0" >/dev/null 2>&1 < /dev/null &
   else
   # The PSI family above the grid's top (its best lr was 0.1), Scaled PSI-LoRA's sweep and missing default seeds,
   # Proj. seed 2; Riemannian AdamW and LoKO-scalar at the library defaults (new key), sweep + seeds.
@@ -68,6 +74,10 @@ vision)
   export -f quality left after; export ROOT
   # PLAN 1 ran nine PSI-family processes next to 20 others and finished none; PLAN 2 runs the same nine runs with
   # the GPUs less shared (PSI-LoRA and Proj. on GPU 0, Scaled on GPU 1; 4-5 processes each).
+  if [ "$PLAN" = 3 ]; then  # GPU 1: the normalised steps and Scaled PSI-LoRA's default (5 processes)
+  setsid nohup bash -c "quality 1 vision norm 5 $D --methods psi-lora-norm scaled-psi-lora-norm scaled-psi-lora --lrs psi-lora-norm=3e-5,1e-4 scaled-psi-lora-norm=3e-4,1e-3 scaled-psi-lora=0.3 --seeds 0" >/dev/null 2>&1 < /dev/null &
+  sleep 5; left; exit 0
+  fi
   # GPU 0: PSI-LoRA and Proj. PSI-LoRA at 0.01 and 0.1 (0.03, the default, has 3 seeds), then seeds 1-2 at 0.1.
   setsid nohup bash -c "quality 0 vision psi-sweep 4 $D --methods psi-lora proj-psi-lora --lrs psi-lora=0.01,0.1 proj-psi-lora=0.01,0.1 --seeds 0; quality 0 vision psi-seeds 4 $D --methods psi-lora proj-psi-lora --lrs psi-lora=0.1 proj-psi-lora=0.1 --seeds 1 2" >/dev/null 2>&1 < /dev/null &
   # GPU 1: Scaled PSI-LoRA at its default 0.3 (3 seeds) and at 0.1 and 1.0.
@@ -82,6 +92,11 @@ sst2)
   if [ "$PLAN" = 1 ]; then
   setsid nohup bash -c "quality 0 sst2 defaults 4 $D --methods psi-lora-default proj-psi-lora-default riemannian-adamw lora-plus --lrs riemannian-adamw=3e-3 lora-plus=3e-4 --seeds 0 1 2 --method-seeds lora-plus=1,2; quality 0 sst2 riemannian-sweep 4 $D --methods riemannian-adamw --lrs riemannian-adamw=1e-3,1e-2 --seeds 0" >/dev/null 2>&1 < /dev/null &
   setsid nohup bash -c "quality 1 sst2 ablations 4 $D --methods psi-lora-k0 psi-lora-k2 psi-lora-rank2 psi-lora-warmup proj-psi-lora-k2 proj-psi-lora-warmup scaled-psi-lora-k1 scaled-psi-lora-shampoo scaled-psi-lora-p025 scaled-psi-lora-p1 scaled-psi-lora-beta999 scaled-psi-lora-damp1e-3 scaled-psi-lora-nobc scaled-psi-lora-warmup --seeds 0" >/dev/null 2>&1 < /dev/null &
+  elif [ "$PLAN" = 3 ]; then
+  # After the LM chains of each GPU: the normalised steps and Riemannian AdamW's seeds (GPU 0); ablations (GPU 1).
+  setsid nohup bash -c "after lm norm; sleep 3; after lm psi-high; quality 0 sst2 norm 6 $D --methods psi-lora-norm proj-psi-lora-norm scaled-psi-lora-norm --lrs psi-lora-norm=3e-5,1e-4 proj-psi-lora-norm=3e-5,1e-4 scaled-psi-lora-norm=3e-4,1e-3 --seeds 0" >/dev/null 2>&1 < /dev/null &
+  setsid nohup bash -c "after lm riemannian; sleep 3; after lm riemannian-seeds; quality 0 sst2 riemannian 3 $D --methods riemannian-adamw --lrs riemannian-adamw=3e-3 --seeds 0 1 2" >/dev/null 2>&1 < /dev/null &
+  setsid nohup bash -c "after lm scaled; quality 1 sst2 ablations 3 $D --methods scaled-psi-lora-k1 scaled-psi-lora-shampoo scaled-psi-lora-p025 scaled-psi-lora-nobc proj-psi-lora-k2 proj-psi-lora-warmup --seeds 0" >/dev/null 2>&1 < /dev/null &
   else
   # What call 5 left: the third default seeds, Riemannian AdamW (3 seeds + sweep), the ten unfinished ablations;
   # each chain starts when the LM runs on its GPU have ended (at most ~5-8 PSI-family processes per GPU).
