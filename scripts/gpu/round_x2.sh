@@ -17,7 +17,8 @@
 # (results/lm_epoch, sst2_epoch call 5, cost/nvidia-h200.*); PLAN=2 is what that round left undone, sized by its
 # lesson: with 14 processes per GPU every PSI-family run went 5-10x slower than alone (the GPU time-slices the
 # small kernels of many processes), so PLAN=2 keeps at most ~5 PSI-family processes per GPU (benchmarks/notes/psi.md
-# §5-6). PLAN=3 puts the per-layer normalised steps (normalize="layer") first and keeps PLAN=2's most needed runs.
+# §5-6). PLAN=3 puts the per-layer normalised steps (normalize="layer") first and keeps PLAN=2's most needed runs;
+# PLAN=4 is PLAN=3 cut to one H200 (run every stage with kind nvidia-h200).
 set -u
 PLAN=${PLAN:-1}
 : "${OUT:?set OUT}" "${STAGE:?set STAGE}"
@@ -52,6 +53,9 @@ lm2)
   setsid nohup bash -c "quality 0 lm defaults-a 2 $D --methods adamw lora-plus riemannian-adamw loko --lrs adamw=3e-3 lora-plus=3e-4 riemannian-adamw=3e-3 loko=1.0 --seeds 1 2" >/dev/null 2>&1 < /dev/null &
   setsid nohup bash -c "quality 1 lm sweep-b 4 $D --methods psi-lora proj-psi-lora scaled-psi-lora --seeds 0" >/dev/null 2>&1 < /dev/null &
   setsid nohup bash -c "quality 1 lm defaults-b 2 $D --methods psi-lora proj-psi-lora scaled-psi-lora --lrs psi-lora=0.03 proj-psi-lora=0.03 scaled-psi-lora=0.3 --seeds 1 2" >/dev/null 2>&1 < /dev/null &
+  elif [ "$PLAN" = 4 ]; then  # PLAN=3 cut to one H200 (nvidia-h200): everything on GPU 0, at most ~6 PSI-family runs
+  setsid nohup bash -c "quality 0 lm norm 4 $D --methods psi-lora-norm scaled-psi-lora-norm --lrs psi-lora-norm=1e-4,3e-4 scaled-psi-lora-norm=1e-3,3e-3 --seeds 0" >/dev/null 2>&1 < /dev/null &
+  setsid nohup bash -c "quality 0 lm riemannian 3 $D --methods riemannian-adamw --lrs riemannian-adamw=3e-3 --seeds 0 1 2" >/dev/null 2>&1 < /dev/null &
   elif [ "$PLAN" = 3 ]; then
   # The per-layer normalised PSI steps first (GPU 0), PSI-LoRA / Proj. above the old grid's top after them;
   # Riemannian AdamW's sweep and seeds beside them (cheap steps); Scaled PSI-LoRA's sweep on GPU 1 next to vision.
@@ -74,6 +78,10 @@ vision)
   export -f quality left after; export ROOT
   # PLAN 1 ran nine PSI-family processes next to 20 others and finished none; PLAN 2 runs the same nine runs with
   # the GPUs less shared (PSI-LoRA and Proj. on GPU 0, Scaled on GPU 1; 4-5 processes each).
+  if [ "$PLAN" = 4 ]; then
+  setsid nohup bash -c "quality 0 vision norm 2 $D --methods psi-lora-norm scaled-psi-lora-norm --lrs psi-lora-norm=1e-4 scaled-psi-lora-norm=1e-3 --seeds 0" >/dev/null 2>&1 < /dev/null &
+  sleep 5; left; exit 0
+  fi
   if [ "$PLAN" = 3 ]; then  # GPU 1: the normalised steps and Scaled PSI-LoRA's default (5 processes)
   setsid nohup bash -c "quality 1 vision norm 5 $D --methods psi-lora-norm scaled-psi-lora-norm scaled-psi-lora --lrs psi-lora-norm=3e-5,1e-4 scaled-psi-lora-norm=3e-4,1e-3 scaled-psi-lora=0.3 --seeds 0" >/dev/null 2>&1 < /dev/null &
   sleep 5; left; exit 0
@@ -92,6 +100,9 @@ sst2)
   if [ "$PLAN" = 1 ]; then
   setsid nohup bash -c "quality 0 sst2 defaults 4 $D --methods psi-lora-default proj-psi-lora-default riemannian-adamw lora-plus --lrs riemannian-adamw=3e-3 lora-plus=3e-4 --seeds 0 1 2 --method-seeds lora-plus=1,2; quality 0 sst2 riemannian-sweep 4 $D --methods riemannian-adamw --lrs riemannian-adamw=1e-3,1e-2 --seeds 0" >/dev/null 2>&1 < /dev/null &
   setsid nohup bash -c "quality 1 sst2 ablations 4 $D --methods psi-lora-k0 psi-lora-k2 psi-lora-rank2 psi-lora-warmup proj-psi-lora-k2 proj-psi-lora-warmup scaled-psi-lora-k1 scaled-psi-lora-shampoo scaled-psi-lora-p025 scaled-psi-lora-p1 scaled-psi-lora-beta999 scaled-psi-lora-damp1e-3 scaled-psi-lora-nobc scaled-psi-lora-warmup --seeds 0" >/dev/null 2>&1 < /dev/null &
+  elif [ "$PLAN" = 4 ]; then
+  setsid nohup bash -c "after lm norm; quality 0 sst2 norm 4 $D --methods psi-lora-norm proj-psi-lora-norm scaled-psi-lora-norm --lrs psi-lora-norm=3e-5,1e-4 proj-psi-lora-norm=3e-5 scaled-psi-lora-norm=3e-4 --seeds 0" >/dev/null 2>&1 < /dev/null &
+  setsid nohup bash -c "after lm riemannian; quality 0 sst2 riemannian 3 $D --methods riemannian-adamw --lrs riemannian-adamw=3e-3 --seeds 0 1 2" >/dev/null 2>&1 < /dev/null &
   elif [ "$PLAN" = 3 ]; then
   # After the LM chains of each GPU: the normalised steps and Riemannian AdamW's seeds (GPU 0); ablations (GPU 1).
   setsid nohup bash -c "after lm norm; sleep 3; after lm psi-high; quality 0 sst2 norm 6 $D --methods psi-lora-norm proj-psi-lora-norm scaled-psi-lora-norm --lrs psi-lora-norm=3e-5,1e-4 proj-psi-lora-norm=3e-5,1e-4 scaled-psi-lora-norm=3e-4,1e-3 --seeds 0" >/dev/null 2>&1 < /dev/null &
@@ -123,6 +134,15 @@ timing)
     # The captured step against the eager one on the GPU, before it is timed (tests/test_graphed_step.py).
     (cd $SNAP && CUDA_VISIBLE_DEVICES=0 timeout 120 python -m pytest -q -p no:cacheprovider tests/test_graphed_step.py \
       > $T/graph_tests.log 2>&1); tail -n 3 $T/graph_tests.log
+  fi
+  if [ "$PLAN" = 4 ]; then  # one GPU: the cost levers, then LoKO's top-k rows, one after the other
+    CUDA_VISIBLE_DEVICES=0 python -m loraopt_bench.cost levers --warmup 2 --steps 6 --budget-s ${COST_BUDGET_S:-150} \
+      --optimizers $COST_OPTS --out $T/cost > $T/cost.log 2>&1
+    CUDA_VISIBLE_DEVICES=0 timeout 150 python -m loraopt_bench.loko_jacobian_cost --only effnet-b32,cls-b1,cls-b8 \
+      --methods adamw-fused,loko-func,loko-func-top2,loko-func-top3 --assets $ROOT/stash \
+      --out $T/loko_jacobian > $T/loko_jacobian.log 2>&1
+    tail -n 40 $T/cost.log; tail -n 5 $T/*.log
+    tar czf "$OUT/timing.tgz" -C $T . ; ls -la "$OUT"; exit 0
   fi
   ( CUDA_VISIBLE_DEVICES=0 python -m loraopt_bench.cost levers --warmup 2 --steps 6 --budget-s ${COST_BUDGET_S:-240} \
       --optimizers $COST_OPTS \
