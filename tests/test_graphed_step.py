@@ -25,6 +25,7 @@ CASES = [
     ("proj-psi-lora", {}),
     ("scaled-psi-lora", {}),
     ("scaled-psi-lora", dict(metric="shampoo", inner_iters=1)),
+    ("psi-lora", dict(normalize="layer", max_grad_norm=0.0)),  # a per-layer (L, 1, 1) gradient coefficient
 ]
 
 
@@ -119,3 +120,35 @@ def test_cuda_graph_step_equals_the_eager_step_on_the_gpu(name, hp):
     assert graphed.captures > 0 and not graphed.disabled
     for n in eager:
         torch.testing.assert_close(replayed[n], eager[n], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the real capture and replay")
+def test_a_bucket_of_many_equal_layers_is_captured_on_the_gpu():
+    """Several equal layers make one bucket whose r x r systems are solved batched: with torch's default library
+    choice those solves went to MAGMA, which cannot be captured (an H200 failed every such capture); the capture
+    asks for cuSOLVER (functional.psi._capturable_linalg)."""
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    def run(step_fn=None):
+        torch.manual_seed(0)
+        base = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(16, 16), nn.Tanh())], nn.Linear(16, 3))
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=4, target_modules=["0", "2", "4", "6"])).cuda()
+        opt = loraopt.create_optimizer("psi-lora", model, lr=1e-2)
+        if step_fn is not None:
+            opt._step_fn = step_fn
+        for t in range(4):
+            x = torch.randn(16, 16, generator=torch.Generator().manual_seed(t)).cuda()
+            y = torch.arange(16).cuda() % 3
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        return params_snapshot(model)
+
+    eager = run()
+    graphed = fpsi.GraphedPSIStep("test")
+    replayed = run(graphed)
+    assert graphed.captures > 0 and not graphed.disabled
+    torch.randn(2, device="cuda")  # the CUDA RNG still works after the captures
+    for n in eager:
+        torch.testing.assert_close(replayed[n], eager[n], rtol=1e-4, atol=1e-5)

@@ -689,7 +689,8 @@ class GraphedPSIStep:
             None if momentum is None else len(momentum),
             None if metric is None else (metric.beta2, metric.damping, metric.power, metric.bias_correction,
                                          metric.relative),
-            tuple(dynamic), tuple(sorted((k, repr(v)) for k, v in static.items())),
+            tuple(dynamic), tuple(tuple(v.shape) if torch.is_tensor(v) else () for v in scalars),
+            tuple(sorted((k, repr(v)) for k, v in static.items())),
         )
         return tensors, scalars, key
 
@@ -714,8 +715,8 @@ class GraphedPSIStep:
     @staticmethod
     def _fill(buffers: List[Tensor], values: List[Any]) -> None:
         for buffer, value in zip(buffers, values):
-            if torch.is_tensor(value):
-                buffer.copy_(value.reshape(()))
+            if torch.is_tensor(value):  # 0-dim, or per layer (L, 1, 1) (normalize="layer")
+                buffer.copy_(value.reshape(buffer.shape))
             else:
                 buffer.fill_(float(value))
 
@@ -739,8 +740,9 @@ class GraphedPSIStep:
 
     def _capture(self, tensors, scalars, grad, kwargs, A: Tensor) -> _Capture:
         inputs = [t.detach().clone() for t in tensors]
-        buffers = [torch.zeros((), dtype=A.dtype if A.dtype == torch.float64 else torch.float32, device=A.device)
-                   for _ in scalars]
+        dtype = A.dtype if A.dtype == torch.float64 else torch.float32
+        buffers = [torch.zeros(tuple(s.shape) if torch.is_tensor(s) else (), dtype=dtype, device=A.device)
+                   for s in scalars]
         self._fill(buffers, scalars)
         call = self._assemble(inputs, buffers, grad, kwargs)
 
@@ -749,18 +751,37 @@ class GraphedPSIStep:
 
         if self.emulate and not A.is_cuda:
             return _Capture(inputs, buffers, run(), None, run)
-        side = torch.cuda.Stream(device=A.device)
-        side.wait_stream(torch.cuda.current_stream(A.device))
-        with torch.cuda.stream(side):  # warm-up off the capture (library handles, workspaces, lazy kernels)
-            for _ in range(self.warmup):
-                run()
-        torch.cuda.current_stream(A.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):  # one memory pool for every capture, replayed in order
-            outputs = run()
+        with _capturable_linalg():
+            side = torch.cuda.Stream(device=A.device)
+            side.wait_stream(torch.cuda.current_stream(A.device))
+            with torch.cuda.stream(side):  # warm-up off the capture (library handles, workspaces, lazy kernels)
+                for _ in range(self.warmup):
+                    run()
+            torch.cuda.current_stream(A.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):  # one memory pool for every capture, replayed in order
+                outputs = run()
         self._pool = graph.pool()
         graph.replay()  # this call's result (the capture itself does not run the kernels)
         return _Capture(inputs, buffers, outputs, graph, run)
+
+
+class _capturable_linalg:
+    """cuSOLVER for the linear algebra of a capture (warm-up included), the previous choice restored after.
+
+    With torch's default choice the batched Cholesky solves of a multi-layer bucket go to MAGMA, whose
+    ``magma_spotrs_batched`` is not capturable: on an H200 (torch 2.11) every capture failed with "operation not
+    permitted when stream is capturing", and the failed capture left the CUDA RNG unusable in the process ("Offset
+    increment outside graph capture" at the next random initialisation; benchmarks/notes/cost.md).  cuSOLVER's
+    kernels capture.  The eager step keeps torch's choice (on the same GPU it was faster with MAGMA)."""
+
+    def __enter__(self):
+        self._previous = torch.backends.cuda.preferred_linalg_library()
+        torch.backends.cuda.preferred_linalg_library("cusolver")
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.preferred_linalg_library(self._previous)
+        return False
 
 
 def _flat_result(result: PSIStepResult) -> List[Tensor]:

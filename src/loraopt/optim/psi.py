@@ -84,6 +84,16 @@ _ARGS_DOC = r"""
             the step does not see) from batched products alone, with no host synchronisation, for CUDA-graph
             capture (``balance_polar``; about 150 more small kernels per step than ``"gram"`` when not captured);
             ``"norm"`` only equalises the factor norms; ``"none"`` is the reference code.
+        normalize: ``None`` (default) or ``"layer"``: divide each layer's captured gradient ``G`` by the root of a
+            bias-corrected EMA (rate ``normalize_beta2``) of its mean squared entry, Adam's second moment with one
+            number per layer.  Each layer's step then has entries of RMS about ``lr`` whatever the scale of its
+            gradient (the step ignores the loss's scale), so ``lr`` is ~1000x smaller than without (3e-5 was best
+            for PSI-LoRA on SST-2).  Pass ``max_grad_norm=0`` with it (clipping would bring the scale back).  Needs
+            the rows (no streaming capture); under data parallelism the squared norm is the ranks' mean of their
+            local ones.  Off by default: on the H200 suites (``benchmarks/notes/psi.md`` §7) it lifted PSI-LoRA on
+            SST-2 from 85.6 to 86.1 +- 0.7 % (3 seeds; AdamW 86.6 +- 0.5), left Proj. PSI-LoRA's LM loss as it was
+            (3.335), and made PSI-LoRA and Scaled PSI-LoRA blow up on the LM (validation loss 4.5-6.6).
+        normalize_beta2: EMA rate of ``normalize="layer"``.
         reference_compat: reproduce the reference code where it differs from the paper, which is only at K = 0
             (its unscaled LoRSum is a no-op there: plain PSI-LoRA does not move and no momentum updates).  For
             comparisons with published runs; it changes nothing at K >= 1.
@@ -109,7 +119,10 @@ _ARGS_DOC = r"""
             fixed shapes (a new batch shape or row count is a new capture) and takes its lr and other changing
             hyperparameters from device scalars, so schedulers work.  CUDA only (eager elsewhere), not with
             ``compile`` or ``foreach=False``; distributed runs and any capture failure (one warning) step eagerly.
-            Off by default: not measured on a GPU yet (``benchmarks/notes/cost.md``).
+            The capture uses cuSOLVER for its r x r solves (MAGMA's batched solve cannot be captured).  Off by
+            default: on an H200 it cut SmolLM2-shaped PSI-LoRA K = 1's isolated step from 45-88 ms to 28 ms, but
+            not its end-to-end time beyond run-to-run noise (1.55-1.74x fused AdamW; the row capture in forward and
+            backward now costs more than the step, ``benchmarks/notes/cost.md``).
 """
 
 
