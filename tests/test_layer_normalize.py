@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import loraopt
 from loraopt.functional.metrics import layer_grad_sq_norms, layer_step_scale
 from loraopt.functional.psi import Gradient, PSIConfig, psi_step
 from loraopt.optim.psi_step import NORMALIZE_EPS
-from toys import loss_fn, make_batch, make_model, params_snapshot
+from toys import loss_fn, make_batch, make_model, one_lora_linear, params_snapshot
 
 F64 = torch.float64
 
@@ -40,21 +39,10 @@ def test_layer_step_scale_is_the_bias_corrected_rms_of_the_gradient_entries():
     assert torch.isfinite(scale).all() and (scale * 0 == 0).all()
 
 
-def _one_layer(seed=0, r=3, d_in=6, d_out=5):
-    torch.manual_seed(seed)
-    model = get_peft_model(nn.Sequential(nn.Linear(d_in, d_out)), LoraConfig(r=r, lora_alpha=r, target_modules=["0"]))
-    model = model.to(F64)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3)
-    return model
-
-
 def test_two_normalized_steps_equal_the_functional_step_with_a_hand_computed_layer_scale():
     """The optimizer divides G by its running RMS entry (bias-corrected EMA from zero) and nothing else changes."""
     lr, lmbd, beta2 = 0.05, 0.1, 0.9
-    model = _one_layer()
+    model = one_lora_linear(r=3, d_in=6, d_out=5, dtype=F64)
     opt = loraopt.create_optimizer("psi-lora", model, lr=lr, lmbd=lmbd, momentum=0.0, max_grad_norm=0.0,
                                    inner_iters=1, normalize="layer", normalize_beta2=beta2)
     (A,) = [p for n, p in model.named_parameters() if "lora_A" in n]

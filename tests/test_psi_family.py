@@ -5,29 +5,15 @@ import warnings
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from torch import nn
 
 import loraopt
 from loraopt.functional import spd_solve
 from loraopt.functional.metrics import debias, metric_step
 from loraopt.functional.psi import Gradient, PSIConfig, balance_norm, balance_svd, psi_step
 from loraopt.lora import find_lora_layers
-from toys import loss_fn, make_batch, make_model, params_snapshot
+from toys import loss_fn, make_batch, make_model, one_lora_linear, params_snapshot
 
 F64 = torch.float64
-
-
-def _lora_model(seed=0, r=4, d_in=12, d_out=10, dtype=torch.float32):
-    """One LoRA Linear(d_in, d_out) with s = 1 and a non-zero B (so every term of the step is exercised)."""
-    torch.manual_seed(seed)
-    model = get_peft_model(nn.Sequential(nn.Linear(d_in, d_out)), LoraConfig(r=r, lora_alpha=r, target_modules=["0"]))
-    model = model.to(dtype)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3)
-    return model
 
 
 def _rel(a, b):
@@ -78,7 +64,7 @@ def test_svd_balanced_momentum_leaves_the_psi_trajectory_unchanged_in_exact_arit
     factors) the weights follow the same path whichever balancing is used."""
     runs = {}
     for balance in ("svd", "norm", "none"):
-        model = _lora_model(dtype=F64)
+        model = one_lora_linear(dtype=F64)
         opt = loraopt.create_optimizer("psi-lora", model, lr=0.1, momentum=0.9, inner_iters=60, lmbd=1e-10,
                                        jitter=0.0, rank_mult=2.0, momentum_balance=balance)
         g = torch.Generator().manual_seed(0)
@@ -134,7 +120,7 @@ def test_proj_two_steps_equal_a_dense_hand_computation():
     """specs/psi-lora.md §3b steps 1-4 in float64 at K = 0, including the transport of the first buffer."""
     lr, mu, lmbd = 0.1, 0.5, 0.1
     lam = lr * lmbd
-    model = _lora_model(dtype=F64)
+    model = one_lora_linear(dtype=F64)
     layer = find_lora_layers(model)[0]
     opt = loraopt.create_optimizer("proj-psi-lora", model, lr=lr, inner_iters=0, lmbd=lmbd, jitter=0.0, momentum=mu,
                                    max_grad_norm=0.0)

@@ -85,6 +85,18 @@ def make_model(kind: str = "mlp", seed: int = 0, r: int = 4, **lora_kwargs) -> n
     return model
 
 
+def one_lora_linear(seed: int = 0, r: int = 4, d_in: int = 12, d_out: int = 10, dtype=torch.float32) -> nn.Module:
+    """One LoRA Linear(d_in, d_out) with s = 1 and a non-zero B (so every term of a PSI step is exercised)."""
+    torch.manual_seed(seed)
+    model = get_peft_model(nn.Sequential(nn.Linear(d_in, d_out)), LoraConfig(r=r, lora_alpha=r, target_modules=["0"]))
+    model = model.to(dtype)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    return model
+
+
 def make_batch(kind: str = "mlp", n: int = 16, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, N_CLASSES, (n,), generator=g)
