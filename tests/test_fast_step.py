@@ -334,3 +334,12 @@ def test_cost_levers_quick_writes_rows_and_ratios(tmp_path):
         rows[("quick-r8-s64", "psi-k1:per-layer")]["dispatched_ops_per_step"] / 2
     md = (tmp_path / "cpu.md").read_text()
     assert "x AdamW" in md and "| quick-r8-s64 | adamw-fused |" in md
+
+
+def test_cost_run_refuses_a_lever_row_name_instead_of_skipping_it(tmp_path):
+    """``cost run`` knows the library-default rows only; a lever name (``-graph``, ``-polar``) used to be skipped
+    without a word, which wasted a GPU call."""
+    from loraopt_bench import cost
+
+    with pytest.raises(SystemExit, match="psi-k1-graph.*cost levers"):
+        cost.main(["run", "--smoke", "--out", str(tmp_path), "--optimizers", "adamw-fused,psi-k1-graph"])

@@ -131,8 +131,9 @@ timing)
   fi
   if [ "$PLAN" != 1 ] && ls .gpu_assets/wheels-test/*.whl >/dev/null 2>&1; then  # carry .gpu_assets/wheels-test
     pip install -q --no-deps --target $ROOT/pyext .gpu_assets/wheels-test/*.whl
-    # The captured step against the eager one on the GPU, before it is timed (tests/test_graphed_step.py).
-    (cd $SNAP && CUDA_VISIBLE_DEVICES=0 timeout 120 python -m pytest -q -p no:cacheprovider tests/test_graphed_step.py \
+    # The captured step against the eager one on the GPU, before it is timed (tests/test_graphed_step.py; the
+    # image's pytest-timeout plugin does not load with the carried pytest, hence -p no:timeout).
+    (cd $SNAP && CUDA_VISIBLE_DEVICES=0 timeout 120 python -m pytest -q -p no:cacheprovider -p no:timeout tests/test_graphed_step.py \
       > $T/graph_tests.log 2>&1); tail -n 3 $T/graph_tests.log
   fi
   if [ "$PLAN" = 4 ]; then  # one GPU: the cost levers, then LoKO's top-k rows, one after the other

@@ -402,6 +402,12 @@ def cmd_run(args) -> None:
     print("ceilings", json.dumps(ceilings), flush=True)
     checks = check_fast_paths(device, args.smoke) if args.check else []
     only = set(args.only.split(",")) if args.only else None
+    if args.optimizers:  # a name no table holds would otherwise be skipped without a word
+        known = {spec[0] for spec in OPTIMIZERS + CLS_OPTIMIZERS}
+        unknown = [name for name in args.optimizers.split(",") if name not in known]
+        if unknown:
+            raise SystemExit(f"unknown --optimizers {unknown} for `cost run`; choose from {', '.join(sorted(known))} "
+                             "(the lever rows such as -graph and -polar are `cost levers` rows)")
     profile_cfg = args.profile_config
     prof_path = os.path.join(args.out, f"profile_{args.label}.txt")
     runs = []
