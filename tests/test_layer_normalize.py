@@ -115,3 +115,21 @@ def test_streaming_capture_and_unknown_modes_are_refused_with_what_to_do():
     loss_fn(model, x, y).backward()
     opt.step()
     assert any(not torch.equal(before[n], p) for n, p in params_snapshot(model).items() if "lora_A" in n)
+
+
+@pytest.mark.parametrize("name", ["psi-lora", "proj-psi-lora", "scaled-psi-lora"])
+def test_the_batched_step_equals_the_per_layer_reference_with_normalisation(name):
+    runs = []
+    for foreach in (True, False):
+        torch.manual_seed(0)
+        model = make_model("mlp").to(F64)
+        opt = loraopt.create_optimizer(name, model, lr=1e-3, inner_iters=1, normalize="layer", max_grad_norm=0.0,
+                                       foreach=foreach)
+        for t in range(3):
+            x, y = make_batch("mlp", seed=t)
+            opt.zero_grad()
+            loss_fn(model, x.to(F64), y).backward()
+            opt.step()
+        runs.append(params_snapshot(model))
+    for n in runs[0]:
+        torch.testing.assert_close(runs[1][n], runs[0][n], rtol=1e-10, atol=1e-12)

@@ -18,7 +18,8 @@
 # lesson: with 14 processes per GPU every PSI-family run went 5-10x slower than alone (the GPU time-slices the
 # small kernels of many processes), so PLAN=2 keeps at most ~5 PSI-family processes per GPU (benchmarks/notes/psi.md
 # §5-6). PLAN=3 puts the per-layer normalised steps (normalize="layer") first and keeps PLAN=2's most needed runs;
-# PLAN=4 is PLAN=3 cut to one H200 (run every stage with kind nvidia-h200).
+# PLAN=4 is PLAN=3 cut to one H200 (run every stage with kind nvidia-h200). PLAN=5 (one H200, written after PLAN=4,
+# not run): the normalised steps at the lower lrs of notes/psi.md §8, and the graph rows with the scoped cuSOLVER.
 set -u
 PLAN=${PLAN:-1}
 : "${OUT:?set OUT}" "${STAGE:?set STAGE}"
@@ -53,6 +54,8 @@ lm2)
   setsid nohup bash -c "quality 0 lm defaults-a 2 $D --methods adamw lora-plus riemannian-adamw loko --lrs adamw=3e-3 lora-plus=3e-4 riemannian-adamw=3e-3 loko=1.0 --seeds 1 2" >/dev/null 2>&1 < /dev/null &
   setsid nohup bash -c "quality 1 lm sweep-b 4 $D --methods psi-lora proj-psi-lora scaled-psi-lora --seeds 0" >/dev/null 2>&1 < /dev/null &
   setsid nohup bash -c "quality 1 lm defaults-b 2 $D --methods psi-lora proj-psi-lora scaled-psi-lora --lrs psi-lora=0.03 proj-psi-lora=0.03 scaled-psi-lora=0.3 --seeds 1 2" >/dev/null 2>&1 < /dev/null &
+  elif [ "$PLAN" = 5 ]; then  # one H200: the normalised steps at the lrs SST-2 and the CPU LM check found (notes/psi.md §8)
+  setsid nohup bash -c "quality 0 lm norm-low 5 $D --methods psi-lora-norm proj-psi-lora-norm scaled-psi-lora-norm --lrs psi-lora-norm=1e-5,3e-5 proj-psi-lora-norm=3e-5 scaled-psi-lora-norm=1e-4,3e-4 --seeds 0; quality 0 lm norm-seeds 4 $D --methods psi-lora-norm proj-psi-lora-norm --lrs psi-lora-norm=3e-5 proj-psi-lora-norm=1e-4 --seeds 1 2" >/dev/null 2>&1 < /dev/null &
   elif [ "$PLAN" = 4 ]; then  # PLAN=3 cut to one H200 (nvidia-h200): everything on GPU 0, at most ~6 PSI-family runs
   setsid nohup bash -c "quality 0 lm norm 4 $D --methods psi-lora-norm scaled-psi-lora-norm --lrs psi-lora-norm=1e-4,3e-4 scaled-psi-lora-norm=1e-3,3e-3 --seeds 0" >/dev/null 2>&1 < /dev/null &
   setsid nohup bash -c "quality 0 lm riemannian 3 $D --methods riemannian-adamw --lrs riemannian-adamw=3e-3 --seeds 0 1 2" >/dev/null 2>&1 < /dev/null &
@@ -78,6 +81,10 @@ vision)
   export -f quality left after; export ROOT
   # PLAN 1 ran nine PSI-family processes next to 20 others and finished none; PLAN 2 runs the same nine runs with
   # the GPUs less shared (PSI-LoRA and Proj. on GPU 0, Scaled on GPU 1; 4-5 processes each).
+  if [ "$PLAN" = 5 ]; then
+  setsid nohup bash -c "quality 0 vision norm-low 3 $D --methods psi-lora-norm proj-psi-lora-norm --lrs psi-lora-norm=1e-5,3e-5 proj-psi-lora-norm=3e-5 --seeds 0" >/dev/null 2>&1 < /dev/null &
+  sleep 5; left; exit 0
+  fi
   if [ "$PLAN" = 4 ]; then
   setsid nohup bash -c "quality 0 vision norm 2 $D --methods psi-lora-norm scaled-psi-lora-norm --lrs psi-lora-norm=1e-4 scaled-psi-lora-norm=1e-3 --seeds 0" >/dev/null 2>&1 < /dev/null &
   sleep 5; left; exit 0
@@ -100,6 +107,8 @@ sst2)
   if [ "$PLAN" = 1 ]; then
   setsid nohup bash -c "quality 0 sst2 defaults 4 $D --methods psi-lora-default proj-psi-lora-default riemannian-adamw lora-plus --lrs riemannian-adamw=3e-3 lora-plus=3e-4 --seeds 0 1 2 --method-seeds lora-plus=1,2; quality 0 sst2 riemannian-sweep 4 $D --methods riemannian-adamw --lrs riemannian-adamw=1e-3,1e-2 --seeds 0" >/dev/null 2>&1 < /dev/null &
   setsid nohup bash -c "quality 1 sst2 ablations 4 $D --methods psi-lora-k0 psi-lora-k2 psi-lora-rank2 psi-lora-warmup proj-psi-lora-k2 proj-psi-lora-warmup scaled-psi-lora-k1 scaled-psi-lora-shampoo scaled-psi-lora-p025 scaled-psi-lora-p1 scaled-psi-lora-beta999 scaled-psi-lora-damp1e-3 scaled-psi-lora-nobc scaled-psi-lora-warmup --seeds 0" >/dev/null 2>&1 < /dev/null &
+  elif [ "$PLAN" = 5 ]; then
+  setsid nohup bash -c "after lm norm-low; quality 0 sst2 norm-seeds 2 $D --methods proj-psi-lora-norm --lrs proj-psi-lora-norm=3e-5 --seeds 1 2" >/dev/null 2>&1 < /dev/null &
   elif [ "$PLAN" = 4 ]; then
   setsid nohup bash -c "after lm norm; quality 0 sst2 norm 4 $D --methods psi-lora-norm proj-psi-lora-norm scaled-psi-lora-norm --lrs psi-lora-norm=3e-5,1e-4 proj-psi-lora-norm=3e-5 scaled-psi-lora-norm=3e-4 --seeds 0" >/dev/null 2>&1 < /dev/null &
   setsid nohup bash -c "after lm riemannian; quality 0 sst2 riemannian 3 $D --methods riemannian-adamw --lrs riemannian-adamw=3e-3 --seeds 0 1 2" >/dev/null 2>&1 < /dev/null &
@@ -135,6 +144,11 @@ timing)
     # image's pytest-timeout plugin does not load with the carried pytest, hence -p no:timeout).
     (cd $SNAP && CUDA_VISIBLE_DEVICES=0 timeout 120 python -m pytest -q -p no:cacheprovider -p no:timeout tests/test_graphed_step.py \
       > $T/graph_tests.log 2>&1); tail -n 3 $T/graph_tests.log
+  fi
+  if [ "$PLAN" = 5 ]; then  # one GPU: after the graph test above, the graph rows with the scoped cuSOLVER capture
+    CUDA_VISIBLE_DEVICES=0 python -m loraopt_bench.cost levers --warmup 2 --steps 6 --budget-s ${COST_BUDGET_S:-150} \
+      --optimizers adamw-fused,psi-k1,psi-k1-graph,proj-psi-graph,scaled-psi-graph,psi-k1-polar --out $T/cost > $T/cost.log 2>&1
+    tail -n 30 $T/cost.log; tar czf "$OUT/timing.tgz" -C $T . ; ls -la "$OUT"; exit 0
   fi
   if [ "$PLAN" = 4 ]; then  # one GPU: the cost levers, then LoKO's top-k rows, one after the other
     CUDA_VISIBLE_DEVICES=0 python -m loraopt_bench.cost levers --warmup 2 --steps 6 --budget-s ${COST_BUDGET_S:-150} \

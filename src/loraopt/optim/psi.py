@@ -91,8 +91,9 @@ _ARGS_DOC = r"""
             for PSI-LoRA on SST-2).  Pass ``max_grad_norm=0`` with it (clipping would bring the scale back).  Needs
             the rows (no streaming capture); under data parallelism the squared norm is the ranks' mean of their
             local ones.  Off by default: on the H200 suites (``benchmarks/notes/psi.md`` §7) it lifted PSI-LoRA on
-            SST-2 from 85.6 to 86.1 +- 0.7 % (3 seeds; AdamW 86.6 +- 0.5), left Proj. PSI-LoRA's LM loss as it was
-            (3.335), and made PSI-LoRA and Scaled PSI-LoRA blow up on the LM (validation loss 4.5-6.6).
+            SST-2 from 85.6 to 86.1 +- 0.7 % (3 seeds, lr 3e-5; AdamW 86.6 +- 0.5) and left Proj. PSI-LoRA's LM loss
+            as it was (3.335 at 1e-4); at lr >= 1e-4 PSI-LoRA and Scaled PSI-LoRA blew up on the LM (validation loss
+            4.5-6.8), while at 1e-5-3e-5 PSI-LoRA trained normally there in a short CPU check.
         normalize_beta2: EMA rate of ``normalize="layer"``.
         reference_compat: reproduce the reference code where it differs from the paper, which is only at K = 0
             (its unscaled LoRSum is a no-op there: plain PSI-LoRA does not move and no momentum updates).  For

@@ -23,9 +23,6 @@ from ..lora.capture import LayerObservation
 from ..lora.layers import LoRALayer
 from .counters import DeferredHostRead
 from .psi_base import _PSIOptimizerBase
-
-# normalize="layer": added to the root of the EMA so that a layer whose gradient is exactly zero takes no step.
-NORMALIZE_EPS = 1e-12
 from .psi_checks import grads_edited, missing_message
 from .psi_gather import (
     Commit,
@@ -41,6 +38,9 @@ from .psi_gather import (
 __all__ = ["_ProjectedSubspaceOptimizer"]
 
 _FALLBACK_CHECK_INTERVAL = 64  # steps between the (non-blocking) reads of the solve-fallback counters
+
+# normalize="layer": added to the root of the EMA so that a layer whose gradient is exactly zero takes no step.
+NORMALIZE_EPS = 1e-12
 
 
 class _ProjectedSubspaceOptimizer(_PSIOptimizerBase):
