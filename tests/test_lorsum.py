@@ -227,3 +227,12 @@ def test_svd_factors_do_not_depend_on_the_signs_the_svd_backend_returns(monkeypa
     torch.testing.assert_close(B @ A, (U[:, :3] * S[:3]) @ Vh[:3], rtol=0, atol=1e-12)
     pivots = B.abs().argmax(dim=0)
     assert bool((B[pivots, torch.arange(3)] > 0).all())
+
+
+@pytest.mark.parametrize("n", [3, 40])
+def test_lowrank_sq_norm_of_a_batch_is_one_norm_per_leading_index(n):
+    g = torch.Generator().manual_seed(1)
+    left, right = torch.randn(3, 7, n, generator=g, dtype=torch.float64), torch.randn(3, n, 5, generator=g,
+                                                                                        dtype=torch.float64)
+    torch.testing.assert_close(lowrank_sq_norm(left, right), (left @ right).square().sum(dim=(-2, -1)),
+                               rtol=1e-12, atol=0)

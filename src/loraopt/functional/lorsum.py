@@ -304,17 +304,19 @@ def scaled_svd_project(T: Tensor, rank: int, p_in: Tensor, p_out: Tensor) -> Ten
 
 
 def lowrank_sq_norm(left: Tensor, right: Tensor) -> Tensor:
-    """``|left @ right|_F^2`` for ``left: (d_out, N)``, ``right: (N, d_in)`` by the cheaper route.
+    """``|left @ right|_F^2`` for ``left: (..., d_out, N)``, ``right: (..., N, d_in)`` by the cheaper route; one
+    value per leading index (a 0-dim tensor for 2-D inputs).
 
     Gram route ``<left^T left, right right^T>`` costs ``N^2 (d_in + d_out)``; the dense route forms the product in
-    row blocks and costs ``N d_in d_out`` with ``O(block * d_in)`` memory.
+    row blocks and costs ``N d_in d_out`` with ``O(block * d_in)`` memory per leading index.
     """
-    d_out, n = left.shape
+    d_out, n = left.shape[-2:]
     d_in = right.shape[-1]
     if n * (d_in + d_out) <= d_in * d_out:
-        return ((left.mT @ left) * (right @ right.mT)).sum()
-    block = max(1, (1 << 24) // max(d_in, 1))
-    total = left.new_zeros(())
+        return ((left.mT @ left) * (right @ right.mT)).sum(dim=(-2, -1))
+    batch = max(1, left[..., :1, :1].numel())
+    block = max(1, (1 << 24) // max(d_in * batch, 1))
+    total = left.new_zeros(left.shape[:-2])
     for start in range(0, d_out, block):
-        total = total + (left[start : start + block] @ right).square().sum()
+        total = total + (left[..., start : start + block, :] @ right).square().sum(dim=(-2, -1))
     return total

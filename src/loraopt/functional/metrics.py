@@ -21,6 +21,8 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from .lorsum import lowrank_sq_norm
+
 __all__ = ["metric_ema", "debias", "metric_preconditioner", "metric_step", "stack_or_scalar", "layer_grad_sq_norms",
            "layer_step_scale"]
 
@@ -92,18 +94,12 @@ def _relative(v: Tensor, damping: float, power: float) -> Tensor:
 
 
 def layer_grad_sq_norms(left: Tensor, right: Optional[Tensor]) -> Tensor:
-    """``|G|_F^2`` of each layer, ``(L,)``, without forming ``G`` when that is cheaper.
-
-    ``left = S^T: (L, d_out, N)`` and ``right = X: (L, N, d_in)`` (rows, ``G = S^T X``), or ``left = G: (L, d_out,
-    d_in)`` and ``right = None`` (dense).  Rows take the Gram route ``<S S^T, X X^T>`` (``N^2 (d_in + d_out)``
-    flops) when it is cheaper than forming ``G`` (``N d_in d_out``)."""
+    """``|G|_F^2`` of each layer, ``(L,)``: rows ``left = S^T: (L, d_out, N)``, ``right = X: (L, N, d_in)`` (``G =
+    S^T X``, by :func:`~loraopt.functional.lorsum.lowrank_sq_norm`'s cheaper route), or ``left = G: (L, d_out,
+    d_in)`` and ``right = None`` (dense)."""
     if right is None:
         return left.square().sum(dim=(-2, -1))
-    d_out, n = left.shape[-2:]
-    d_in = right.shape[-1]
-    if n * (d_in + d_out) <= d_in * d_out:
-        return ((left.mT @ left) * (right @ right.mT)).sum(dim=(-2, -1))
-    return (left @ right).square().sum(dim=(-2, -1))
+    return lowrank_sq_norm(left, right)
 
 
 def layer_step_scale(

@@ -13,6 +13,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ..functional.lorsum import lowrank_sq_norm
 from ..functional.psi import Gradient, balance_many
 from ..lora.capture import LayerObservation
 from ..lora.layers import LoRALayer
@@ -197,13 +198,12 @@ def clip_norm(active_groups, dist: DistributedContext) -> Tuple[Tensor, bool]:
                 bounds.append(obs.grad_norm_bound)
                 accumulated_stream = accumulated_stream or obs.pairs > 1
         grads += [p.grad for p in with_grad]
-    for (n, d_in, d_out, *_), group in rows.items():
-        if len(group) == 1 or n * (d_in + d_out) > d_in * d_out:
-            parts += [obs.grad_sq_norm() for obs in group]
-        else:
-            # |S^T X|_F^2 = <S S^T, X X^T> for every layer of the group at once (lowrank_sq_norm's Gram route).
+    for group in rows.values():
+        if len(group) == 1:
+            parts.append(group[0].grad_sq_norm())
+        else:  # every layer of the group at once, by the cheaper route of lowrank_sq_norm
             S, X = stacked_rows(group)
-            parts.append(((S @ S.mT) * (X @ X.mT)).sum())
+            parts.append(lowrank_sq_norm(S.mT, X).sum())
     sharded = [local(g) for g in grads if is_dtensor(g)]
     grads = [g for g in grads if not is_dtensor(g)]
     if sharded:
