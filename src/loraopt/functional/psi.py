@@ -41,6 +41,7 @@ finite) and the outputs of a failed layer are its inputs, so the caller can writ
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -617,13 +618,14 @@ class CompiledPSIStep:
 
 # Hyperparameters of psi_step that may change from step to step (an lr scheduler moves lr, and with it lam,
 # lam_momentum and anchor_coef; the clip factor is a device tensor; the bias-correction step counts): a captured step
-# reads them from 0-dim tensors filled before each replay. Everything else is part of the capture key.
+# reads them from device tensors filled before each replay (0-dim, or (L, 1, 1) for a per-layer gradient coefficient).
+# Everything else is part of the capture key.
 _DYNAMIC_SCALARS = ("lr", "grad_coef", "lam", "lam_momentum", "anchor_coef")
 
 
 class _Capture(NamedTuple):
     inputs: List[Tensor]  # static copies of the step's tensor inputs
-    scalars: List[Tensor]  # 0-dim tensors of the dynamic hyperparameters (and the metric step)
+    scalars: List[Tensor]  # device tensors of the dynamic hyperparameters (and the metric step)
     outputs: PSIStepResult  # what the step wrote, at the same addresses every replay
     graph: Any  # torch.cuda.CUDAGraph, or None when emulated
     run: Callable[[], PSIStepResult]  # the step on the static inputs (the emulated replay)
@@ -766,7 +768,8 @@ class GraphedPSIStep:
         return _Capture(inputs, buffers, outputs, graph, run)
 
 
-class _capturable_linalg:
+@contextlib.contextmanager
+def _capturable_linalg():
     """cuSOLVER for the linear algebra of a capture (warm-up included), the previous choice restored after.
 
     With torch's default choice the batched Cholesky solves of a multi-layer bucket go to MAGMA, whose
@@ -774,14 +777,12 @@ class _capturable_linalg:
     permitted when stream is capturing", and the failed capture left the CUDA RNG unusable in the process ("Offset
     increment outside graph capture" at the next random initialisation; benchmarks/notes/cost.md).  cuSOLVER's
     kernels capture.  The eager step keeps torch's choice (on the same GPU it was faster with MAGMA)."""
-
-    def __enter__(self):
-        self._previous = torch.backends.cuda.preferred_linalg_library()
-        torch.backends.cuda.preferred_linalg_library("cusolver")
-
-    def __exit__(self, *exc):
-        torch.backends.cuda.preferred_linalg_library(self._previous)
-        return False
+    previous = torch.backends.cuda.preferred_linalg_library()
+    torch.backends.cuda.preferred_linalg_library("cusolver")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_linalg_library(previous)
 
 
 def _flat_result(result: PSIStepResult) -> List[Tensor]:
