@@ -343,3 +343,21 @@ def test_cost_run_refuses_a_lever_row_name_instead_of_skipping_it(tmp_path):
 
     with pytest.raises(SystemExit, match="psi-k1-graph.*cost levers"):
         cost.main(["run", "--smoke", "--out", str(tmp_path), "--optimizers", "adamw-fused,psi-k1-graph"])
+
+
+def test_gram_probe_variants_agree_with_float64_and_report_unsupported(tmp_path):
+    """``python -m loraopt_bench.gram_probe``: every G_m product variant it times is checked against float64 of the
+    same bf16-valued rows; variants the device lacks (bf16 out_dtype on the CPU) are reported, not timed."""
+    import json
+
+    from loraopt_bench import gram_probe
+
+    res = gram_probe.main(["--rows", "64", "--reps", "1", "--split", "4", "--device", "cpu", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "gram_probe.json").read_text())
+    assert saved["rows"] == 64 and set(saved["variants"]) == set(res["variants"])
+    timed = {k: v for k, v in res["variants"].items() if not v.get("unsupported")}
+    assert {"fp32", "tf32", "tf32-splitK4"} <= set(timed)
+    for name, row in timed.items():
+        assert row["rel_max_err"] < 1e-5, name
+        assert set(row["per_layer_ms"]) == {n for n, _, _ in gram_probe.SMOL_BLOCK}
+        assert row["step_ms"] == pytest.approx(row["block_ms"] * 30)

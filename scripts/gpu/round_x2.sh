@@ -43,7 +43,10 @@ case "$STAGE" in
 lm1)
   rm -rf $SNAP && cp -r .snap $SNAP
   echo $(( $(date +%s) + ${RUN_S:-1050} )) > $ROOT/end_at
-  cp -r .gpu_assets/smollm2-part1 $ROOT/stash/ && nvidia-smi -L ;;
+  cp -r .gpu_assets/smollm2-part1 $ROOT/stash/ && nvidia-smi -L
+  if [ "$PLAN" = 5 ]; then  # the G_m product variants, alone on the GPU before the suites start (seconds)
+    PYTHONPATH=$PWD/src timeout 120 python -m loraopt_bench.gram_probe --out $OUT/gram_probe
+  fi ;;
 lm2)
   mkdir -p $ROOT/work/lm && pip install -q --no-deps --target $ROOT/pyext .whl/gguf-*.whl
   python -c "from loraopt_bench.assets import assemble_smollm2_bundle as a; print(a(['$ROOT/stash/smollm2-part1', '.gpu_assets/smollm2-part2'], '$ROOT/smollm2'))" || exit 1
@@ -133,6 +136,8 @@ timing)
   pkill -f "bench quality"; sleep 2
   tail -n 3 $ROOT/work/*/*.log; archive
   T=$ROOT/timing; mkdir -p $T
+  # PLAN=5 times the tree this call carried, not the snapshot (nothing runs in the background any more).
+  if [ "$PLAN" = 5 ]; then export PYTHONPATH=$PWD/src:$ROOT/pyext; fi
   if [ "$PLAN" = 1 ]; then  # the balancing rows were named by "gram", then opt-in (now the default)
     COST_OPTS=adamw-fused,psi-k0,psi-k1,proj-psi,scaled-psi,loko-scalar,psi-k0-gram,psi-k1-gram,scaled-psi-gram
   else  # today's names: the default is "gram"; -svd / -polar the other balancings; -graph the captured step
@@ -142,13 +147,17 @@ timing)
     pip install -q --no-deps --target $ROOT/pyext .gpu_assets/wheels-test/*.whl
     # The captured step against the eager one on the GPU, before it is timed (tests/test_graphed_step.py; the
     # image's pytest-timeout plugin does not load with the carried pytest, hence -p no:timeout).
-    (cd $SNAP && CUDA_VISIBLE_DEVICES=0 timeout 120 python -m pytest -q -p no:cacheprovider -p no:timeout tests/test_graphed_step.py \
+    (cd $([ "$PLAN" = 5 ] && echo "$PWD" || echo $SNAP) && CUDA_VISIBLE_DEVICES=0 timeout 120 python -m pytest -q -p no:cacheprovider -p no:timeout tests/test_graphed_step.py \
       > $T/graph_tests.log 2>&1); tail -n 3 $T/graph_tests.log
   fi
-  if [ "$PLAN" = 5 ]; then  # one GPU: after the graph test above, the graph rows with the scoped cuSOLVER capture
+  if [ "$PLAN" = 5 ]; then  # one GPU: after the graph test above, the graph rows with the scoped cuSOLVER capture,
+    # then a profile of AdamW against PSI-LoRA K=1 (where the extra forward + backward time goes).
     CUDA_VISIBLE_DEVICES=0 python -m loraopt_bench.cost levers --warmup 2 --steps 6 --budget-s ${COST_BUDGET_S:-150} \
       --optimizers adamw-fused,psi-k1,psi-k1-graph,proj-psi-graph,scaled-psi-graph,psi-k1-polar --out $T/cost > $T/cost.log 2>&1
-    tail -n 30 $T/cost.log; tar czf "$OUT/timing.tgz" -C $T . ; ls -la "$OUT"; exit 0
+    CUDA_VISIBLE_DEVICES=0 timeout 120 python -m loraopt_bench.cost run --label profile --only smol-r8-s2048 \
+      --optimizers adamw-fused,psi-k1 --profile-config smol-r8-s2048 --profile-opts adamw-fused,psi-k1 \
+      --warmup 2 --steps 3 --check 0 --out $T/profile > $T/profile.log 2>&1
+    tail -n 30 $T/cost.log; tail -n 4 $T/profile.log; tar czf "$OUT/timing.tgz" -C $T . ; ls -la "$OUT"; exit 0
   fi
   if [ "$PLAN" = 4 ]; then  # one GPU: the cost levers, then LoKO's top-k rows, one after the other
     CUDA_VISIBLE_DEVICES=0 python -m loraopt_bench.cost levers --warmup 2 --steps 6 --budget-s ${COST_BUDGET_S:-150} \
