@@ -42,9 +42,9 @@ CASES = [
     Case("lora-plus", "lora-plus", dict(lr=2e-3)),
     Case("riemannian-sgd", "riemannian-sgd", dict(lr=0.05), kinds=("mlp", "gpt2")),
     Case("riemannian-adamw", "riemannian-adamw", dict(lr=2e-3), kinds=("mlp", "gpt2")),
-    Case("psi-k1-momentum", "psi-lora", dict(lr=0.1, inner_iters=1, momentum=0.9), structured=True),
-    Case("psi-k0-stream", "psi-lora", dict(lr=0.1, inner_iters=0, momentum=0.9), structured=True, streams=True),
-    Case("psi-k2-clip", "psi-lora", dict(lr=0.1, inner_iters=2, max_grad_norm=0.5, weight_decay=0.01, momentum=0.0,
+    Case("psi-k1-momentum", "psi-lora", dict(normalize=None, lr=0.1, inner_iters=1, momentum=0.9), structured=True),
+    Case("psi-k0-stream", "psi-lora", dict(normalize=None, lr=0.1, inner_iters=0, momentum=0.9), structured=True, streams=True),
+    Case("psi-k2-clip", "psi-lora", dict(normalize=None, lr=0.1, inner_iters=2, max_grad_norm=0.5, weight_decay=0.01, momentum=0.0,
                                          other_optimizer="sgd"), structured=True),
     Case("scaled-k0-kfac", "scaled-psi-lora", dict(lr=0.1, other_lr=1e-2), structured=True, streams=True),
     Case(
@@ -53,8 +53,8 @@ CASES = [
     ),
     Case("psi-k1-normalized", "psi-lora", dict(lr=0.01, inner_iters=1, momentum=0.9, normalize="layer"),
          structured=True),
-    Case("proj-psi-k1-momentum", "proj-psi-lora", dict(lr=0.1, inner_iters=1, momentum=0.9), structured=True),
-    Case("proj-psi-k0-clip", "proj-psi-lora", dict(lr=0.1, inner_iters=0, momentum=0.9, max_grad_norm=0.5,
+    Case("proj-psi-k1-momentum", "proj-psi-lora", dict(normalize=None, lr=0.1, inner_iters=1, momentum=0.9), structured=True),
+    Case("proj-psi-k0-clip", "proj-psi-lora", dict(normalize=None, lr=0.1, inner_iters=0, momentum=0.9, max_grad_norm=0.5,
                                                     other_optimizer="adam", other_lr=1e-2), structured=True),
     Case("svdlora-momentum", "svdlora", dict(lr=0.1, momentum=0.9), structured=True),
 ]

@@ -15,12 +15,12 @@ from toys import loss_fn, make_batch, make_model
 STEPS, BATCH, WORLD = 5, 16, 2
 
 CONFIGS = {
-    "psi-k1-rows": ("psi-lora", dict(lr=0.1, inner_iters=1, momentum=0.9)),
-    "psi-k0-stream": ("psi-lora", dict(lr=0.1, inner_iters=0, momentum=0.9)),
+    "psi-k1-rows": ("psi-lora", dict(lr=0.1, normalize=None, inner_iters=1, momentum=0.9)),
+    "psi-k0-stream": ("psi-lora", dict(lr=0.1, normalize=None, inner_iters=0, momentum=0.9)),
     "scaled-k0-kfac": ("scaled-psi-lora", dict(lr=0.1, other_lr=1e-2, max_grad_norm=0.0)),
     "scaled-k1-kfac": ("scaled-psi-lora", dict(lr=0.1, other_lr=1e-2, inner_iters=1, max_grad_norm=0.0)),
-    "proj-k1-rows": ("proj-psi-lora", dict(lr=0.1, inner_iters=1, momentum=0.9)),
-    "proj-k0-rows": ("proj-psi-lora", dict(lr=0.1, inner_iters=0, momentum=0.9, other_optimizer="adam")),
+    "proj-k1-rows": ("proj-psi-lora", dict(lr=0.1, normalize=None, inner_iters=1, momentum=0.9)),
+    "proj-k0-rows": ("proj-psi-lora", dict(lr=0.1, normalize=None, inner_iters=0, momentum=0.9, other_optimizer="adam")),
 }
 
 

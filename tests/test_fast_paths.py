@@ -142,9 +142,9 @@ def _train(model, opt, steps=3, n=32, accumulate=1, dtype=torch.float32):
 
 
 CONFIGS = [
-    ("psi-lora", dict(lr=0.1, inner_iters=0, momentum=0.9)),
-    ("psi-lora", dict(lr=0.1, inner_iters=1, momentum=0.9)),
-    ("psi-lora", dict(lr=0.1, inner_iters=2, max_grad_norm=0.5, weight_decay=0.01)),
+    ("psi-lora", dict(lr=0.1, inner_iters=0, momentum=0.9, normalize=None)),
+    ("psi-lora", dict(lr=0.1, inner_iters=1, momentum=0.9, normalize=None)),
+    ("psi-lora", dict(lr=0.1, inner_iters=2, max_grad_norm=0.5, weight_decay=0.01, normalize=None)),
     ("scaled-psi-lora", dict(lr=0.1, other_lr=1e-2)),  # K = 0, K-FAC, clipping at 1.0 (defaults)
     ("scaled-psi-lora", dict(lr=0.1, other_lr=1e-2, inner_iters=1, metric="shampoo", power=0.25, max_grad_norm=0.1)),
     ("scaled-psi-lora", dict(lr=0.1, other_lr=1e-2, metric="shampoo", max_grad_norm=0.1)),
@@ -187,7 +187,7 @@ def test_batched_dense_step_equals_per_layer_reference(config, accumulate, dtype
 def test_batched_step_uses_few_launches_per_shape():
     """The batched step runs one LoRSum per shape: the three same-shape blocks are updated by one stack."""
     model = _tower()
-    opt = loraopt.create_optimizer("psi-lora", model, lr=0.1, inner_iters=1)
+    opt = loraopt.create_optimizer("psi-lora", model, normalize=None, lr=0.1, inner_iters=1)
     calls = []
     original = opt._lora_step_batched
 

@@ -167,7 +167,7 @@ def test_skips_on_the_device_path_are_counted_and_warned_late():
     """A skipped step on the accelerator path: ``skipped_steps`` has it at once (that read waits for the device), the
     warning comes at the first step after the next non-blocking counter read has landed, and nothing changed."""
     model = _tower(torch.float32)
-    opt = loraopt.create_optimizer("psi-lora", model, lr=0.1, inner_iters=1, momentum=0.9)
+    opt = loraopt.create_optimizer("psi-lora", model, normalize=None, lr=0.1, inner_iters=1, momentum=0.9)
     opt.read_cpu_counts_at_once = False
     opt.skip_check_interval = 4
     _train(model, opt, steps=1)
@@ -196,10 +196,11 @@ def test_skips_on_the_device_path_are_counted_and_warned_late():
 
 
 @pytest.mark.parametrize("name,kwargs", [
-    ("psi-lora", dict(lr=0.1, inner_iters=1, momentum=0.9, dense="never")),
-    ("proj-psi-lora", dict(lr=0.1, dense="never")),
+    ("psi-lora", dict(lr=0.1, inner_iters=1, momentum=0.9, dense="never", normalize=None)),
+    ("proj-psi-lora", dict(lr=0.1, dense="never", normalize=None)),
     ("scaled-psi-lora", dict(lr=0.1, other_lr=1e-2, inner_iters=1, dense="never")),
-    ("proj-psi-lora", dict(lr=0.1)),
+    ("proj-psi-lora", dict(lr=0.1, normalize=None)),
+    ("proj-psi-lora", dict(lr=1e-3, normalize="layer", max_grad_norm=0.0)),  # the normalised step
     ("scaled-psi-lora", dict(lr=0.1, other_lr=1e-2)),
 ])
 def test_every_variant_and_gradient_form_is_bucketed_by_shape(name, kwargs):
@@ -254,10 +255,10 @@ def test_compile_auto_is_eager_on_the_cpu_and_validated():
     assert resolve_compile("auto", torch.device("cuda")) is True
     with pytest.raises(ValueError, match="compile"):
         resolve_compile("yes", torch.device("cpu"))
-    opt = loraopt.create_optimizer("psi-lora", _tower(), lr=0.1)
+    opt = loraopt.create_optimizer("psi-lora", _tower(), normalize=None, lr=0.1)
     assert opt._step_fn is psi_step
     with pytest.raises(ValueError, match="compile"):
-        loraopt.create_optimizer("psi-lora", _tower(), lr=0.1, compile="sometimes")
+        loraopt.create_optimizer("psi-lora", _tower(), normalize=None, lr=0.1, compile="sometimes")
 
 
 def test_compile_failure_falls_back_to_eager_once(monkeypatch):
@@ -273,8 +274,8 @@ def test_compile_failure_falls_back_to_eager_once(monkeypatch):
     monkeypatch.setattr(torch, "compile", broken)
     kwargs = dict(lr=0.1, inner_iters=1, momentum=0.9)
     models = [_tower(torch.float64), _tower(torch.float64)]
-    compiled = loraopt.create_optimizer("psi-lora", models[0], compile=True, **kwargs)
-    eager = loraopt.create_optimizer("psi-lora", models[1], compile=False, **kwargs)
+    compiled = loraopt.create_optimizer("psi-lora", models[0], normalize=None, compile=True, **kwargs)
+    eager = loraopt.create_optimizer("psi-lora", models[1], normalize=None, compile=False, **kwargs)
     assert isinstance(compiled._step_fn, CompiledPSIStep)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -295,7 +296,8 @@ def _cxx() -> str:
 @pytest.mark.skipif(not _cxx(), reason="torch.compile on the CPU needs a C++ compiler (g++, c++ or clang++): none found")
 @pytest.mark.parametrize("name,kwargs", [
     ("psi-lora", dict(lr=0.1, inner_iters=1, momentum=0.9, max_grad_norm=0.5)),
-    ("proj-psi-lora", dict(lr=0.1)),
+    ("proj-psi-lora", dict(lr=0.1, normalize=None)),
+    ("proj-psi-lora", dict(lr=1e-3, normalize="layer", max_grad_norm=0.0)),  # the normalised step
     ("scaled-psi-lora", dict(lr=0.1, other_lr=1e-2)),
 ])
 def test_compiled_step_equals_eager_in_float64(name, kwargs):

@@ -956,20 +956,33 @@ def test_demo_outputs_report_the_library_default_lr(tmp_path):
 
 def test_library_default_lr_grid_holds_each_optimizers_shipped_default_lr():
     """The realistic suites' "default" point is the library default: the table must follow the factories."""
-
+    import inspect
 
     from loraopt.optim import psi as psi_module
     from loraopt_bench.finetune import DEFAULT_LRS
-    from loraopt_bench.quality import LIBRARY_DEFAULT_LRS, LIBRARY_DEFAULT_METHODS
+    from loraopt_bench.quality import DEFAULT_METHOD_KEYS, LIBRARY_DEFAULT_LRS, LIBRARY_DEFAULT_METHODS, METHODS
 
     shipped = {"psi-lora": psi_module.PSI_DEFAULTS["lr"], "proj-psi-lora": psi_module.PSI_DEFAULTS["lr"],
                "scaled-psi-lora": psi_module.SCALED_DEFAULTS["lr"]}
-    for method in LIBRARY_DEFAULT_METHODS:
-        expected = shipped.get(method.key, DEFAULT_LRS.get(method.optimizer))
-        assert LIBRARY_DEFAULT_LRS[method.key] == expected, method.key
-        assert expected in method.lrs, method.key
-        assert max(method.lrs) / min(method.lrs) >= 30 and len(method.lrs) >= 4, method.key
-        assert method.hp == {}, method.key
+    factories = {"psi-lora": psi_module.create_psi_lora_optimizer,
+                 "proj-psi-lora": psi_module.create_proj_psi_lora_optimizer}
+    by_key = {**METHODS, **{m.key: m for m in LIBRARY_DEFAULT_METHODS}}
+    for optimizer, key in DEFAULT_METHOD_KEYS.items():
+        method = by_key[key]
+        assert method.optimizer == optimizer, key
+        expected = shipped.get(optimizer, DEFAULT_LRS.get(optimizer))
+        assert LIBRARY_DEFAULT_LRS[key] == expected, key
+        assert expected in method.lrs, key
+        assert max(method.lrs) / min(method.lrs) >= 30 * (1 - 1e-9) and len(method.lrs) >= 4, key
+        # The method's hyperparameters are the factory's own defaults, so its runs are the library's defaults.
+        if optimizer in factories:
+            params = inspect.signature(factories[optimizer]).parameters
+            assert all(params[k].default == v for k, v in method.hp.items()), key
+        else:
+            assert method.hp == {}, key
+    # The keys psi-lora / proj-psi-lora are pinned to the plain step their committed runs used.
+    for key in ("psi-lora", "proj-psi-lora"):
+        assert {m.key: m for m in LIBRARY_DEFAULT_METHODS}[key].hp == {"normalize": None, "max_grad_norm": 1.0}
 
 
 def test_quality_hp_override_reaches_one_method_only():
@@ -977,8 +990,10 @@ def test_quality_hp_override_reaches_one_method_only():
 
     methods = _with_hp_overrides(LIBRARY_DEFAULT_METHODS, ["psi-lora:compile=False", "psi-lora:momentum=0.5"])
     by_key = {m.key: m for m in methods}
-    assert by_key["psi-lora"].hp == {"compile": False, "momentum": 0.5}
-    assert all(m.hp == {} for m in methods if m.key != "psi-lora")
+    assert by_key["psi-lora"].hp == {"normalize": None, "max_grad_norm": 1.0, "compile": False, "momentum": 0.5}
+    # Runs recorded before normalize="layer" became the default (no normalize / max_grad_norm in their hp) match.
+    assert LIBRARY_DEFAULT_METHODS[2].same_hp({}) and not LIBRARY_DEFAULT_METHODS[2].same_hp({"normalize": "layer"})
+    assert all(m.hp == base.hp for m, base in zip(methods, LIBRARY_DEFAULT_METHODS) if m.key != "psi-lora")
     with pytest.raises(ValueError, match="METHOD:KEY=VALUE"):
         _with_hp_overrides(LIBRARY_DEFAULT_METHODS, ["compile=False"])
 
@@ -1024,7 +1039,7 @@ def test_quality_ablation_warmup_fraction_becomes_steps(tmp_path):
     args = argparse.Namespace(model=None, device="cpu", data_dir=None, loko_jacobian="auto", rank=8)
     config = quality._finetune_config(quality.SUITES["sst2"], dict(quality.SUITES["sst2"].protocol, steps=2105),
                                       method, 0.03, 0, tmp_path, args)
-    assert config.warmup_steps == 126 and config.hp == {}
+    assert config.warmup_steps == 126 and config.hp == {"normalize": None, "max_grad_norm": 1.0}
     assert all(m.lrs == (0.3,) or m.lrs == (0.03,) for m in quality.ABLATIONS)
 
 

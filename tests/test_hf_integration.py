@@ -190,7 +190,7 @@ def test_trainer_clipping_warning(factory, kwargs, trainer_cls, max_grad_norm, e
 # ------------------------------------------------------------------------------------------------- resume
 
 RESUME_CASES = [
-    ("psi-lora", PSILoRAFactory, {"lr": 0.1, "momentum": 0.9, "inner_iters": 1}, Trainer),
+    ("psi-lora", PSILoRAFactory, {"lr": 0.1, "momentum": 0.9, "inner_iters": 1, "normalize": None}, Trainer),
     ("scaled-psi-lora", ScaledPSILoRAFactory, {"lr": 0.1, "max_grad_norm": 1.0}, Trainer),
     ("loko", LoKOFactory, {"num_outputs": NUM_LABELS, "p_init": "score"}, LoKOTrainer),
     ("loko-scalar", LoKOFactory, {"observation": "loss"}, LoKOScalarTrainer),
@@ -245,7 +245,7 @@ def test_resume_equality_depends_on_the_restored_optimizer_state(tmp_path):
 # ------------------------------------------------------------------------------------------------- accumulation
 
 ACCUMULATION_CASES = [
-    ("psi-lora", PSILoRAFactory, {"lr": 0.1, "momentum": 0.9, "inner_iters": 1}, Trainer),
+    ("psi-lora", PSILoRAFactory, {"lr": 0.1, "momentum": 0.9, "inner_iters": 1, "normalize": None}, Trainer),
     ("scaled-psi-lora", ScaledPSILoRAFactory, {"lr": 0.1, "max_grad_norm": 0.0}, Trainer),
     ("loko-scalar", LoKOFactory, {"observation": "loss"}, LoKOScalarTrainer),
 ]

@@ -44,7 +44,7 @@ def test_jacobi_psi_equals_peft_riemannian_sgd():
     """K = 0, mu = 0, s = 1: the Riemannian-preconditioned SGD step with reg = lr * lmbd (+ jitter)."""
     lr, lmbd, jitter = 0.05, 0.1, 1e-6
     a, b = make_model("mlp", lora_alpha=4), make_model("mlp", lora_alpha=4)  # r = 4: s = 1
-    psi = loraopt.create_optimizer("psi-lora", a, lr=lr, inner_iters=0, lmbd=lmbd, jitter=jitter, **REFERENCE)
+    psi = loraopt.create_optimizer("psi-lora", a, normalize=None, lr=lr, inner_iters=0, lmbd=lmbd, jitter=jitter, **REFERENCE)
     rp = loraopt.create_optimizer("riemannian-sgd", b, lr=lr, reg=lr * lmbd + jitter)
     for t in range(3):
         x, y = make_batch("mlp", seed=t)
@@ -60,7 +60,7 @@ def test_psi_with_many_rounds_and_full_rank_momentum_is_projected_heavy_ball():
     lr, mu = 0.2, 0.5
     a, b = _lora_model(r=2, head=False), _lora_model(r=2, head=False)
     psi = loraopt.create_optimizer(
-        "psi-lora", a, lr=lr, inner_iters=200, lmbd=1e-9, jitter=0.0, momentum=mu, rank_mult=5.0, max_grad_norm=0.0
+        "psi-lora", a, normalize=None, lr=lr, inner_iters=200, lmbd=1e-9, jitter=0.0, momentum=mu, rank_mult=5.0, max_grad_norm=0.0
     )
     oracle = loraopt.create_optimizer("svdlora", b, lr=lr, momentum=mu, compute_dtype=torch.float64)
     g = torch.Generator().manual_seed(0)
@@ -104,7 +104,7 @@ def test_updates_of_delta_w_do_not_depend_on_alpha_or_rank_scaling(name, kw):
 def test_scaled_with_identity_metric_and_no_momentum_is_psi_jacobi():
     """Scaled PSI-LoRA with power 0 (P = I) and beta1 = 0 makes the same LoRA step as PSI-LoRA at K = 0."""
     a, b = make_model("mlp"), make_model("mlp")
-    psi = loraopt.create_optimizer("psi-lora", a, lr=0.1, inner_iters=0, lmbd=0.01)
+    psi = loraopt.create_optimizer("psi-lora", a, normalize=None, lr=0.1, inner_iters=0, lmbd=0.01)
     scaled = loraopt.create_optimizer(
         "scaled-psi-lora", b, lr=0.1, lmbd=0.01, power=0.0, betas=(0.0, 0.99), max_grad_norm=0.0
     )
@@ -139,15 +139,15 @@ def test_clipping_scales_the_step_by_the_full_gradient_norm():
     a, b, ref = make_model("mlp"), make_model("mlp"), make_model("mlp")
     x, y = make_batch("mlp")
     loss_fn(ref, x, y).backward()
-    capture_opt = loraopt.create_optimizer("psi-lora", ref, lr=0.0)
+    capture_opt = loraopt.create_optimizer("psi-lora", ref, normalize=None, lr=0.0)
     ref.zero_grad()
     loss_fn(ref, x, y).backward()
     sq = sum(capture_opt._capture.observation(layer).grad_sq_norm() for layer in capture_opt.layers)
     sq = sq + sum(p.grad.square().sum() for n, p in ref.named_parameters() if p.requires_grad and "lora" not in n)
     c = min(1.0, max_norm / (math.sqrt(sq) + 1e-6))
     assert c < 0.5
-    clipped = loraopt.create_optimizer("psi-lora", a, lr=0.1, lmbd=0.0, max_grad_norm=max_norm)
-    plain = loraopt.create_optimizer("psi-lora", b, lr=0.1 * c, lmbd=0.0)
+    clipped = loraopt.create_optimizer("psi-lora", a, normalize=None, lr=0.1, lmbd=0.0, max_grad_norm=max_norm)
+    plain = loraopt.create_optimizer("psi-lora", b, normalize=None, lr=0.1 * c, lmbd=0.0)
     _step(a, clipped, x, y)
     _step(b, plain, x, y)
     pa, pb = params_snapshot(a), params_snapshot(b)
@@ -166,7 +166,7 @@ def test_reference_compat_freezes_momentum_at_zero():
 
 def test_a_non_finite_step_changes_nothing_and_is_counted():
     model = make_model("mlp")
-    opt = loraopt.create_optimizer("psi-lora", model, lr=0.1, momentum=0.9)
+    opt = loraopt.create_optimizer("psi-lora", model, normalize=None, lr=0.1, momentum=0.9)
     _step(model, opt, *make_batch("mlp"))
     before = params_snapshot(model)
     state_before = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
@@ -188,14 +188,14 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="named_parameters"):
         loraopt.PSILoRA([p for p in model.parameters() if p.requires_grad], model=model, lr=0.1)
     with pytest.raises(ValueError, match="inner_iters"):
-        loraopt.create_optimizer("psi-lora", model, lr=0.1, inner_iters=-1)
+        loraopt.create_optimizer("psi-lora", model, normalize=None, lr=0.1, inner_iters=-1)
     with pytest.raises(ValueError, match="metric"):
         loraopt.create_optimizer("scaled-psi-lora", model, lr=0.1, metric="diag")
     with pytest.raises(ValueError, match="lr"):
-        loraopt.create_optimizer("psi-lora", model, lr=float("nan"))
+        loraopt.create_optimizer("psi-lora", model, normalize=None, lr=float("nan"))
     with pytest.raises(ValueError, match="get_peft_model"):
-        loraopt.create_optimizer("psi-lora", MLP(), lr=0.1)
-    opt = loraopt.create_optimizer("psi-lora", model, lr=0.1)
+        loraopt.create_optimizer("psi-lora", MLP(), normalize=None, lr=0.1)
+    opt = loraopt.create_optimizer("psi-lora", model, normalize=None, lr=0.1)
     with pytest.raises(RuntimeError, match="without a preceding backward"):
         opt.step()
     loss_fn(model, *make_batch("mlp")).backward()
@@ -209,7 +209,7 @@ def test_plain_module_with_lora_factors_trains():
 
     torch.manual_seed(0)
     model = nn.Sequential(PlainLoRALinear(6, 5, 2, 0.5), nn.Tanh(), nn.Linear(5, 3))
-    opt = loraopt.create_optimizer("psi-lora", model, lr=0.5, inner_iters=2)
+    opt = loraopt.create_optimizer("psi-lora", model, normalize=None, lr=0.5, inner_iters=2)
     x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
     first = nn.functional.cross_entropy(model(x), y).item()
     for _ in range(20):
@@ -224,7 +224,7 @@ def test_hooks_do_not_outlive_the_optimizer(inner_iters):
     import gc
 
     model = make_model("mlp")
-    opt = loraopt.create_optimizer("psi-lora", model, lr=0.1, inner_iters=inner_iters, row_budget=40)
+    opt = loraopt.create_optimizer("psi-lora", model, normalize=None, lr=0.1, inner_iters=inner_iters, row_budget=40)
     capture = opt._capture
     del opt
     gc.collect()

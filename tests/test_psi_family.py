@@ -65,7 +65,7 @@ def test_svd_balanced_momentum_leaves_the_psi_trajectory_unchanged_in_exact_arit
     runs = {}
     for balance in ("svd", "norm", "none"):
         model = one_lora_linear(dtype=F64)
-        opt = loraopt.create_optimizer("psi-lora", model, lr=0.1, momentum=0.9, inner_iters=60, lmbd=1e-10,
+        opt = loraopt.create_optimizer("psi-lora", model, normalize=None, lr=0.1, momentum=0.9, inner_iters=60, lmbd=1e-10,
                                        jitter=0.0, rank_mult=2.0, momentum_balance=balance)
         g = torch.Generator().manual_seed(0)
         target = torch.randn(10, 12, dtype=F64, generator=g)
@@ -102,15 +102,15 @@ def _assert_same_training(*runs, steps=3):
 @pytest.mark.parametrize("inner_iters", [0, 1, 2])
 def test_proj_without_momentum_is_psi_without_momentum(inner_iters):
     a, b = make_model("mlp"), make_model("mlp")
-    psi = loraopt.create_optimizer("psi-lora", a, lr=0.1, inner_iters=inner_iters, momentum=0.0)
-    proj = loraopt.create_optimizer("proj-psi-lora", b, lr=0.1, inner_iters=inner_iters, momentum=0.0)
+    psi = loraopt.create_optimizer("psi-lora", a, normalize=None, lr=0.1, inner_iters=inner_iters, momentum=0.0)
+    proj = loraopt.create_optimizer("proj-psi-lora", b, normalize=None, lr=0.1, inner_iters=inner_iters, momentum=0.0)
     _assert_same_training((a, psi), (b, proj))
 
 
 def test_proj_jacobi_without_momentum_is_peft_riemannian_sgd():
     lr, lmbd, jitter = 0.05, 0.1, 1e-6
     a, b = make_model("mlp", lora_alpha=4), make_model("mlp", lora_alpha=4)
-    proj = loraopt.create_optimizer("proj-psi-lora", a, lr=lr, inner_iters=0, lmbd=lmbd, jitter=jitter, momentum=0.0,
+    proj = loraopt.create_optimizer("proj-psi-lora", a, normalize=None, lr=lr, inner_iters=0, lmbd=lmbd, jitter=jitter, momentum=0.0,
                                     max_grad_norm=0.0, other_optimizer="sgd")
     rp = loraopt.create_optimizer("riemannian-sgd", b, lr=lr, reg=lr * lmbd + jitter)
     _assert_same_training((a, proj), (b, rp))
@@ -122,7 +122,7 @@ def test_proj_two_steps_equal_a_dense_hand_computation():
     lam = lr * lmbd
     model = one_lora_linear(dtype=F64)
     layer = find_lora_layers(model)[0]
-    opt = loraopt.create_optimizer("proj-psi-lora", model, lr=lr, inner_iters=0, lmbd=lmbd, jitter=0.0, momentum=mu,
+    opt = loraopt.create_optimizer("proj-psi-lora", model, normalize=None, lr=lr, inner_iters=0, lmbd=lmbd, jitter=0.0, momentum=mu,
                                    max_grad_norm=0.0)
     base = model.base_model.model[0].base_layer
     W0, bias = base.weight.detach().clone(), base.bias.detach().clone()
@@ -172,7 +172,7 @@ def test_proj_two_steps_equal_a_dense_hand_computation():
 
 def test_proj_refuses_streaming_capture():
     with pytest.raises(ValueError, match="capture='rows'"):
-        loraopt.create_optimizer("proj-psi-lora", make_model("mlp"), lr=0.1, inner_iters=0, capture="stream")
+        loraopt.create_optimizer("proj-psi-lora", make_model("mlp"), normalize=None, lr=0.1, inner_iters=0, capture="stream")
 
 
 # ------------------------------------------------------------------------------------------------ reference_compat
@@ -182,7 +182,7 @@ def test_reference_compat_is_a_no_op_only_where_the_reference_is():
     """At K = 0 the reference's unscaled LoRSum returns its input: PSI-LoRA does not move its factors.  At K >= 1
     reference_compat changes nothing."""
     model = make_model("mlp")
-    opt = loraopt.create_optimizer("psi-lora", model, lr=0.1, inner_iters=0, momentum=0.9, reference_compat=True)
+    opt = loraopt.create_optimizer("psi-lora", model, normalize=None, lr=0.1, inner_iters=0, momentum=0.9, reference_compat=True)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     for t in range(2):
         opt.zero_grad()
@@ -194,7 +194,7 @@ def test_reference_compat_is_a_no_op_only_where_the_reference_is():
     runs = []
     for compat in (True, False):
         model = make_model("mlp")
-        opt = loraopt.create_optimizer("psi-lora", model, lr=0.1, inner_iters=1, momentum=0.9,
+        opt = loraopt.create_optimizer("psi-lora", model, normalize=None, lr=0.1, inner_iters=1, momentum=0.9,
                                        reference_compat=compat)
         for t in range(3):
             opt.zero_grad()
@@ -278,7 +278,7 @@ def test_functional_step_keeps_the_inputs_of_a_failed_layer():
 
 def test_a_nan_head_gradient_leaves_the_lora_factors_unchanged_and_is_counted():
     model = make_model("mlp")
-    opt = loraopt.create_optimizer("psi-lora", model, lr=0.1, momentum=0.9)
+    opt = loraopt.create_optimizer("psi-lora", model, normalize=None, lr=0.1, momentum=0.9)
     x, y = make_batch("mlp")
     opt.zero_grad()
     loss_fn(model, x, y).backward()
@@ -309,7 +309,7 @@ def test_a_nan_lr_is_a_counted_skip():
 
 def test_clipping_the_factor_grads_after_backward_is_named_once():
     model = make_model("mlp")
-    opt = loraopt.create_optimizer("psi-lora", model, lr=0.1)
+    opt = loraopt.create_optimizer("psi-lora", model, normalize=None, lr=0.1)
     loss_fn(model, *make_batch("mlp")).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
     with pytest.warns(UserWarning, match="max_grad_norm"):
@@ -318,7 +318,7 @@ def test_clipping_the_factor_grads_after_backward_is_named_once():
 
 def test_an_untouched_backward_gives_no_grad_edit_warning():
     model = make_model("mlp")
-    opt = loraopt.create_optimizer("psi-lora", model, lr=0.1, inner_iters=0)
+    opt = loraopt.create_optimizer("psi-lora", model, normalize=None, lr=0.1, inner_iters=0)
     loss_fn(model, *make_batch("mlp")).backward()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -327,7 +327,7 @@ def test_an_untouched_backward_gives_no_grad_edit_warning():
 
 def test_step_messages_name_the_cause():
     model = make_model("mlp")
-    opt = loraopt.create_optimizer("psi-lora", model, lr=0.1)
+    opt = loraopt.create_optimizer("psi-lora", model, normalize=None, lr=0.1)
     x, y = make_batch("mlp")
     loss_fn(model, x, y).backward()
     opt.step()
@@ -345,7 +345,7 @@ def test_lora_factors_added_later_are_refused():
     factors = [p for n, p in model.named_parameters() if "fc2.lora_" in n]
     for p in factors:
         p.requires_grad_(False)
-    opt = loraopt.create_optimizer("proj-psi-lora", model, lr=0.1)
+    opt = loraopt.create_optimizer("proj-psi-lora", model, normalize=None, lr=0.1)
     with pytest.raises(ValueError, match="add_param_group"):
         opt.add_param_group({"params": factors})
 
@@ -385,7 +385,7 @@ def test_solve_fallbacks_are_counted_and_warned():
     with torch.no_grad():
         for layer in find_lora_layers(model):
             layer.B.zero_()  # B^T B = 0: singular without lmbd / jitter
-    opt = loraopt.create_optimizer("psi-lora", model, lr=0.1, lmbd=0.0, jitter=0.0, inner_iters=1)
+    opt = loraopt.create_optimizer("psi-lora", model, normalize=None, lr=0.1, lmbd=0.0, jitter=0.0, inner_iters=1)
     before = {layer.a_name: layer.A.detach().clone() for layer in opt.layers}
     loss_fn(model, *make_batch("mlp")).backward()
     with pytest.warns(RuntimeWarning, match="raised jitter"):

@@ -26,7 +26,7 @@ def _backward(model, seed):
 
 def _train(monkeypatch=None, steps=3):
     model = _model()
-    opt = loraopt.create_optimizer("psi-lora", model, lr=0.1, inner_iters=0, momentum=0.9, capture="stream")
+    opt = loraopt.create_optimizer("psi-lora", model, normalize=None, lr=0.1, inner_iters=0, momentum=0.9, capture="stream")
     if monkeypatch is not None:
         def refuse(*args, **kwargs):
             raise AssertionError("the optimizer was called during backward")
@@ -56,7 +56,7 @@ def test_backward_does_not_call_into_the_optimizer(monkeypatch):
 
 def test_first_probes_match_the_state_allocated_at_the_first_step():
     model = _model()
-    opt = loraopt.create_optimizer("psi-lora", model, lr=0.1, inner_iters=0, momentum=0.9, capture="stream")
+    opt = loraopt.create_optimizer("psi-lora", model, normalize=None, lr=0.1, inner_iters=0, momentum=0.9, capture="stream")
     before = {layer.index: tuple(t.clone() for t in opt._capture.probes_of(layer)) for layer in opt.layers}
     opt.zero_grad()
     _backward(model, 0)
@@ -69,7 +69,7 @@ def test_first_probes_match_the_state_allocated_at_the_first_step():
 
 def test_missing_probes_are_an_error_not_a_recomputation():
     model = _model()
-    opt = loraopt.create_optimizer("psi-lora", model, lr=0.1, inner_iters=0, capture="stream")
+    opt = loraopt.create_optimizer("psi-lora", model, normalize=None, lr=0.1, inner_iters=0, capture="stream")
     opt._capture.clear_probes()
     with pytest.raises(RuntimeError, match="no probes were pushed"):
         _backward(model, 0)
@@ -77,7 +77,7 @@ def test_missing_probes_are_an_error_not_a_recomputation():
 
 def test_in_place_edits_of_the_factors_are_refused_until_zero_grad_refreshes():
     model = _model()
-    opt = loraopt.create_optimizer("psi-lora", model, lr=0.1, inner_iters=0, capture="stream")
+    opt = loraopt.create_optimizer("psi-lora", model, normalize=None, lr=0.1, inner_iters=0, capture="stream")
     layer = opt.layers[0]
     with torch.no_grad():
         layer.B.add_(1.0)
@@ -92,13 +92,13 @@ def test_in_place_edits_of_the_factors_are_refused_until_zero_grad_refreshes():
 
 def test_load_state_dict_pushes_the_loaded_momentum():
     model = _model()
-    opt = loraopt.create_optimizer("psi-lora", model, lr=0.1, inner_iters=0, momentum=0.9, capture="stream")
+    opt = loraopt.create_optimizer("psi-lora", model, normalize=None, lr=0.1, inner_iters=0, momentum=0.9, capture="stream")
     for t in range(2):
         opt.zero_grad()
         _backward(model, t)
         opt.step()
     saved = opt.state_dict()
-    fresh = loraopt.create_optimizer("psi-lora", model, lr=0.1, inner_iters=0, momentum=0.9, capture="stream", seed=7)
+    fresh = loraopt.create_optimizer("psi-lora", model, normalize=None, lr=0.1, inner_iters=0, momentum=0.9, capture="stream", seed=7)
     fresh.load_state_dict(saved)
     for layer_a, layer_b in zip(opt.layers, fresh.layers):
         for x, y in zip(opt._capture.probes_of(layer_a), fresh._capture.probes_of(layer_b)):

@@ -256,7 +256,7 @@ def method_config(
     iters, rank_mult = _parse_psi(method)
     return "psi-lora", dict(
         lr=lrs["psi"], inner_iters=iters, lmbd=PSI_LMBD, momentum=mu, rank_mult=rank_mult, seed=seed,
-        max_grad_norm=0.0,
+        max_grad_norm=0.0, normalize=None,  # the paper's plain step (the factory normalises by default)
     )
 
 

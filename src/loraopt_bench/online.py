@@ -89,7 +89,8 @@ ADAGRAD_LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 # PSI-LoRA's step is SGD-like (no per-coordinate scaling), and so is its head update (SGD at other_lr). In the same
 # probe lr 1e-2 and 1e-1 collapsed, momentum 0.9 made it worse, and a larger head lr helped; these two points were
 # its best (benchmarks/notes/loko.md). It is not swept further: it is not the subject of this benchmark.
-PSI_GRID = ({"lr": 3e-4, "other_lr": 1e-2}, {"lr": 1e-3, "other_lr": 1e-2})
+# The plain step (normalize=None, clipping at 1: the factory's defaults when these streams were measured).
+PSI_GRID = tuple({"lr": lr, "other_lr": 1e-2, "normalize": None, "max_grad_norm": 1.0} for lr in (3e-4, 1e-3))
 # Process noise for the drift stream. LoKO's q is absolute, so it is set against the scale of P0: with the default
 # U(1e-3, 1e-1) the mean of p is 0.05, and over the 500 post-drift samples q = 1e-5 adds 10% of that and q = 1e-4
 # doubles it. (Over 1,000 samples p itself shrinks by only ~1% on these models; benchmarks/notes/loko.md.)

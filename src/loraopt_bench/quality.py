@@ -52,7 +52,9 @@ __all__ = ["MethodSpec", "SuiteSpec", "SUITES", "METHODS", "plan_runs", "run_sui
 @dataclass(frozen=True)
 class MethodSpec:
     """A registered optimizer with fixed extra hyperparameters and the lr grid it is swept over; ``config`` holds
-    run settings other than the optimizer's (``FinetuneConfig`` fields, e.g. ``warmup_steps``)."""
+    run settings other than the optimizer's (``FinetuneConfig`` fields, e.g. ``warmup_steps``).
+    ``recorded_defaults``: hyperparameters that were the factory's defaults when earlier runs of this key were
+    recorded (so their stored ``hp`` leaves them out); such runs still match the method when merged or resumed."""
 
     key: str
     optimizer: str
@@ -60,6 +62,11 @@ class MethodSpec:
     lrs: Tuple[float, ...]
     hp: Mapping[str, Any] = field(default_factory=dict)
     config: Mapping[str, Any] = field(default_factory=dict)
+    recorded_defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    def same_hp(self, stored: Mapping[str, Any]) -> bool:
+        """Whether a stored run's ``hp`` are this method's (reading ``recorded_defaults`` into both)."""
+        return {**self.recorded_defaults, **stored} == {**self.recorded_defaults, **self.hp}
 
 
 # Five half-decade values (100x) around where each rule usually works for LoRA fine-tuning:
@@ -84,9 +91,11 @@ METHODS: Dict[str, MethodSpec] = {
         MethodSpec("lora-plus", "lora-plus", "LoRA+", (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)),
         MethodSpec("riemannian-adamw", "riemannian-adamw", "Riemannian AdamW", ADAMW_LRS),
         MethodSpec("psi-lora", "psi-lora", "PSI-LoRA", (3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
-                   {"momentum": 0.9, "max_grad_norm": 1.0, "other_optimizer": "adam", "other_lr": 1e-3}),
+                   {"momentum": 0.9, "max_grad_norm": 1.0, "normalize": None, "other_optimizer": "adam",
+                    "other_lr": 1e-3}, recorded_defaults={"normalize": None}),
         MethodSpec("proj-psi-lora", "proj-psi-lora", "Proj. PSI-LoRA", (3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
-                   {"momentum": 0.9, "max_grad_norm": 1.0, "other_optimizer": "adam", "other_lr": 1e-3}),
+                   {"momentum": 0.9, "max_grad_norm": 1.0, "normalize": None, "other_optimizer": "adam",
+                    "other_lr": 1e-3}, recorded_defaults={"normalize": None}),
         MethodSpec("scaled-psi-lora", "scaled-psi-lora", "Scaled PSI-LoRA", (0.02, 0.06, 0.2, 0.6, 2.0),
                    {"other_lr": 1e-3}),
         MethodSpec("scaled-psi-lora-relprox", "scaled-psi-lora", "Scaled PSI-LoRA (relative momentum prox)",
@@ -105,16 +114,24 @@ METHODS: Dict[str, MethodSpec] = {
 # One-epoch SST-2 ablations of the PSI family (issue 9 §4): each changes one knob of the library defaults (no hp
 # beyond the knob) at the default lr. Warm-up: linear over the first 6 % of the steps (126 of the one-epoch 2,105), a
 # common fine-tuning choice; ``warmup_fraction`` is turned into ``FinetuneConfig.warmup_steps`` per run.
+# The PSI-LoRA / Proj. PSI-LoRA ablations vary the plain step, the factories' defaults (PLAIN pins it; runs recorded
+# before it was pinned have no normalize / max_grad_norm in their hp, which recorded_defaults reads as PLAIN).
+PLAIN = {"normalize": None, "max_grad_norm": 1.0}
+_PLAIN_THEN = dict(recorded_defaults=PLAIN)
 ABLATIONS: Tuple[MethodSpec, ...] = (
-    MethodSpec("psi-lora-default", "psi-lora", "PSI-LoRA (library defaults)", (0.03,)),
-    MethodSpec("proj-psi-lora-default", "proj-psi-lora", "Proj. PSI-LoRA (library defaults)", (0.03,)),
-    MethodSpec("psi-lora-k0", "psi-lora", "PSI-LoRA, K = 0", (0.03,), {"inner_iters": 0}),
-    MethodSpec("psi-lora-k2", "psi-lora", "PSI-LoRA, K = 2", (0.03,), {"inner_iters": 2}),
-    MethodSpec("psi-lora-rank2", "psi-lora", "PSI-LoRA, momentum rank 2r", (0.03,), {"rank_mult": 2.0}),
-    MethodSpec("psi-lora-warmup", "psi-lora", "PSI-LoRA, warm-up over 6 % of the steps", (0.03,), config={"warmup_fraction": 0.06}),
-    MethodSpec("proj-psi-lora-k2", "proj-psi-lora", "Proj. PSI-LoRA, K = 2", (0.03,), {"inner_iters": 2}),
+    MethodSpec("psi-lora-default", "psi-lora", "PSI-LoRA (library defaults)", (0.03,), PLAIN, **_PLAIN_THEN),
+    MethodSpec("proj-psi-lora-default", "proj-psi-lora", "Proj. PSI-LoRA (library defaults)", (0.03,), PLAIN,
+               **_PLAIN_THEN),
+    MethodSpec("psi-lora-k0", "psi-lora", "PSI-LoRA, K = 0", (0.03,), {**PLAIN, "inner_iters": 0}, **_PLAIN_THEN),
+    MethodSpec("psi-lora-k2", "psi-lora", "PSI-LoRA, K = 2", (0.03,), {**PLAIN, "inner_iters": 2}, **_PLAIN_THEN),
+    MethodSpec("psi-lora-rank2", "psi-lora", "PSI-LoRA, momentum rank 2r", (0.03,), {**PLAIN, "rank_mult": 2.0},
+               **_PLAIN_THEN),
+    MethodSpec("psi-lora-warmup", "psi-lora", "PSI-LoRA, warm-up over 6 % of the steps", (0.03,), PLAIN,
+               config={"warmup_fraction": 0.06}, **_PLAIN_THEN),
+    MethodSpec("proj-psi-lora-k2", "proj-psi-lora", "Proj. PSI-LoRA, K = 2", (0.03,), {**PLAIN, "inner_iters": 2},
+               **_PLAIN_THEN),
     MethodSpec("proj-psi-lora-warmup", "proj-psi-lora", "Proj. PSI-LoRA, warm-up over 6 % of the steps", (0.03,),
-               config={"warmup_fraction": 0.06}),
+               PLAIN, config={"warmup_fraction": 0.06}, **_PLAIN_THEN),
     MethodSpec("scaled-psi-lora-k1", "scaled-psi-lora", "Scaled PSI-LoRA, K = 1", (0.3,), {"inner_iters": 1}),
     MethodSpec("scaled-psi-lora-shampoo", "scaled-psi-lora", "Scaled PSI-LoRA, Shampoo-diagonal metric", (0.3,),
                {"metric": "shampoo"}),
@@ -132,6 +149,8 @@ ABLATIONS: Tuple[MethodSpec, ...] = (
 METHODS.update({m.key: m for m in ABLATIONS})
 # The per-layer step normalisation (normalize="layer", benchmarks/notes/psi.md §7): the lr is then about the RMS of a
 # step's entries, hence grids ~3 decades below the plain steps'. Clipping off (it would bring the gradient's scale back).
+# (psi.md §10: 3e-5 is the best normalised lr of PSI-LoRA and Proj. PSI-LoRA on all three suites; opt-in, see
+# loraopt.optim.psi.PSI_NORMALIZED_SETTINGS.)
 NORMALIZED: Tuple[MethodSpec, ...] = (
     MethodSpec("psi-lora-norm", "psi-lora", "PSI-LoRA, normalize='layer'", (1e-5, 3e-5, 1e-4, 3e-4),
                {"normalize": "layer", "max_grad_norm": 0.0}),
@@ -146,12 +165,16 @@ LOKO_SCALAR = replace(METHODS["loko"], label="LoKO-scalar (p_init='score')",
 
 # The realistic suites after the defaults were settled (vision first): every method at its library defaults (no hp
 # override), with an lr grid of >= 4 values over >= 30x that holds the library default lr, so that "default" is one
-# point of the sweep. Keys are the optimizers' names; a suite's methods are looked up per suite.
+# point of the sweep. Keys are the optimizers' names; a suite's methods are looked up per suite. PLAIN pins the plain
+# step of PSI-LoRA and Proj. PSI-LoRA (their defaults; the normalised step is opt-in) so that these keys keep
+# meaning what their committed runs used if a default changes.
 LIBRARY_DEFAULT_METHODS: Tuple[MethodSpec, ...] = (
     MethodSpec("adamw", "adamw", "AdamW", (3e-4, 1e-3, 3e-3, 1e-2)),
     MethodSpec("lora-plus", "lora-plus", "LoRA+", (3e-5, 1e-4, 3e-4, 1e-3)),
-    MethodSpec("psi-lora", "psi-lora", "PSI-LoRA", (3e-3, 1e-2, 3e-2, 1e-1)),
-    MethodSpec("proj-psi-lora", "proj-psi-lora", "Proj. PSI-LoRA", (3e-3, 1e-2, 3e-2, 1e-1)),
+    MethodSpec("psi-lora", "psi-lora", "PSI-LoRA", (3e-3, 1e-2, 3e-2, 1e-1), PLAIN,
+               **_PLAIN_THEN),
+    MethodSpec("proj-psi-lora", "proj-psi-lora", "Proj. PSI-LoRA", (3e-3, 1e-2, 3e-2, 1e-1), PLAIN,
+               **_PLAIN_THEN),
     MethodSpec("scaled-psi-lora", "scaled-psi-lora", "Scaled PSI-LoRA", (0.03, 0.1, 0.3, 1.0)),
     MethodSpec("loko", "loko", "LoKO", (0.1, 0.3, 1.0, 3.0)),
 )
@@ -162,6 +185,9 @@ LM_METHODS: Tuple[MethodSpec, ...] = tuple(
        MethodSpec("loko-scalar", "loko", "LoKO-scalar (library defaults)", (0.1, 0.3, 1.0, 3.0),
                   {"observation": "loss"})]
     + list(NORMALIZED))
+# Which method key holds each optimizer's library defaults, and the default lr there.
+DEFAULT_METHOD_KEYS = {"adamw": "adamw", "lora-plus": "lora-plus", "psi-lora": "psi-lora",
+                       "proj-psi-lora": "proj-psi-lora", "scaled-psi-lora": "scaled-psi-lora", "loko": "loko"}
 LIBRARY_DEFAULT_LRS = {"adamw": 3e-3, "lora-plus": 3e-4, "psi-lora": 3e-2, "proj-psi-lora": 3e-2,
                        "scaled-psi-lora": 0.3, "loko": 1.0}
 
@@ -638,7 +664,7 @@ def load_previous(paths: Sequence[str], methods: Sequence[MethodSpec]) -> Dict[T
         payload = json.loads(Path(path).read_text())
         for key, m in payload["methods"].items():
             method = wanted.get(key)
-            if (method is None or m["optimizer"] != method.optimizer or m["hp"] != dict(method.hp)
+            if (method is None or m["optimizer"] != method.optimizer or not method.same_hp(m["hp"])
                     or m.get("config", {}) != dict(method.config)):
                 continue
             grid = {_lr_key(lr) for lr in method.lrs}
