@@ -133,3 +133,23 @@ def test_the_batched_step_equals_the_per_layer_reference_with_normalisation(name
         runs.append(params_snapshot(model))
     for n in runs[0]:
         torch.testing.assert_close(runs[1][n], runs[0][n], rtol=1e-10, atol=1e-12)
+
+
+def test_normalized_settings_are_the_measured_quality_method_and_build():
+    """PSI_NORMALIZED_SETTINGS is what the suites measured as psi-lora-norm / proj-psi-lora-norm at its lr, and the
+    factories take it (a step moves the factors)."""
+    from loraopt.optim.psi import PSI_NORMALIZED_SETTINGS
+    from loraopt_bench.quality import METHODS
+
+    for key in ("psi-lora-norm", "proj-psi-lora-norm"):
+        method = METHODS[key]
+        assert {k: PSI_NORMALIZED_SETTINGS[k] for k in method.hp} == dict(method.hp)
+        assert PSI_NORMALIZED_SETTINGS["lr"] in method.lrs
+    model = make_model("mlp")
+    opt = loraopt.create_optimizer("proj-psi-lora", model, **PSI_NORMALIZED_SETTINGS)
+    assert opt.param_groups[0]["normalize"] == "layer" and opt.param_groups[0]["max_grad_norm"] == 0.0
+    before = params_snapshot(model)
+    x, y = make_batch("mlp")
+    loss_fn(model, x, y).backward()
+    opt.step()
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if "lora_" in n)
