@@ -94,8 +94,9 @@ _ARGS_DOC = r"""
             it beat the plain step at its default for PSI-LoRA / Proj. PSI-LoRA on SST-2 (86.1 / 86.2 % against
             85.6 / 85.9 %, 3 seeds; AdamW 86.6), the LM (validation loss 3.311 / 3.321 against 3.363 / 3.367;
             AdamW 3.271) and vision (90.4 / 90.7 % against 90.0 / 90.5 %, 1 seed; AdamW 92.0), but in the 100-step
-            EfficientNet demo it reached 79 / 31 % against 86 / 84 %.  Its lr window is narrow: at 1e-4 and above
-            PSI-LoRA and Scaled PSI-LoRA blew up on the LM (validation loss 4.5-6.8, finite).
+            EfficientNet demo (batch 16) 3e-5 was too large: 79 / 31 % against 86 / 84 % (1e-5: 83 / 81 %).  Its lr
+            window is narrow and task-dependent: at 1e-4 and above PSI-LoRA and Scaled PSI-LoRA blew up on the LM
+            (validation loss 4.5-6.8, finite).
             ``PSI_NORMALIZED_SETTINGS`` holds lr 3e-5, ``max_grad_norm=0`` and ``normalize="layer"``.
         normalize_beta2: EMA rate of ``normalize="layer"``.
         reference_compat: reproduce the reference code where it differs from the paper, which is only at K = 0
@@ -392,7 +393,8 @@ PSI_DEFAULTS = dict(lr=3e-2, inner_iters=1, lmbd=1e-2, momentum=0.9, max_grad_no
 # The per-layer normalised step at its best lr (benchmarks/notes/psi.md §10): better than the defaults above on the
 # three one-epoch H200 suites (SST-2 86.1 / 86.2 % against 85.6 / 85.9 %, LM validation loss 3.311 / 3.321 against
 # 3.363 / 3.367, vision 90.4 / 90.7 % against 90.0 / 90.5 %) and in 60 steps of SST-2 (71 / 70 % against 54 %), but
-# far slower in the 100-step EfficientNet demo (79 / 31 % against 86 / 84 %), so not the default yet. Opt in with
+# too large for the 100-step EfficientNet demo at batch 16 (79 / 31 % against 86 / 84 %; 1e-5 gives 83 / 81 %), so
+# not the default yet: its safe lr window is narrow and moves with the task. Opt in with
 # create_optimizer("psi-lora", model, **PSI_NORMALIZED_SETTINGS).
 PSI_NORMALIZED_SETTINGS = dict(lr=3e-5, max_grad_norm=0.0, normalize="layer")
 OTHER_ADAM_LR = 3e-3
@@ -442,7 +444,8 @@ create_psi_lora_optimizer = _heavy_ball_factory(
     with momentum at ``other_lr`` / ``other_momentum`` (default: ``lr`` / ``momentum``).  Defaults: lr 0.03,
     K = 1, heavy-ball momentum 0.9 (kept in balanced SVD form), clipping at 1.0.  ``**PSI_NORMALIZED_SETTINGS``
     (``normalize="layer"``, no clipping, lr 3e-5) is the per-layer normalised step, better over one epoch on the
-    three H200 suites and slower in very short vision runs (``benchmarks/notes/psi.md`` §10).  Remaining keyword
+    three H200 suites, too large a step on the short, small-batch EfficientNet demo (``benchmarks/notes/psi.md``
+    §10).  Remaining keyword
     arguments are :class:`PSILoRA` arguments.
     """,
 )
