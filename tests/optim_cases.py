@@ -53,6 +53,8 @@ CASES = [
     ),
     Case("psi-k1-normalized", "psi-lora", dict(lr=0.01, inner_iters=1, momentum=0.9, normalize="layer"),
          structured=True),
+    Case("proj-psi-k1-factored", "proj-psi-lora", dict(lr=3e-3, inner_iters=1, momentum=0.9, normalize="factored",
+                                                      max_grad_norm=0.0), structured=True),
     Case("proj-psi-k1-momentum", "proj-psi-lora", dict(normalize=None, lr=0.1, inner_iters=1, momentum=0.9), structured=True),
     Case("proj-psi-k0-clip", "proj-psi-lora", dict(normalize=None, lr=0.1, inner_iters=0, momentum=0.9, max_grad_norm=0.5,
                                                     other_optimizer="adam", other_lr=1e-2), structured=True),

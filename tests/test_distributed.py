@@ -21,13 +21,19 @@ CONFIGS = {
     "scaled-k1-kfac": ("scaled-psi-lora", dict(lr=0.1, other_lr=1e-2, inner_iters=1, max_grad_norm=0.0)),
     "proj-k1-rows": ("proj-psi-lora", dict(lr=0.1, normalize=None, inner_iters=1, momentum=0.9)),
     "proj-k0-rows": ("proj-psi-lora", dict(lr=0.1, normalize=None, inner_iters=0, momentum=0.9, other_optimizer="adam")),
+    # The step normalisations use the ranks' mean of their local statistics (a second moment at the per-rank batch,
+    # documented), which equals the single process's only when every rank sees the same batch: REPLICATED.
+    "psi-k1-factored": ("psi-lora", dict(lr=1e-3, normalize="factored", max_grad_norm=0.0, inner_iters=1)),
+    "proj-k1-factored": ("proj-psi-lora", dict(lr=1e-3, normalize="factored", max_grad_norm=0.0, inner_iters=1)),
+    "psi-k1-layer": ("psi-lora", dict(lr=1e-3, normalize="layer", max_grad_norm=0.0, inner_iters=1)),
 }
+REPLICATED = {"psi-k1-factored", "proj-k1-factored", "psi-k1-layer"}
 
 
-def _train(model, opt, rank=0, world=1):
+def _train(model, opt, rank=0, world=1, replicated=False):
     for t in range(STEPS):
         x, y = make_batch("mlp", n=BATCH, seed=100 + t)
-        shard = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+        shard = slice(None) if replicated else slice(rank * BATCH // world, (rank + 1) * BATCH // world)
         opt.zero_grad()
         loss_fn(model, x[shard], y[shard]).backward()
         opt.step()
@@ -43,7 +49,7 @@ def _worker(rank, out_dir):
             model = make_model("mlp")
             ddp = DistributedDataParallel(model)
             opt = loraopt.create_optimizer(name, ddp, **kwargs)
-            _train(ddp, opt, rank, WORLD)
+            _train(ddp, opt, rank, WORLD, replicated=config in REPLICATED)
             params = {n: p.detach() for n, p in model.named_parameters()}
             torch.save(params, os.path.join(out_dir, f"{config}-rank{rank}.pt"))
     finally:

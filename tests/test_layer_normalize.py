@@ -1,4 +1,5 @@
-"""normalize="layer": the PSI family's step divided by each layer's RMS gradient entry (a per-layer second moment)."""
+"""The PSI family's step normalisations: normalize="layer" divides each layer's G by its RMS entry (a per-layer second
+moment); normalize="factored" divides each entry by the root of Adafactor's rank-one second-moment estimate."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import torch
 from torch import nn
 
 import loraopt
-from loraopt.functional.metrics import layer_grad_sq_norms, layer_step_scale
+from loraopt.functional.metrics import factored_step_scales, grad_row_col_sq, layer_grad_sq_norms, layer_step_scale
 from loraopt.functional.psi import Gradient, PSIConfig, psi_step
-from loraopt.optim.psi_step import NORMALIZE_EPS
+from loraopt.optim.psi_step import FACTORED_EPS, NORMALIZE_EPS
 from toys import loss_fn, make_batch, make_model, one_lora_linear, params_snapshot
 
 F64 = torch.float64
@@ -101,9 +102,10 @@ def test_scaled_psi_lora_takes_the_layer_normalisation_too():
 
 
 def test_streaming_capture_and_unknown_modes_are_refused_with_what_to_do():
-    with pytest.raises(ValueError, match="normalize='layer'"):
-        loraopt.create_optimizer("psi-lora", make_model("mlp"), inner_iters=0, normalize="layer", capture="stream")
-    with pytest.raises(ValueError, match="normalize must be None or 'layer'"):
+    for mode in ("layer", "factored"):
+        with pytest.raises(ValueError, match="normalize=None only"):
+            loraopt.create_optimizer("psi-lora", make_model("mlp"), inner_iters=0, normalize=mode, capture="stream")
+    with pytest.raises(ValueError, match="normalize must be None, 'layer' or 'factored'"):
         loraopt.create_optimizer("psi-lora", make_model("mlp"), normalize="row")
     with pytest.raises(ValueError, match="normalize_beta2"):
         loraopt.create_optimizer("psi-lora", make_model("mlp"), normalize="layer", normalize_beta2=1.0)
@@ -153,3 +155,115 @@ def test_normalized_settings_are_the_measured_quality_method_and_build():
     loss_fn(model, x, y).backward()
     opt.step()
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if "lora_" in n)
+
+
+# ---------------------------------------------------------------------------------------------- normalize="factored"
+
+
+@pytest.mark.parametrize("n", [3, 40])
+def test_grad_row_col_sq_are_the_mean_squares_of_the_dense_gradients_rows_and_columns(n):
+    g = torch.Generator().manual_seed(1)
+    S, X = torch.randn(2, n, 7, generator=g, dtype=F64), torch.randn(2, n, 5, generator=g, dtype=F64)
+    G = S.mT @ X
+    for left, right in ((S.mT, X), (G, None)):
+        rows, cols = grad_row_col_sq(left, right)
+        torch.testing.assert_close(rows, (G * G).mean(dim=2), rtol=1e-12, atol=0)
+        torch.testing.assert_close(cols, (G * G).mean(dim=1), rtol=1e-12, atol=0)
+
+
+def test_factored_scales_are_exact_on_a_rank_one_second_moment():
+    """G = diag(a) Z diag(b) with |Z| = 1: the second moments a_i^2 b_j^2 form a rank-one matrix, which the factored
+    estimate recovers exactly, so the scaled gradient is Z (entries of RMS one) at the first (bias-corrected) step."""
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.rand(2, 6, generator=g, dtype=F64) * 3 + 0.1, torch.rand(2, 4, generator=g, dtype=F64) * 0.01 + 1e-3
+    Z = torch.randint(0, 2, (2, 6, 4), generator=g).to(F64) * 2 - 1
+    G = a[..., :, None] * Z * b[..., None, :]
+    rows, cols = grad_row_col_sq(G, None)
+    s_out, s_in, _, _ = factored_step_scales(torch.zeros(2, 6, dtype=F64), torch.zeros(2, 4, dtype=F64), rows, cols,
+                                             beta2=0.999, step=1, eps=0.0)
+    torch.testing.assert_close(s_out[..., :, None] * G * s_in[..., None, :], Z, rtol=1e-12, atol=1e-12)
+
+
+def test_factored_scales_divide_each_entry_by_the_root_of_the_bias_corrected_rank_one_estimate():
+    beta2, g = 0.9, torch.Generator().manual_seed(3)
+    grads = [torch.randn(5, 3, generator=g, dtype=F64) * (t + 1) for t in range(3)]
+    row_avg, col_avg = torch.zeros(1, 5, dtype=F64), torch.zeros(1, 3, dtype=F64)
+    for t, G in enumerate(grads, start=1):
+        rows, cols = grad_row_col_sq(G[None], None)
+        s_out, s_in, row_avg, col_avg = factored_step_scales(row_avg, col_avg, rows, cols, beta2=beta2, step=t,
+                                                             eps=0.0)
+        weights = torch.tensor([(1 - beta2) * beta2 ** (t - 1 - i) for i in range(t)], dtype=F64)
+        r = sum(w * (Gi * Gi).mean(dim=1) for w, Gi in zip(weights, grads)) / weights.sum()
+        c = sum(w * (Gi * Gi).mean(dim=0) for w, Gi in zip(weights, grads)) / weights.sum()
+        V = r[:, None] * c[None, :] / r.mean()
+        torch.testing.assert_close((s_out[0][:, None] * G * s_in[0][None, :]), G / V.sqrt(), rtol=1e-12, atol=0)
+    # A gradient that is exactly zero gives finite scales and no step.
+    s_out, s_in, _, _ = factored_step_scales(torch.zeros(1, 2), torch.zeros(1, 3), torch.zeros(1, 2),
+                                             torch.zeros(1, 3), beta2=0.99, step=1, eps=FACTORED_EPS)
+    assert torch.isfinite(s_out).all() and torch.isfinite(s_in).all() and (s_in == 0).all()
+
+
+@pytest.mark.parametrize("name", ["psi-lora", "proj-psi-lora"])
+def test_two_factored_steps_equal_the_functional_step_on_the_hand_scaled_gradient(name):
+    """The optimizer replaces G by s_out G s_in (bias-corrected row / column EMAs from zero) and nothing else."""
+    lr, lmbd, beta2 = 0.05, 0.1, 0.9
+    mu = 0.0 if name == "psi-lora" else 0.5  # Proj.'s factor-space momentum starts at zero: a known state
+    model = one_lora_linear(r=3, d_in=6, d_out=5, dtype=F64)
+    opt = loraopt.create_optimizer(name, model, lr=lr, lmbd=lmbd, momentum=mu, max_grad_norm=0.0, inner_iters=1,
+                                   normalize="factored", normalize_beta2=beta2)
+    (A,) = [p for n, p in model.named_parameters() if "lora_A" in n]
+    (B,) = [p for n, p in model.named_parameters() if "lora_B" in n]
+    base = model.base_model.model[0].base_layer.weight
+    A_ref, B_ref = A.detach().clone(), B.detach().clone()
+    row_avg, col_avg = torch.zeros(1, 5, dtype=F64), torch.zeros(1, 6, dtype=F64)
+    variant = "psi" if name == "psi-lora" else "proj"
+    momentum = None if mu == 0 else tuple(torch.zeros_like(t)[None] for t in (A_ref, B_ref, A_ref, B_ref))
+    g = torch.Generator().manual_seed(4)
+    for t in (1, 2):
+        x, y = torch.randn(8, 6, generator=g, dtype=F64), torch.randn(8, 5, generator=g, dtype=F64)
+        base.requires_grad_(True)  # dL/dW0 is the full-weight gradient G the PSI step uses
+        opt.zero_grad()
+        base.grad = None
+        nn.functional.mse_loss(model(x), y).backward()
+        G = base.grad.detach().clone()
+        base.requires_grad_(False)
+        opt.step()
+        rows, cols = grad_row_col_sq(G[None], None)
+        s_out, s_in, row_avg, col_avg = factored_step_scales(row_avg, col_avg, rows, cols, beta2=beta2, step=t,
+                                                             eps=FACTORED_EPS)
+        scaled = s_out[..., :, None] * G[None] * s_in[..., None, :]
+        ref = psi_step(A_ref[None], B_ref[None], Gradient(scaled, None), lr=lr, grad_coef=1.0, momentum_coef=mu,
+                       lam=lr * lmbd, lam_momentum=lr * lmbd, momentum=momentum, config=PSIConfig(variant=variant, iters=1))
+        A_ref, B_ref, momentum = ref.A[0], ref.B[0], ref.momentum
+        torch.testing.assert_close(A.detach(), A_ref, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(B.detach(), B_ref, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(opt.state[B]["grad_row_sq_avg"][None], row_avg, rtol=1e-12, atol=0)
+    torch.testing.assert_close(opt.state[A]["grad_col_sq_avg"][None], col_avg, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("name", ["psi-lora", "proj-psi-lora", "scaled-psi-lora"])
+def test_the_factored_step_does_not_depend_on_the_loss_scale(name):
+    kw = dict(lr=1e-3, inner_iters=1)
+    if name == "scaled-psi-lora":
+        kw["other_lr"] = 1e-2
+    one, big = _train(name, 1.0, normalize="factored", **kw), _train(name, 1000.0, normalize="factored", **kw)
+    for n in one:
+        torch.testing.assert_close(big[n], one[n], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["psi-lora", "proj-psi-lora", "scaled-psi-lora"])
+def test_the_batched_step_equals_the_per_layer_reference_with_factored_normalisation(name):
+    runs = []
+    for foreach in (True, False):
+        torch.manual_seed(0)
+        model = make_model("mlp").to(F64)
+        opt = loraopt.create_optimizer(name, model, lr=1e-3, inner_iters=1, normalize="factored", max_grad_norm=0.0,
+                                       foreach=foreach)
+        for t in range(3):
+            x, y = make_batch("mlp", seed=t)
+            opt.zero_grad()
+            loss_fn(model, x.to(F64), y).backward()
+            opt.step()
+        runs.append(params_snapshot(model))
+    for n in runs[0]:
+        torch.testing.assert_close(runs[1][n], runs[0][n], rtol=1e-10, atol=1e-12)

@@ -160,6 +160,19 @@ NORMALIZED: Tuple[MethodSpec, ...] = (
                (1e-4, 3e-4, 1e-3, 3e-3), {"normalize": "layer", "max_grad_norm": 0.0}),
 )
 METHODS.update({m.key: m for m in NORMALIZED})
+# Adafactor's factored second moment on the full-weight gradient (normalize="factored"): each entry of G divided by
+# the root of its rank-one second-moment estimate, so the lr is a per-entry step size as in Adam (a heavy-ball
+# momentum of 0.9 sums ~10 steps, hence a decade below AdamW's lrs). Clipping off, as for the per-layer one.
+FACTORED: Tuple[MethodSpec, ...] = (
+    MethodSpec("psi-lora-fact", "psi-lora", "PSI-LoRA, normalize='factored'", (1e-5, 3e-5, 1e-4, 3e-4),
+               {"normalize": "factored", "max_grad_norm": 0.0}),
+    MethodSpec("proj-psi-lora-fact", "proj-psi-lora", "Proj. PSI-LoRA, normalize='factored'",
+               (1e-5, 3e-5, 1e-4, 3e-4), {"normalize": "factored", "max_grad_norm": 0.0}),
+    # Scaled PSI-LoRA's momentum is an EMA (1 - beta1 = 0.1 on the gradient), hence lrs 10x those of the heavy ball.
+    MethodSpec("scaled-psi-lora-fact", "scaled-psi-lora", "Scaled PSI-LoRA, normalize='factored'",
+               (1e-4, 3e-4, 1e-3, 3e-3), {"normalize": "factored", "max_grad_norm": 0.0}),
+)
+METHODS.update({m.key: m for m in FACTORED})
 LOKO_SCALAR = replace(METHODS["loko"], label="LoKO-scalar (p_init='score')",
                       hp={"p_init": "score", "observation": "loss"})
 
@@ -184,7 +197,7 @@ LM_METHODS: Tuple[MethodSpec, ...] = tuple(
        replace(LOKO_SCALAR, lrs=(0.1, 0.3, 1.0, 3.0)),
        MethodSpec("loko-scalar", "loko", "LoKO-scalar (library defaults)", (0.1, 0.3, 1.0, 3.0),
                   {"observation": "loss"})]
-    + list(NORMALIZED))
+    + list(NORMALIZED) + list(FACTORED))
 # Which method key holds each optimizer's library defaults, and the default lr there.
 DEFAULT_METHOD_KEYS = {"adamw": "adamw", "lora-plus": "lora-plus", "psi-lora": "psi-lora",
                        "proj-psi-lora": "proj-psi-lora", "scaled-psi-lora": "scaled-psi-lora", "loko": "loko"}
@@ -222,7 +235,7 @@ SUITES: Dict[str, SuiteSpec] = {
     ),
     "vision": SuiteSpec(
         "vision", "EfficientNet-Lite0 on Fashion-MNIST, 64 px, one epoch (test accuracy)", "effnet-lite0",
-        "fashion-mnist", LIBRARY_DEFAULT_METHODS + NORMALIZED,
+        "fashion-mnist", LIBRARY_DEFAULT_METHODS + NORMALIZED + FACTORED,
         dict(steps=1875, batch_size=32, image_size=64, eval_every=500, eval_limit=None, eval_batch_size=500),
         notes=("Riemannian AdamW is left out: PEFT's create_riemannian_optimizer preconditions only 2-D "
                "lora_A/lora_B and finds no pair among EfficientNet's 1x1-conv adapters (4-D weights).",

@@ -10,6 +10,9 @@ of one of two per-step statistics of the captured rows ``X: (N, d_in)`` and outp
 
 The per-layer step normalisation (``normalize="layer"`` of the PSI family) is the scalar extreme of such a metric:
 one EMA of the mean squared entry of ``G`` per layer (:func:`layer_grad_sq_norms`, :func:`layer_step_scale`).
+``normalize="factored"`` keeps one EMA per row and per column of ``G * G`` and divides each entry by the root of
+their rank-one estimate of its second moment, as Adafactor does (:func:`grad_row_col_sq`,
+:func:`factored_step_scales`): Adam's per-entry normalisation from ``d_out + d_in`` numbers per layer.
 
 Every function accepts a leading batch dimension (``(L, d)``), one row per layer.
 """
@@ -24,7 +27,7 @@ from torch import Tensor
 from .lorsum import lowrank_sq_norm
 
 __all__ = ["metric_ema", "debias", "metric_preconditioner", "metric_step", "stack_or_scalar", "layer_grad_sq_norms",
-           "layer_step_scale"]
+           "layer_step_scale", "grad_row_col_sq", "factored_step_scales"]
 
 Scalar = Union[float, Tensor]
 
@@ -123,3 +126,44 @@ def stack_or_scalar(values, device) -> Union[float, Tensor]:
             return values[0]
         return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1)
     return torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in values]).view(-1, 1)
+
+
+def grad_row_col_sq(left: Tensor, right: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """The mean squared entry of each row and each column of ``G``: ``((L, d_out), (L, d_in))``.
+
+    ``left = S^T: (L, d_out, N)``, ``right = X: (L, N, d_in)`` (rows: ``G = S^T X`` is formed, which costs what one
+    of the step's own products costs), or ``left = G`` and ``right = None`` (dense)."""
+    G = left if right is None else left @ right
+    sq = G.square()
+    return sq.mean(dim=-1), sq.mean(dim=-2)
+
+
+def factored_step_scales(
+    row_avg: Tensor,
+    col_avg: Tensor,
+    row_sq: Tensor,
+    col_sq: Tensor,
+    *,
+    beta2: float,
+    step: Scalar,
+    eps: float,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Adafactor's factored second moment as two diagonal scalings of ``G``: ``(s_out, s_in, new row_avg,
+    new col_avg)``, shapes ``(L, d_out)``, ``(L, d_in)``, ``(L, d_out)``, ``(L, d_in)``.
+
+    ``row_avg`` / ``col_avg`` are EMAs (rate ``beta2``, started at zero, bias-corrected at ``step``, 1 for the first
+    update) of the mean squared entry of each row / column of ``G`` (:func:`grad_row_col_sq`).  Their rank-one
+    estimate of the second moment of entry ``(i, j)`` is ``V_ij = r_i c_j / mean(r)`` (exact when the second
+    moments form a rank-one matrix), and ``G_ij / sqrt(V_ij) = s_out_i G_ij s_in_j`` with
+    ``s_out = 1 / sqrt(r)`` and ``s_in = sqrt(mean(r)) / sqrt(c)``: the scaled gradient's entries have RMS about
+    one, so the learning rate is a per-entry step size as in Adam.  ``eps`` is a damping relative to the mean of
+    each EMA (a row or column that never saw a gradient takes no step, and a nearly dead one no huge step)."""
+    new_row, new_col = metric_ema(row_avg, row_sq, beta2), metric_ema(col_avg, col_sq, beta2)
+    r = debias(new_row, beta2, step).clamp_min(0.0)
+    c = debias(new_col, beta2, step).clamp_min(0.0)
+    tiny = torch.finfo(r.dtype).tiny
+    r_mean = r.mean(-1, keepdim=True)
+    c_mean = c.mean(-1, keepdim=True)
+    s_out = (r + eps * r_mean + tiny).rsqrt()
+    s_in = r_mean.sqrt() * (c + eps * c_mean + tiny).rsqrt()
+    return s_out, s_in, new_row, new_col

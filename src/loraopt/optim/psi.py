@@ -84,8 +84,8 @@ _ARGS_DOC = r"""
             the step does not see) from batched products alone, with no host synchronisation, for CUDA-graph
             capture (``balance_polar``; about 150 more small kernels per step than ``"gram"`` when not captured);
             ``"norm"`` only equalises the factor norms; ``"none"`` is the reference code.
-        normalize: ``None`` (default) or ``"layer"``: divide each layer's captured gradient ``G`` by the root of a
-            bias-corrected EMA (rate ``normalize_beta2``) of its mean squared entry, Adam's second moment with one
+        normalize: ``None`` (default), ``"layer"`` or ``"factored"``.  ``"layer"``: divide each layer's captured
+            gradient ``G`` by the root of a bias-corrected EMA (rate ``normalize_beta2``) of its mean squared entry, Adam's second moment with one
             number per layer.  Each layer's step then has entries of RMS about ``lr`` whatever the scale of its
             gradient (the step ignores the loss's scale), so ``lr`` is ~1000x smaller than without (3e-5 was best
             for PSI-LoRA on SST-2).  Pass ``max_grad_norm=0`` with it (clipping would bring the scale back).  Needs
@@ -98,7 +98,15 @@ _ARGS_DOC = r"""
             window is narrow and task-dependent: at 1e-4 and above PSI-LoRA and Scaled PSI-LoRA blew up on the LM
             (validation loss 4.5-6.8, finite).
             ``PSI_NORMALIZED_SETTINGS`` holds lr 3e-5, ``max_grad_norm=0`` and ``normalize="layer"``.
-        normalize_beta2: EMA rate of ``normalize="layer"``.
+            ``"factored"``: divide each entry ``G_ij`` by the root of ``r_i c_j / mean(r)``, where ``r`` and ``c``
+            are bias-corrected EMAs (rate ``normalize_beta2``) of the mean squared entry of each row and column of
+            ``G``: Adafactor's factored second moment, so the step's entries have RMS about ``lr`` each, as in Adam
+            (``d_out + d_in`` numbers of state per layer; the rows' ``G`` is formed once per step to get them).
+            Same lr range as ``"layer"`` (heavy-ball momentum 0.9 sums ~10 steps, so 3e-5 here is about Adam's
+            3e-4), without clipping; it also needs the rows.  In the 100-step EfficientNet demo at batch 16 it
+            reached 84-85 % at 1e-5 and 3e-5 where ``"layer"`` reached 32-79 % (CPU, ``benchmarks/notes/psi.md``
+            §11).
+        normalize_beta2: EMA rate of ``normalize="layer"`` and ``"factored"``.
         reference_compat: reproduce the reference code where it differs from the paper, which is only at K = 0
             (its unscaled LoRSum is a no-op there: plain PSI-LoRA does not move and no momentum updates).  For
             comparisons with published runs; it changes nothing at K >= 1.

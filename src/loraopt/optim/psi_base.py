@@ -51,8 +51,8 @@ def check_shared_hyperparameters(defaults: Dict[str, Any]) -> None:
         )
     if defaults["momentum_prox"] is not None:
         check_nonnegative("momentum_prox", defaults["momentum_prox"])
-    if defaults.get("normalize") not in (None, "layer"):
-        raise ValueError(f"normalize must be None or 'layer', got {defaults['normalize']!r}")
+    if defaults.get("normalize") not in (None, "layer", "factored"):
+        raise ValueError(f"normalize must be None, 'layer' or 'factored', got {defaults['normalize']!r}")
     check_range("normalize_beta2", defaults.get("normalize_beta2", 0.999), 0.0, 1.0)
     betas = defaults["adam_betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
@@ -138,7 +138,7 @@ class _PSIOptimizerBase(LoRAOptimizer):
         self._model_factor_ids = {id(p) for name, p in model.named_parameters() if is_lora_factor_name(name)}
 
         lora_groups = [self.param_groups[i] for i in self._layers_by_group]
-        # Stream mode keeps only projections of G: no inner iterations, and no |G| for the layer normalisation.
+        # Stream mode keeps only projections of G: no inner iterations, and no |G| for the step normalisations.
         streamable = self._variant == "psi" and all(g["inner_iters"] == 0 and not g.get("normalize")
                                                     for g in lora_groups)
         if capture == "auto":
@@ -148,8 +148,8 @@ class _PSIOptimizerBase(LoRAOptimizer):
         if capture == "stream" and not streamable:
             raise ValueError(
                 "capture='stream' keeps no rows: it supports inner_iters=0 of PSI-LoRA and Scaled PSI-LoRA without "
-                "normalize='layer' only (Proj. PSI-LoRA needs the gradient at the new factors, the normalisation "
-                "its norm); use capture='rows' or 'auto'"
+                "normalize=None only (Proj. PSI-LoRA needs the gradient at the new factors, a normalisation its "
+                "entries); use capture='rows' or 'auto'"
             )
         metrics = {g.get("metric") for g in lora_groups}
         self._capture = GradientCapture(
@@ -283,8 +283,10 @@ class _PSIOptimizerBase(LoRAOptimizer):
                 r_m = self._momentum_rank(group, layer)
                 if param is layer.A:
                     return {**counters, "momentum_A": (r_m, layer.d_in), "metric_in": (layer.d_in,),
+                            "grad_col_sq_avg": (layer.d_in,),
                             "momentum_buffer": (layer.rank, layer.d_in), "previous_factor": (layer.rank, layer.d_in)}
                 return {**counters, "momentum_B": (layer.d_out, r_m), "metric_out": (layer.d_out,),
+                        "grad_row_sq_avg": (layer.d_out,),
                         "momentum_buffer": (layer.d_out, layer.rank), "previous_factor": (layer.d_out, layer.rank)}
         shape = tuple(param.shape)
         return {"step": (), "momentum_buffer": shape, "exp_avg": shape, "exp_avg_sq": shape}
@@ -320,6 +322,9 @@ class _PSIOptimizerBase(LoRAOptimizer):
             state_b["momentum_B"] = torch.zeros(layer.d_out, r_m, device=device, dtype=dtype)
         if group.get("normalize") == "layer":  # EMA of the mean squared entry of G, from zero (bias-corrected)
             state_a["grad_sq_avg"] = torch.zeros((), device=device, dtype=dtype)
+        elif group.get("normalize") == "factored":  # EMAs of the mean squared entry of each column / row of G
+            state_a["grad_col_sq_avg"] = torch.zeros(layer.d_in, device=device, dtype=dtype)
+            state_b["grad_row_sq_avg"] = torch.zeros(layer.d_out, device=device, dtype=dtype)
         self._init_metric_state(layer)
 
     def _ensure_other_state(self, group: Dict[str, Any], param: Tensor) -> None:

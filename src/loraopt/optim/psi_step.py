@@ -17,8 +17,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..functional.metrics import layer_grad_sq_norms, layer_step_scale
-from ..functional.psi import MetricInput, PSIConfig
+from ..functional.metrics import factored_step_scales, grad_row_col_sq, layer_grad_sq_norms, layer_step_scale
+from ..functional.psi import Gradient, MetricInput, PSIConfig
 from ..lora.capture import LayerObservation
 from ..lora.layers import LoRALayer
 from .counters import DeferredHostRead
@@ -41,6 +41,8 @@ _FALLBACK_CHECK_INTERVAL = 64  # steps between the (non-blocking) reads of the s
 
 # normalize="layer": added to the root of the EMA so that a layer whose gradient is exactly zero takes no step.
 NORMALIZE_EPS = 1e-12
+# normalize="factored": damping of the row / column EMAs relative to their mean (see factored_step_scales).
+FACTORED_EPS = 1e-8
 
 
 class _ProjectedSubspaceOptimizer(_PSIOptimizerBase):
@@ -315,6 +317,27 @@ class _ProjectedSubspaceOptimizer(_PSIOptimizerBase):
                                           eps=NORMALIZE_EPS)
         return g_coef * scale.view(-1, 1, 1), (states, new_avg, avg)
 
+    def _factored_normalization(self, group, layers, grad):
+        """``normalize="factored"``: ``G`` scaled on both sides by Adafactor's factored second moment (each entry
+        divided by the root of ``r_i c_j / mean(r)``), and the write-backs of the row and column EMAs.  Under data
+        parallelism the row / column statistics are the ranks' means of their local ones."""
+        col_states = [self.state[layer.A]["grad_col_sq_avg"] for layer in layers]
+        row_states = [self.state[layer.B]["grad_row_sq_avg"] for layer in layers]
+        col_avg, row_avg = torch.stack(col_states), torch.stack(row_states)
+        row_sq, col_sq = grad_row_col_sq(grad.left, grad.right)
+        row_sq, col_sq = row_sq.to(row_avg.dtype), col_sq.to(col_avg.dtype)
+        if self._dist.active:
+            row_sq, col_sq = self._dist.mean(row_sq), self._dist.mean(col_sq)
+        step = float(self.state[layers[0].A]["step"]) + 1.0  # a CPU tensor: no device sync
+        s_out, s_in, new_row, new_col = factored_step_scales(
+            row_avg, col_avg, row_sq, col_sq, beta2=group["normalize_beta2"], step=step, eps=FACTORED_EPS)
+        s_out, s_in = s_out.to(grad.left.dtype), s_in.to(grad.left.dtype)
+        if grad.right is None:
+            scaled = Gradient(grad.left * s_out.unsqueeze(-1) * s_in.unsqueeze(-2), None)
+        else:
+            scaled = Gradient(grad.left * s_out.unsqueeze(-1), grad.right * s_in.to(grad.right.dtype).unsqueeze(-2))
+        return scaled, [(col_states, new_col, col_avg), (row_states, new_row, row_avg)]
+
     def _lora_step_batched(self, group, items, reduced, clip) -> "Commit":
         """Gather the stacked factors, gradient, momentum and metric of one bucket, run the functional step, and
         return what to write back."""
@@ -336,9 +359,12 @@ class _ProjectedSubspaceOptimizer(_PSIOptimizerBase):
                 root = self._root_cache[(roots, device)] = torch.tensor(roots, device=device).view(-1, 1, 1)
         A_params, B_params, A_raw, B_raw = stack_factors(layers)
         grad = stack_gradient(items, reds)
-        normalized = None
+        normalized = []
         if group.get("normalize") == "layer":
-            g_coef, normalized = self._layer_normalization(group, layers, grad, g_coef)
+            g_coef, layer_state = self._layer_normalization(group, layers, grad, g_coef)
+            normalized.append(layer_state)
+        elif group.get("normalize") == "factored":
+            grad, normalized = self._factored_normalization(group, layers, grad)
         momentum_lists = self._momentum_state(layers)
         momentum = None if momentum_lists is None else tuple(torch.stack(ts) for ts in momentum_lists)
         metric = self._metric_input(group, layers, reds)
@@ -375,8 +401,7 @@ class _ProjectedSubspaceOptimizer(_PSIOptimizerBase):
                 ([self.state[layer.A]["metric_in"] for layer in layers], result.metric[0], metric.v_in),
                 ([self.state[layer.B]["metric_out"] for layer in layers], result.metric[1], metric.v_out),
             ]
-        if normalized is not None:
-            targets.append(normalized)
+        targets += normalized
         torch._foreach_add_([self.state[layer.A]["solve_fallbacks"] for layer in layers],
                             list(result.fallbacks.unbind(0)))
         return Commit(targets, result.ok, deferred)
