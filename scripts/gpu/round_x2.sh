@@ -22,7 +22,9 @@
 # ran 2026-12-01): the normalised steps at the lower lrs of notes/psi.md §8, and the graph rows with the scoped
 # cuSOLVER. PLAN=6 (one H200, written after PLAN=5, not run): what notes/psi.md §10 left open (vision seeds of the
 # normalised rows, Scaled PSI-LoRA's vision default and LM sweep, the normalised steps at 1e-5) and the smol cost
-# rows three times over.
+# rows three times over. PLAN=7 (one H200, written after PLAN=6, which did not run): the factored step normalisation
+# (normalize="factored", notes/psi.md §11) at 3e-5 and 1e-4 on every suite, seed 0; Scaled PSI-LoRA's vision default;
+# the timing stage times the normalised steps' cost rows on the smol configuration.
 set -u
 PLAN=${PLAN:-1}
 : "${OUT:?set OUT}" "${STAGE:?set STAGE}"
@@ -60,6 +62,8 @@ lm2)
   setsid nohup bash -c "quality 0 lm defaults-a 2 $D --methods adamw lora-plus riemannian-adamw loko --lrs adamw=3e-3 lora-plus=3e-4 riemannian-adamw=3e-3 loko=1.0 --seeds 1 2" >/dev/null 2>&1 < /dev/null &
   setsid nohup bash -c "quality 1 lm sweep-b 4 $D --methods psi-lora proj-psi-lora scaled-psi-lora --seeds 0" >/dev/null 2>&1 < /dev/null &
   setsid nohup bash -c "quality 1 lm defaults-b 2 $D --methods psi-lora proj-psi-lora scaled-psi-lora --lrs psi-lora=0.03 proj-psi-lora=0.03 scaled-psi-lora=0.3 --seeds 1 2" >/dev/null 2>&1 < /dev/null &
+  elif [ "$PLAN" = 7 ]; then  # one H200: the factored normalisation at the CPU screen's lrs (notes/psi.md §11)
+  setsid nohup bash -c "quality 0 lm fact 5 $D --methods psi-lora-fact proj-psi-lora-fact scaled-psi-lora-fact --lrs psi-lora-fact=3e-5,1e-4 proj-psi-lora-fact=3e-5,1e-4 scaled-psi-lora-fact=3e-4 --seeds 0" >/dev/null 2>&1 < /dev/null &
   elif [ "$PLAN" = 6 ]; then  # one H200: Scaled PSI-LoRA's LM sweep; the normalised steps at the safer 1e-5 (psi.md §10)
   setsid nohup bash -c "quality 0 lm scaled-sweep 2 $D --methods scaled-psi-lora --lrs scaled-psi-lora=0.1,1.0 --seeds 0; quality 0 lm norm-1e-5 3 $D --methods psi-lora-norm proj-psi-lora-norm --lrs psi-lora-norm=1e-5 proj-psi-lora-norm=1e-5 --seeds 0 1 2 --method-seeds psi-lora-norm=1,2 proj-psi-lora-norm=0" >/dev/null 2>&1 < /dev/null &
   elif [ "$PLAN" = 5 ]; then  # one H200: the normalised steps at the lrs SST-2 and the CPU LM check found (notes/psi.md §8)
@@ -89,6 +93,10 @@ vision)
   export -f quality left after; export ROOT
   # PLAN 1 ran nine PSI-family processes next to 20 others and finished none; PLAN 2 runs the same nine runs with
   # the GPUs less shared (PSI-LoRA and Proj. on GPU 0, Scaled on GPU 1; 4-5 processes each).
+  if [ "$PLAN" = 7 ]; then  # the factored normalisation, and Scaled PSI-LoRA's default (4 processes)
+  setsid nohup bash -c "quality 0 vision fact 4 $D --methods psi-lora-fact proj-psi-lora-fact scaled-psi-lora --lrs psi-lora-fact=3e-5 proj-psi-lora-fact=3e-5,1e-4 scaled-psi-lora=0.3 --seeds 0" >/dev/null 2>&1 < /dev/null &
+  sleep 5; left; exit 0
+  fi
   if [ "$PLAN" = 6 ]; then  # seeds 1-2 of the normalised rows at 3e-5, and Scaled PSI-LoRA's default (5 processes)
   setsid nohup bash -c "quality 0 vision norm-seeds 5 $D --methods psi-lora-norm proj-psi-lora-norm scaled-psi-lora --lrs psi-lora-norm=3e-5 proj-psi-lora-norm=3e-5 scaled-psi-lora=0.3 --seeds 0 1 2 --method-seeds psi-lora-norm=1,2 proj-psi-lora-norm=1,2 scaled-psi-lora=0" >/dev/null 2>&1 < /dev/null &
   sleep 5; left; exit 0
@@ -119,6 +127,8 @@ sst2)
   if [ "$PLAN" = 1 ]; then
   setsid nohup bash -c "quality 0 sst2 defaults 4 $D --methods psi-lora-default proj-psi-lora-default riemannian-adamw lora-plus --lrs riemannian-adamw=3e-3 lora-plus=3e-4 --seeds 0 1 2 --method-seeds lora-plus=1,2; quality 0 sst2 riemannian-sweep 4 $D --methods riemannian-adamw --lrs riemannian-adamw=1e-3,1e-2 --seeds 0" >/dev/null 2>&1 < /dev/null &
   setsid nohup bash -c "quality 1 sst2 ablations 4 $D --methods psi-lora-k0 psi-lora-k2 psi-lora-rank2 psi-lora-warmup proj-psi-lora-k2 proj-psi-lora-warmup scaled-psi-lora-k1 scaled-psi-lora-shampoo scaled-psi-lora-p025 scaled-psi-lora-p1 scaled-psi-lora-beta999 scaled-psi-lora-damp1e-3 scaled-psi-lora-nobc scaled-psi-lora-warmup --seeds 0" >/dev/null 2>&1 < /dev/null &
+  elif [ "$PLAN" = 7 ]; then
+  setsid nohup bash -c "after lm fact; quality 0 sst2 fact 5 $D --methods psi-lora-fact proj-psi-lora-fact scaled-psi-lora-fact --lrs psi-lora-fact=3e-5,1e-4 proj-psi-lora-fact=3e-5,1e-4 scaled-psi-lora-fact=3e-4 --seeds 0" >/dev/null 2>&1 < /dev/null &
   elif [ "$PLAN" = 6 ]; then
   setsid nohup bash -c "after lm scaled-sweep; quality 0 sst2 norm-1e-5 2 $D --methods psi-lora-norm proj-psi-lora-norm --lrs psi-lora-norm=1e-5 proj-psi-lora-norm=1e-5 --seeds 0" >/dev/null 2>&1 < /dev/null &
   elif [ "$PLAN" = 5 ]; then
@@ -148,7 +158,13 @@ timing)
   tail -n 3 $ROOT/work/*/*.log; archive
   T=$ROOT/timing; mkdir -p $T
   # PLAN=5 times the tree this call carried, not the snapshot (nothing runs in the background any more).
-  if [ "$PLAN" = 5 ] || [ "$PLAN" = 6 ]; then export PYTHONPATH=$PWD/src:$ROOT/pyext; fi
+  if [ "$PLAN" = 5 ] || [ "$PLAN" = 6 ] || [ "$PLAN" = 7 ]; then export PYTHONPATH=$PWD/src:$ROOT/pyext; fi
+  if [ "$PLAN" = 7 ]; then  # one GPU: what the step normalisations cost against fused AdamW (smol, r 8, 2048 tokens)
+    CUDA_VISIBLE_DEVICES=0 python -m loraopt_bench.cost levers --warmup 2 --steps 8 --budget-s ${COST_BUDGET_S:-90} \
+      --only smol-r8-s2048 --optimizers adamw-fused,psi-k1,psi-k1-layer,psi-k1-factored,proj-psi,proj-psi-factored \
+      --out $T/cost > $T/cost.log 2>&1
+    tail -n 12 $T/cost.log; tar czf "$OUT/timing.tgz" -C $T . ; ls -la "$OUT"; exit 0
+  fi
   if [ "$PLAN" = 1 ]; then  # the balancing rows were named by "gram", then opt-in (now the default)
     COST_OPTS=adamw-fused,psi-k0,psi-k1,proj-psi,scaled-psi,loko-scalar,psi-k0-gram,psi-k1-gram,scaled-psi-gram
   else  # today's names: the default is "gram"; -svd / -polar the other balancings; -graph the captured step

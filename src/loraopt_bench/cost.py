@@ -617,6 +617,11 @@ LEVER_OPTIONAL: List[tuple] = [
     (f"{name}-graph", registry, dict(hp, cuda_graph=True), "grad")
     for name, registry, hp in (("psi-k0", "psi-lora", dict(inner_iters=0)), ("psi-k1", "psi-lora", dict(inner_iters=1)),
                                ("proj-psi", "proj-psi-lora", {}), ("scaled-psi", "scaled-psi-lora", {}))
+] + [
+    # The step normalisations (normalize="layer" / "factored"; "factored" forms each layer's G once per step).
+    (f"{name}-{mode}", registry, dict(hp, normalize=mode, max_grad_norm=0.0, lr=3e-5), "grad")
+    for mode in ("layer", "factored")
+    for name, registry, hp in (("psi-k1", "psi-lora", dict(inner_iters=1)), ("proj-psi", "proj-psi-lora", {}))
 ]
 # --compare-eager: the same optimizers with a lever switched off, measured in the same run.
 #   ":compiled"  compile=True: lever 3 on (the library default is the eager step since the H200 run of
