@@ -41,7 +41,12 @@ CONFIGS = {
     "proj-psi-k1": ("proj-psi-lora", dict(lr=0.1, normalize=None, inner_iters=1, momentum=0.9)),
     "scaled-k0-kfac": ("scaled-psi-lora", dict(lr=0.1, other_lr=1e-2, max_grad_norm=0.0)),
     "scaled-k1-kfac": ("scaled-psi-lora", dict(lr=0.1, other_lr=1e-2, inner_iters=1, max_grad_norm=0.0)),
+    # The factories' defaults (normalize="factored"): its row / column statistics are the ranks' means of their
+    # local ones, equal to one process's when every rank sees the same batch (REPLICATED), as under DDP.
+    "psi-defaults": ("psi-lora", dict(lr=1e-3)),
+    "proj-psi-defaults": ("proj-psi-lora", dict(lr=1e-3)),
 }
+REPLICATED = {"psi-defaults", "proj-psi-defaults"}
 # Not here: internal clipping (max_grad_norm > 0) and the Shampoo metric, whose data-parallel versions use per-rank
 # norms / statistics, as under DDP (specs/psi-lora.md §10.4), so they are not equal to one process by construction.
 # LoKO-scalar updates from one observed loss per step: it has no gradient accumulation to test.
@@ -95,8 +100,9 @@ def _names(model, params):
 
 def _one_step(config, model, opt, t, rank, world, accum):
     x, y = make_batch("mlp", n=BATCH, seed=100 + t)
-    per_rank = BATCH // world
-    x, y = x[rank * per_rank : (rank + 1) * per_rank], y[rank * per_rank : (rank + 1) * per_rank]
+    per_rank = BATCH if config in REPLICATED else BATCH // world
+    if config not in REPLICATED:
+        x, y = x[rank * per_rank : (rank + 1) * per_rank], y[rank * per_rank : (rank + 1) * per_rank]
     device = next(model.parameters()).device
     x, y = x.to(device), y.to(device)
     opt.zero_grad()

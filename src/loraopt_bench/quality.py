@@ -198,10 +198,12 @@ LM_METHODS: Tuple[MethodSpec, ...] = tuple(
        MethodSpec("loko-scalar", "loko", "LoKO-scalar (library defaults)", (0.1, 0.3, 1.0, 3.0),
                   {"observation": "loss"})]
     + list(NORMALIZED) + list(FACTORED))
-# Which method key holds each optimizer's library defaults, and the default lr there.
-DEFAULT_METHOD_KEYS = {"adamw": "adamw", "lora-plus": "lora-plus", "psi-lora": "psi-lora",
-                       "proj-psi-lora": "proj-psi-lora", "scaled-psi-lora": "scaled-psi-lora", "loko": "loko"}
-LIBRARY_DEFAULT_LRS = {"adamw": 3e-3, "lora-plus": 3e-4, "psi-lora": 3e-2, "proj-psi-lora": 3e-2,
+# Which method key holds each optimizer's library defaults, and the default lr there (keyed by method key). Since
+# the factored normalisation became PSI-LoRA's and Proj. PSI-LoRA's default (notes/psi.md §11), their defaults are
+# the *-fact keys; the keys psi-lora / proj-psi-lora keep the plain step their committed runs used.
+DEFAULT_METHOD_KEYS = {"adamw": "adamw", "lora-plus": "lora-plus", "psi-lora": "psi-lora-fact",
+                       "proj-psi-lora": "proj-psi-lora-fact", "scaled-psi-lora": "scaled-psi-lora", "loko": "loko"}
+LIBRARY_DEFAULT_LRS = {"adamw": 3e-3, "lora-plus": 3e-4, "psi-lora-fact": 3e-5, "proj-psi-lora-fact": 3e-5,
                        "scaled-psi-lora": 0.3, "loko": 1.0}
 
 

@@ -84,28 +84,22 @@ _ARGS_DOC = r"""
             the step does not see) from batched products alone, with no host synchronisation, for CUDA-graph
             capture (``balance_polar``; about 150 more small kernels per step than ``"gram"`` when not captured);
             ``"norm"`` only equalises the factor norms; ``"none"`` is the reference code.
-        normalize: ``None`` (default), ``"layer"`` or ``"factored"``.  ``"layer"``: divide each layer's captured
-            gradient ``G`` by the root of a bias-corrected EMA (rate ``normalize_beta2``) of its mean squared entry, Adam's second moment with one
-            number per layer.  Each layer's step then has entries of RMS about ``lr`` whatever the scale of its
-            gradient (the step ignores the loss's scale), so ``lr`` is ~1000x smaller than without (3e-5 was best
-            for PSI-LoRA on SST-2).  Pass ``max_grad_norm=0`` with it (clipping would bring the scale back).  Needs
-            the rows (no streaming capture); under data parallelism the squared norm is the ranks' mean of their
-            local ones.  Off by default.  On the one-epoch H200 suites (``benchmarks/notes/psi.md`` §10) at lr 3e-5
-            it beat the plain step at its default for PSI-LoRA / Proj. PSI-LoRA on SST-2 (86.1 / 86.2 % against
-            85.6 / 85.9 %, 3 seeds; AdamW 86.6), the LM (validation loss 3.311 / 3.321 against 3.363 / 3.367;
-            AdamW 3.271) and vision (90.4 / 90.7 % against 90.0 / 90.5 %, 1 seed; AdamW 92.0), but in the 100-step
-            EfficientNet demo (batch 16) 3e-5 was too large: 79 / 31 % against 86 / 84 % (1e-5: 83 / 81 %).  Its lr
-            window is narrow and task-dependent: at 1e-4 and above PSI-LoRA and Scaled PSI-LoRA blew up on the LM
-            (validation loss 4.5-6.8, finite).
-            ``PSI_NORMALIZED_SETTINGS`` holds lr 3e-5, ``max_grad_norm=0`` and ``normalize="layer"``.
-            ``"factored"``: divide each entry ``G_ij`` by the root of ``r_i c_j / mean(r)``, where ``r`` and ``c``
-            are bias-corrected EMAs (rate ``normalize_beta2``) of the mean squared entry of each row and column of
-            ``G``: Adafactor's factored second moment, so the step's entries have RMS about ``lr`` each, as in Adam
-            (``d_out + d_in`` numbers of state per layer; the rows' ``G`` is formed once per step to get them).
-            Same lr range as ``"layer"`` (heavy-ball momentum 0.9 sums ~10 steps, so 3e-5 here is about Adam's
-            3e-4), without clipping; it also needs the rows.  In the 100-step EfficientNet demo at batch 16 it
-            reached 84-85 % at 1e-5 and 3e-5 where ``"layer"`` reached 32-79 % (CPU, ``benchmarks/notes/psi.md``
-            §11).
+        normalize: ``None`` (the class's default: the paper's step), ``"factored"`` (the factories' default) or
+            ``"layer"``: divide the captured full-weight gradient ``G`` by a running estimate of the root of its
+            second moment, so that the step's entries have RMS about ``lr`` whatever the gradient's (and the
+            loss's) scale, as in Adam; ``lr`` is then ~1000x smaller than without, and ``max_grad_norm=0`` goes with
+            it (clipping would bring the scale back).  ``"factored"`` divides each entry ``G_ij`` by the root of
+            ``r_i c_j / mean(r)``, where ``r`` and ``c`` are bias-corrected EMAs (rate ``normalize_beta2``) of the
+            mean squared entry of each row and column of ``G`` (Adafactor's factored second moment: ``d_out + d_in``
+            numbers of state per layer; ``G`` is formed once per step from the rows to get them).  ``"layer"``
+            keeps one such number per layer.  Both need the rows (no streaming capture); under data parallelism
+            their statistics are the ranks' means of their local ones (a second moment at the per-rank batch).
+            Measured (one-epoch H200 suites, ``benchmarks/notes/psi.md`` §10-11; AdamW 86.6 % / 3.271 / 92.1 %):
+            Proj. PSI-LoRA factored at 3e-5 reached SST-2 86.4 ± 0.3 %, LM validation loss 3.290 ± 0.002, vision
+            91.1 % (1e-4: 91.7 ± 0.2 %); layer-normalised at 3e-5 86.2 ± 0.8 %, 3.321 ± 0.024, 90.7 %; the plain
+            step at lr 0.03 85.9 ± 0.4 %, 3.367, 90.5 ± 0.2 %.  In the 100-step EfficientNet demo at batch 16 (CPU)
+            factored 3e-5 reached 82-85 %, layer 31-79 %, plain 84-86 %.  Too large an lr blows up while staying
+            finite: factored 3e-4 reached an LM validation loss of 6.6 (PSI-LoRA).
         normalize_beta2: EMA rate of ``normalize="layer"`` and ``"factored"``.
         reference_compat: reproduce the reference code where it differs from the paper, which is only at K = 0
             (its unscaled LoRSum is a no-op there: plain PSI-LoRA does not move and no momentum updates).  For
@@ -146,8 +140,9 @@ class PSILoRA(_ProjectedSubspaceOptimizer):
     Per LoRA layer: ``Delta W <- LoRSum_r(Delta W - lr ((1 - dampening) c G + momentum * M))`` and
     ``M <- LoRSum_{r_m}(momentum * M + (1 - dampening) c G)``.  Other trainable parameters: SGD with momentum or
     AdamW (``other_optimizer``).  Build it with ``loraopt.create_optimizer("psi-lora", model)``: the factory's
-    defaults are the recommended settings (lr 0.03, K = 1, momentum 0.9, clipping 1.0, an AdamW head at 3e-3); this
-    class's own defaults are the paper's (no momentum, no clipping, SGD for the other parameters).
+    defaults are the recommended settings (``normalize="factored"`` at lr 3e-5, no clipping, K = 1, momentum 0.9,
+    an AdamW head at 3e-3); this class's own defaults are the paper's (the plain step, no momentum, no clipping,
+    SGD for the other parameters).
 """
         + _ARGS_DOC
         + """        momentum, dampening: heavy-ball coefficients (torch.optim.SGD convention).
@@ -392,18 +387,23 @@ def _groups(
     return groups
 
 
-# The recommended settings (the factories' defaults), from the one-epoch SST-2 / MiniLM sweep of benchmarks/README.md
-# (H200, 3 seeds; lr 0.03 is PSI-LoRA's and Proj. PSI-LoRA's best there) and short CPU checks (benchmarks/notes/psi.md):
-# the head at AdamW's usual 3e-3 learns much faster than at 1e-3, and lr 0.1, better for 60-step text runs, was
-# unstable on EfficientNet (100 steps: 62-66 % against 83-87 % at lr 0.03).
-PSI_DEFAULTS = dict(lr=3e-2, inner_iters=1, lmbd=1e-2, momentum=0.9, max_grad_norm=1.0, normalize=None,
+# The recommended settings (the factories' defaults): the factored step normalisation (Adafactor's second moment of
+# the full-weight gradient, no clipping) at lr 3e-5, from the one-epoch H200 suites (benchmarks/notes/psi.md §11):
+# against the plain step at its best default (lr 0.03, clipping at 1) it gained on all three (Proj. PSI-LoRA: SST-2
+# 86.4 +- 0.3 % against 85.9 +- 0.4, LM validation loss 3.290 +- 0.002 against 3.367, vision 91.1 % (1 seed) against
+# 90.5 +- 0.2; PSI-LoRA: 86.0 / 3.303 / 90.5 against 85.6 / 3.363 / 90.0, 1 seed each) and in 60 steps of SST-2
+# (77 % against 54 %, CPU), and lost 0.4 points in `loraopt demo` (100 steps of batch 16, EfficientNet: 85.8 / 83.6 %
+# against 86.2 / 84.0 %, CPU). The AdamW head at 3e-3 learns much faster than at 1e-3.
+PSI_DEFAULTS = dict(lr=3e-5, inner_iters=1, lmbd=1e-2, momentum=0.9, max_grad_norm=0.0, normalize="factored",
                     other_optimizer="adam")
-# The per-layer normalised step at its best lr (benchmarks/notes/psi.md §10): better than the defaults above on the
-# three one-epoch H200 suites (SST-2 86.1 / 86.2 % against 85.6 / 85.9 %, LM validation loss 3.311 / 3.321 against
-# 3.363 / 3.367, vision 90.4 / 90.7 % against 90.0 / 90.5 %) and in 60 steps of SST-2 (71 / 70 % against 54 %), but
-# too large for the 100-step EfficientNet demo at batch 16 (79 / 31 % against 86 / 84 %; 1e-5 gives 83 / 81 %), so
-# not the default yet: its safe lr window is narrow and moves with the task. Opt in with
-# create_optimizer("psi-lora", model, **PSI_NORMALIZED_SETTINGS).
+# The plain step of the paper (SGD on the full weight, clipped), the defaults before the factored normalisation:
+# create_optimizer("psi-lora", model, **PSI_PLAIN_SETTINGS). lr 0.03 was its best on SST-2 (3 seeds); 0.1, better for
+# 60-step text runs, was unstable on EfficientNet (100 steps: 62-66 % against 83-87 % at 0.03).
+PSI_PLAIN_SETTINGS = dict(lr=3e-2, max_grad_norm=1.0, normalize=None)
+# The per-layer normalised step at its best lr (benchmarks/notes/psi.md §10), superseded by the factored default:
+# one second-moment number per layer instead of one per row and column; better than the plain step on the three
+# one-epoch suites, behind the factored one on each (SST-2 86.1 / 86.2 %, LM 3.311 / 3.321, vision 90.4 / 90.7 %),
+# and too large a step for the 100-step, batch-16 EfficientNet demo (79 / 31 %).
 PSI_NORMALIZED_SETTINGS = dict(lr=3e-5, max_grad_norm=0.0, normalize="layer")
 OTHER_ADAM_LR = 3e-3
 SCALED_DEFAULTS = dict(lr=0.3, metric_scale="relative", bias_correction=True, damping=1e-2, momentum_prox=1e-2,
@@ -449,12 +449,12 @@ create_psi_lora_optimizer = _heavy_ball_factory(
 
     Two parameter groups: ``lora`` (paired factors) and ``other`` (every other trainable parameter).  The other
     parameters take AdamW at ``other_lr`` (default 3e-3) or, with ``other_optimizer="sgd"`` (the reference), SGD
-    with momentum at ``other_lr`` / ``other_momentum`` (default: ``lr`` / ``momentum``).  Defaults: lr 0.03,
-    K = 1, heavy-ball momentum 0.9 (kept in balanced SVD form), clipping at 1.0.  ``**PSI_NORMALIZED_SETTINGS``
-    (``normalize="layer"``, no clipping, lr 3e-5) is the per-layer normalised step, better over one epoch on the
-    three H200 suites, too large a step on the short, small-batch EfficientNet demo (``benchmarks/notes/psi.md``
-    §10).  Remaining keyword
-    arguments are :class:`PSILoRA` arguments.
+    with momentum at ``other_lr`` / ``other_momentum`` (default: ``lr`` / ``momentum``).  Defaults: the factored
+    step normalisation (``normalize="factored"``: each entry of the full-weight gradient divided by the root of
+    Adafactor's rank-one estimate of its second moment) at lr 3e-5, no clipping, K = 1, heavy-ball momentum 0.9
+    (kept in balanced SVD form), the other parameters' AdamW at 3e-3 (``benchmarks/notes/psi.md`` §11).
+    ``**PSI_PLAIN_SETTINGS`` (lr 0.03, clipping at 1.0, ``normalize=None``) is the paper's plain step, the earlier
+    defaults.  Remaining keyword arguments are :class:`PSILoRA` arguments.
     """,
 )
 
