@@ -40,9 +40,11 @@ LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_
 OPTIMIZERS: List[tuple] = [
     ("adamw-fused", "adamw", dict(lr=1e-4, fused=True), "grad"),
     ("lora-plus", "lora-plus", dict(lr=1e-4), "grad"),
-    ("psi-k0", "psi-lora", dict(lr=1e-2, inner_iters=0), "grad"),
-    ("psi-k1", "psi-lora", dict(lr=1e-2, inner_iters=1), "grad"),
-    ("proj-psi-k0", "proj-psi-lora", dict(lr=1e-2, inner_iters=0), "grad"),
+    # The plain step (clipped), the factories' default when results/fsdp was measured; the default is now
+    # normalize="factored", which also keeps rows at K = 0 (no streaming capture).
+    ("psi-k0", "psi-lora", dict(lr=1e-2, inner_iters=0, normalize=None, max_grad_norm=1.0), "grad"),
+    ("psi-k1", "psi-lora", dict(lr=1e-2, inner_iters=1, normalize=None, max_grad_norm=1.0), "grad"),
+    ("proj-psi-k0", "proj-psi-lora", dict(lr=1e-2, inner_iters=0, normalize=None, max_grad_norm=1.0), "grad"),
     ("scaled-psi", "scaled-psi-lora", dict(lr=0.2), "grad"),
     ("loko-scalar", "loko", dict(num_outputs=None, observation="loss", lr=1e-3), "loss"),
     ("svdlora", "svdlora", dict(lr=1e-2), "grad"),  # dense d_out x d_in step + SVD per layer: a reference only
