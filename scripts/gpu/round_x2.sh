@@ -24,7 +24,9 @@
 # normalised rows, Scaled PSI-LoRA's vision default and LM sweep, the normalised steps at 1e-5) and the smol cost
 # rows three times over. PLAN=7 (one H200, written after PLAN=6, which did not run): the factored step normalisation
 # (normalize="factored", notes/psi.md §11) at 3e-5 and 1e-4 on every suite, seed 0; Scaled PSI-LoRA's vision default;
-# the timing stage times the normalised steps' cost rows on the smol configuration.
+# the timing stage times the normalised steps' cost rows on the smol configuration. PLAN=8 (one H200, written
+# after PLAN=7 ran, not run): seeds 1-2 of the new defaults (factored, lr 3e-5) where they have one seed, the factored
+# steps at 1e-5, Scaled PSI-LoRA's LM sweep and factored lrs, and the smol cost rows of the defaults three times.
 set -u
 PLAN=${PLAN:-1}
 : "${OUT:?set OUT}" "${STAGE:?set STAGE}"
@@ -62,6 +64,8 @@ lm2)
   setsid nohup bash -c "quality 0 lm defaults-a 2 $D --methods adamw lora-plus riemannian-adamw loko --lrs adamw=3e-3 lora-plus=3e-4 riemannian-adamw=3e-3 loko=1.0 --seeds 1 2" >/dev/null 2>&1 < /dev/null &
   setsid nohup bash -c "quality 1 lm sweep-b 4 $D --methods psi-lora proj-psi-lora scaled-psi-lora --seeds 0" >/dev/null 2>&1 < /dev/null &
   setsid nohup bash -c "quality 1 lm defaults-b 2 $D --methods psi-lora proj-psi-lora scaled-psi-lora --lrs psi-lora=0.03 proj-psi-lora=0.03 scaled-psi-lora=0.3 --seeds 1 2" >/dev/null 2>&1 < /dev/null &
+  elif [ "$PLAN" = 8 ]; then  # one H200: the defaults' missing seeds, then Scaled PSI-LoRA (notes/psi.md §11 "Not done")
+  setsid nohup bash -c "quality 0 lm fact-default-seeds 5 $D --methods psi-lora-fact proj-psi-lora-fact scaled-psi-lora --lrs psi-lora-fact=3e-5 proj-psi-lora-fact=1e-5 scaled-psi-lora=0.1,1.0 --seeds 0 1 2 --method-seeds psi-lora-fact=1,2 proj-psi-lora-fact=0 scaled-psi-lora=0" >/dev/null 2>&1 < /dev/null &
   elif [ "$PLAN" = 7 ]; then  # one H200: the factored normalisation at the CPU screen's lrs (notes/psi.md §11)
   setsid nohup bash -c "quality 0 lm fact 5 $D --methods psi-lora-fact proj-psi-lora-fact scaled-psi-lora-fact --lrs psi-lora-fact=3e-5,1e-4 proj-psi-lora-fact=3e-5,1e-4 scaled-psi-lora-fact=3e-4 --seeds 0" >/dev/null 2>&1 < /dev/null &
   elif [ "$PLAN" = 6 ]; then  # one H200: Scaled PSI-LoRA's LM sweep; the normalised steps at the safer 1e-5 (psi.md §10)
@@ -93,6 +97,10 @@ vision)
   export -f quality left after; export ROOT
   # PLAN 1 ran nine PSI-family processes next to 20 others and finished none; PLAN 2 runs the same nine runs with
   # the GPUs less shared (PSI-LoRA and Proj. on GPU 0, Scaled on GPU 1; 4-5 processes each).
+  if [ "$PLAN" = 8 ]; then  # seeds 1-2 of the new defaults (factored, 3e-5) for both optimizers (4 processes)
+  setsid nohup bash -c "quality 0 vision fact-default-seeds 4 $D --methods psi-lora-fact proj-psi-lora-fact --lrs psi-lora-fact=3e-5 proj-psi-lora-fact=3e-5 --seeds 1 2" >/dev/null 2>&1 < /dev/null &
+  sleep 5; left; exit 0
+  fi
   if [ "$PLAN" = 7 ]; then  # the factored normalisation, and Scaled PSI-LoRA's default (4 processes)
   setsid nohup bash -c "quality 0 vision fact 4 $D --methods psi-lora-fact proj-psi-lora-fact scaled-psi-lora --lrs psi-lora-fact=3e-5 proj-psi-lora-fact=3e-5,1e-4 scaled-psi-lora=0.3 --seeds 0" >/dev/null 2>&1 < /dev/null &
   sleep 5; left; exit 0
@@ -127,6 +135,10 @@ sst2)
   if [ "$PLAN" = 1 ]; then
   setsid nohup bash -c "quality 0 sst2 defaults 4 $D --methods psi-lora-default proj-psi-lora-default riemannian-adamw lora-plus --lrs riemannian-adamw=3e-3 lora-plus=3e-4 --seeds 0 1 2 --method-seeds lora-plus=1,2; quality 0 sst2 riemannian-sweep 4 $D --methods riemannian-adamw --lrs riemannian-adamw=1e-3,1e-2 --seeds 0" >/dev/null 2>&1 < /dev/null &
   setsid nohup bash -c "quality 1 sst2 ablations 4 $D --methods psi-lora-k0 psi-lora-k2 psi-lora-rank2 psi-lora-warmup proj-psi-lora-k2 proj-psi-lora-warmup scaled-psi-lora-k1 scaled-psi-lora-shampoo scaled-psi-lora-p025 scaled-psi-lora-p1 scaled-psi-lora-beta999 scaled-psi-lora-damp1e-3 scaled-psi-lora-nobc scaled-psi-lora-warmup --seeds 0" >/dev/null 2>&1 < /dev/null &
+  elif [ "$PLAN" = 8 ]; then
+  # (--method-seeds applies to every lr of a method: two commands, so that no finished run is repeated)
+  setsid nohup bash -c "after lm fact-default-seeds; quality 0 sst2 fact-default-seeds 2 $D --methods psi-lora-fact --lrs psi-lora-fact=3e-5 --seeds 1 2" >/dev/null 2>&1 < /dev/null &
+  setsid nohup bash -c "after lm fact-default-seeds; quality 0 sst2 fact-more 3 $D --methods psi-lora-fact proj-psi-lora-fact scaled-psi-lora-fact --lrs psi-lora-fact=1e-5 proj-psi-lora-fact=1e-5 scaled-psi-lora-fact=1e-3 --seeds 0" >/dev/null 2>&1 < /dev/null &
   elif [ "$PLAN" = 7 ]; then
   setsid nohup bash -c "after lm fact; quality 0 sst2 fact 5 $D --methods psi-lora-fact proj-psi-lora-fact scaled-psi-lora-fact --lrs psi-lora-fact=3e-5,1e-4 proj-psi-lora-fact=3e-5,1e-4 scaled-psi-lora-fact=3e-4 --seeds 0" >/dev/null 2>&1 < /dev/null &
   elif [ "$PLAN" = 6 ]; then
@@ -158,7 +170,14 @@ timing)
   tail -n 3 $ROOT/work/*/*.log; archive
   T=$ROOT/timing; mkdir -p $T
   # PLAN=5 times the tree this call carried, not the snapshot (nothing runs in the background any more).
-  if [ "$PLAN" = 5 ] || [ "$PLAN" = 6 ] || [ "$PLAN" = 7 ]; then export PYTHONPATH=$PWD/src:$ROOT/pyext; fi
+  if [ "$PLAN" = 5 ] || [ "$PLAN" = 6 ] || [ "$PLAN" = 7 ] || [ "$PLAN" = 8 ]; then export PYTHONPATH=$PWD/src:$ROOT/pyext; fi
+  if [ "$PLAN" = 8 ]; then  # one GPU: the defaults' smol rows three times over (their run-to-run spread)
+    for i in 1 2 3; do
+      CUDA_VISIBLE_DEVICES=0 python -m loraopt_bench.cost levers --warmup 2 --steps 8 --budget-s 60 --only smol-r8-s2048 \
+        --optimizers adamw-fused,psi-k1,psi-k1-graph,proj-psi,scaled-psi --out $T/cost-$i > $T/cost-$i.log 2>&1
+    done
+    tail -n 8 $T/cost-*.log; tar czf "$OUT/timing.tgz" -C $T . ; ls -la "$OUT"; exit 0
+  fi
   if [ "$PLAN" = 7 ]; then  # one GPU: what the step normalisations cost against fused AdamW (smol, r 8, 2048 tokens)
     CUDA_VISIBLE_DEVICES=0 python -m loraopt_bench.cost levers --warmup 2 --steps 8 --budget-s ${COST_BUDGET_S:-90} \
       --only smol-r8-s2048 --optimizers adamw-fused,psi-k1,psi-k1-layer,psi-k1-factored,proj-psi,proj-psi-factored \
