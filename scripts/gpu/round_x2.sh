@@ -97,8 +97,10 @@ vision)
   export -f quality left after; export ROOT
   # PLAN 1 ran nine PSI-family processes next to 20 others and finished none; PLAN 2 runs the same nine runs with
   # the GPUs less shared (PSI-LoRA and Proj. on GPU 0, Scaled on GPU 1; 4-5 processes each).
-  if [ "$PLAN" = 8 ]; then  # seeds 1-2 of the new defaults (factored, 3e-5) for both optimizers (4 processes)
+  if [ "$PLAN" = 8 ]; then  # seeds 1-2 of the new defaults (factored, 3e-5) for both optimizers, and Scaled PSI-LoRA
+  # factored at the lr it had on the LM and SST-2 (5 processes)
   setsid nohup bash -c "quality 0 vision fact-default-seeds 4 $D --methods psi-lora-fact proj-psi-lora-fact --lrs psi-lora-fact=3e-5 proj-psi-lora-fact=3e-5 --seeds 1 2" >/dev/null 2>&1 < /dev/null &
+  setsid nohup bash -c "quality 0 vision scaled-fact 1 $D --methods scaled-psi-lora-fact --lrs scaled-psi-lora-fact=3e-4 --seeds 0" >/dev/null 2>&1 < /dev/null &
   sleep 5; left; exit 0
   fi
   if [ "$PLAN" = 7 ]; then  # the factored normalisation, and Scaled PSI-LoRA's default (4 processes)
