@@ -40,6 +40,21 @@ def test_layer_step_scale_is_the_bias_corrected_rms_of_the_gradient_entries():
     assert torch.isfinite(scale).all() and (scale * 0 == 0).all()
 
 
+def _step_returning_full_weight_gradient(model, opt, g):
+    """One optimizer step of the one-layer toy on a fresh random batch; returns dL/dW0, the full-weight gradient
+    ``G`` the PSI step uses (the frozen base weight's gradient, taken for the test)."""
+    base = model.base_model.model[0].base_layer.weight
+    x, y = torch.randn(8, 6, generator=g, dtype=F64), torch.randn(8, 5, generator=g, dtype=F64)
+    base.requires_grad_(True)
+    opt.zero_grad()
+    base.grad = None
+    nn.functional.mse_loss(model(x), y).backward()
+    G = base.grad.detach().clone()
+    base.requires_grad_(False)
+    opt.step()
+    return G
+
+
 def test_two_normalized_steps_equal_the_functional_step_with_a_hand_computed_layer_scale():
     """The optimizer divides G by its running RMS entry (bias-corrected EMA from zero) and nothing else changes."""
     lr, lmbd, beta2 = 0.05, 0.1, 0.9
@@ -48,18 +63,10 @@ def test_two_normalized_steps_equal_the_functional_step_with_a_hand_computed_lay
                                    inner_iters=1, normalize="layer", normalize_beta2=beta2)
     (A,) = [p for n, p in model.named_parameters() if "lora_A" in n]
     (B,) = [p for n, p in model.named_parameters() if "lora_B" in n]
-    base = model.base_model.model[0].base_layer.weight
     A_ref, B_ref, avg = A.detach().clone(), B.detach().clone(), torch.zeros(1, dtype=F64)
     g = torch.Generator().manual_seed(3)
     for t in (1, 2):
-        x, y = torch.randn(8, 6, generator=g, dtype=F64), torch.randn(8, 5, generator=g, dtype=F64)
-        base.requires_grad_(True)  # dL/dW0 is the full-weight gradient G the PSI step uses
-        opt.zero_grad()
-        base.grad = None
-        nn.functional.mse_loss(model(x), y).backward()
-        G = base.grad.detach().clone()
-        base.requires_grad_(False)
-        opt.step()
+        G = _step_returning_full_weight_gradient(model, opt, g)
         scale, avg = layer_step_scale(avg, G.square().sum().view(1), numel=G.numel(), beta2=beta2, step=t,
                                       eps=NORMALIZE_EPS)
         ref = psi_step(A_ref[None], B_ref[None], Gradient(G[None], None), lr=lr, grad_coef=scale.view(-1, 1, 1),
@@ -119,13 +126,14 @@ def test_streaming_capture_and_unknown_modes_are_refused_with_what_to_do():
     assert any(not torch.equal(before[n], p) for n, p in params_snapshot(model).items() if "lora_A" in n)
 
 
+@pytest.mark.parametrize("mode", ["layer", "factored"])
 @pytest.mark.parametrize("name", ["psi-lora", "proj-psi-lora", "scaled-psi-lora"])
-def test_the_batched_step_equals_the_per_layer_reference_with_normalisation(name):
+def test_the_batched_step_equals_the_per_layer_reference_with_normalisation(name, mode):
     runs = []
     for foreach in (True, False):
         torch.manual_seed(0)
         model = make_model("mlp").to(F64)
-        opt = loraopt.create_optimizer(name, model, lr=1e-3, inner_iters=1, normalize="layer", max_grad_norm=0.0,
+        opt = loraopt.create_optimizer(name, model, lr=1e-3, inner_iters=1, normalize=mode, max_grad_norm=0.0,
                                        foreach=foreach)
         for t in range(3):
             x, y = make_batch("mlp", seed=t)
@@ -213,21 +221,13 @@ def test_two_factored_steps_equal_the_functional_step_on_the_hand_scaled_gradien
                                    normalize="factored", normalize_beta2=beta2)
     (A,) = [p for n, p in model.named_parameters() if "lora_A" in n]
     (B,) = [p for n, p in model.named_parameters() if "lora_B" in n]
-    base = model.base_model.model[0].base_layer.weight
     A_ref, B_ref = A.detach().clone(), B.detach().clone()
     row_avg, col_avg = torch.zeros(1, 5, dtype=F64), torch.zeros(1, 6, dtype=F64)
     variant = "psi" if name == "psi-lora" else "proj"
     momentum = None if mu == 0 else tuple(torch.zeros_like(t)[None] for t in (A_ref, B_ref, A_ref, B_ref))
     g = torch.Generator().manual_seed(4)
     for t in (1, 2):
-        x, y = torch.randn(8, 6, generator=g, dtype=F64), torch.randn(8, 5, generator=g, dtype=F64)
-        base.requires_grad_(True)  # dL/dW0 is the full-weight gradient G the PSI step uses
-        opt.zero_grad()
-        base.grad = None
-        nn.functional.mse_loss(model(x), y).backward()
-        G = base.grad.detach().clone()
-        base.requires_grad_(False)
-        opt.step()
+        G = _step_returning_full_weight_gradient(model, opt, g)
         rows, cols = grad_row_col_sq(G[None], None)
         s_out, s_in, row_avg, col_avg = factored_step_scales(row_avg, col_avg, rows, cols, beta2=beta2, step=t,
                                                              eps=FACTORED_EPS)
@@ -249,21 +249,3 @@ def test_the_factored_step_does_not_depend_on_the_loss_scale(name):
     one, big = _train(name, 1.0, normalize="factored", **kw), _train(name, 1000.0, normalize="factored", **kw)
     for n in one:
         torch.testing.assert_close(big[n], one[n], rtol=1e-4, atol=1e-6)
-
-
-@pytest.mark.parametrize("name", ["psi-lora", "proj-psi-lora", "scaled-psi-lora"])
-def test_the_batched_step_equals_the_per_layer_reference_with_factored_normalisation(name):
-    runs = []
-    for foreach in (True, False):
-        torch.manual_seed(0)
-        model = make_model("mlp").to(F64)
-        opt = loraopt.create_optimizer(name, model, lr=1e-3, inner_iters=1, normalize="factored", max_grad_norm=0.0,
-                                       foreach=foreach)
-        for t in range(3):
-            x, y = make_batch("mlp", seed=t)
-            opt.zero_grad()
-            loss_fn(model, x.to(F64), y).backward()
-            opt.step()
-        runs.append(params_snapshot(model))
-    for n in runs[0]:
-        torch.testing.assert_close(runs[1][n], runs[0][n], rtol=1e-10, atol=1e-12)
