@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import loraopt
+from loraopt.functional import metrics
 from loraopt.functional.metrics import factored_step_scales, grad_row_col_sq, layer_grad_sq_norms, layer_step_scale
 from loraopt.functional.psi import Gradient, PSIConfig, psi_step
 from loraopt.optim.psi_step import FACTORED_EPS, NORMALIZE_EPS
@@ -168,8 +169,11 @@ def test_normalized_settings_are_the_measured_quality_method_and_build():
 # ---------------------------------------------------------------------------------------------- normalize="factored"
 
 
+@pytest.mark.parametrize("block", [None, 20])  # None: G in one block; 20 elements: two rows per block here
 @pytest.mark.parametrize("n", [3, 40])
-def test_grad_row_col_sq_are_the_mean_squares_of_the_dense_gradients_rows_and_columns(n):
+def test_grad_row_col_sq_are_the_mean_squares_of_the_dense_gradients_rows_and_columns(n, block, monkeypatch):
+    if block is not None:
+        monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", block)
     g = torch.Generator().manual_seed(1)
     S, X = torch.randn(2, n, 7, generator=g, dtype=F64), torch.randn(2, n, 5, generator=g, dtype=F64)
     G = S.mT @ X

@@ -30,6 +30,8 @@ __all__ = ["metric_ema", "debias", "metric_preconditioner", "metric_step", "stac
            "layer_step_scale", "grad_row_col_sq", "factored_step_scales"]
 
 Scalar = Union[float, Tensor]
+# grad_row_col_sq forms G = S^T X in blocks of rows of about this many elements (all layers of the batch together).
+_BLOCK_ELEMENTS = 1 << 24
 
 
 def metric_ema(v: Tensor, stat: Tensor, beta2: float) -> Tensor:
@@ -131,11 +133,21 @@ def stack_or_scalar(values, device) -> Union[float, Tensor]:
 def grad_row_col_sq(left: Tensor, right: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """The mean squared entry of each row and each column of ``G``: ``((L, d_out), (L, d_in))``.
 
-    ``left = S^T: (L, d_out, N)``, ``right = X: (L, N, d_in)`` (rows: ``G = S^T X`` is formed, which costs what one
-    of the step's own products costs), or ``left = G`` and ``right = None`` (dense)."""
-    G = left if right is None else left @ right
-    sq = G.square()
-    return sq.mean(dim=-1), sq.mean(dim=-2)
+    ``left = S^T: (L, d_out, N)``, ``right = X: (L, N, d_in)`` (rows: ``G = S^T X`` is formed in blocks of rows,
+    ``N d_in d_out`` flops, what one of the step's own products costs, with ``O(2^24)`` elements of memory), or
+    ``left = G`` and ``right = None`` (dense)."""
+    if right is None:
+        sq = left.square()
+        return sq.mean(dim=-1), sq.mean(dim=-2)
+    d_out, d_in = left.shape[-2], right.shape[-1]
+    batch = max(1, left[..., :1, :1].numel())
+    block = max(1, _BLOCK_ELEMENTS // max(d_in * batch, 1))
+    rows, col_sum = [], None
+    for start in range(0, d_out, block):
+        sq = (left[..., start : start + block, :] @ right).square()
+        rows.append(sq.mean(dim=-1))
+        col_sum = sq.sum(dim=-2) if col_sum is None else col_sum + sq.sum(dim=-2)
+    return torch.cat(rows, dim=-1), col_sum / d_out
 
 
 def factored_step_scales(
