@@ -253,3 +253,19 @@ def test_the_factored_step_does_not_depend_on_the_loss_scale(name):
     one, big = _train(name, 1.0, normalize="factored", **kw), _train(name, 1000.0, normalize="factored", **kw)
     for n in one:
         torch.testing.assert_close(big[n], one[n], rtol=1e-4, atol=1e-6)
+
+
+def test_the_defaults_are_the_factored_step_and_the_plain_settings_restore_the_papers_step():
+    """The factories default to normalize="factored" at 3e-5 without clipping (the suites' *-fact keys measured
+    that); PSI_PLAIN_SETTINGS is the plain step the quality keys psi-lora / proj-psi-lora pin (at its lr)."""
+    from loraopt.optim.psi import PSI_PLAIN_SETTINGS
+    from loraopt_bench.quality import LIBRARY_DEFAULT_METHODS, METHODS
+
+    for name in ("psi-lora", "proj-psi-lora"):
+        group = loraopt.create_optimizer(name, make_model("mlp")).param_groups[0]
+        assert (group["normalize"], group["lr"], group["max_grad_norm"]) == ("factored", 3e-5, 0.0)
+        assert {k: group[k] for k in METHODS[f"{name}-fact"].hp} == dict(METHODS[f"{name}-fact"].hp)
+        plain = loraopt.create_optimizer(name, make_model("mlp"), **PSI_PLAIN_SETTINGS).param_groups[0]
+        pinned = {m.key: m for m in LIBRARY_DEFAULT_METHODS}[name]
+        assert {k: plain[k] for k in pinned.hp} == dict(pinned.hp)
+        assert plain["lr"] == PSI_PLAIN_SETTINGS["lr"] and PSI_PLAIN_SETTINGS["lr"] in pinned.lrs
