@@ -314,9 +314,18 @@ def lowrank_sq_norm(left: Tensor, right: Tensor) -> Tensor:
     d_in = right.shape[-1]
     if n * (d_in + d_out) <= d_in * d_out:
         return ((left.mT @ left) * (right @ right.mT)).sum(dim=(-2, -1))
-    batch = max(1, left[..., :1, :1].numel())
-    block = max(1, (1 << 24) // max(d_in * batch, 1))
     total = left.new_zeros(left.shape[:-2])
-    for start in range(0, d_out, block):
-        total = total + (left[..., start : start + block, :] @ right).square().sum(dim=(-2, -1))
+    for block in row_block_products(left, right):
+        total = total + block.square().sum(dim=(-2, -1))
     return total
+
+
+def row_block_products(left: Tensor, right: Tensor, budget: int = 1 << 24):
+    """``left @ right`` for ``left: (..., d_out, N)``, ``right: (..., N, d_in)``, yielded in consecutive blocks of
+    rows ``(..., block, d_in)`` of about ``budget`` elements in all (every leading index together), so that a
+    statistic of the product never holds the whole ``(..., d_out, d_in)`` matrix."""
+    d_out, d_in = left.shape[-2], right.shape[-1]
+    batch = max(1, left[..., :1, :1].numel())
+    block = max(1, budget // max(d_in * batch, 1))
+    for start in range(0, d_out, block):
+        yield left[..., start : start + block, :] @ right

@@ -24,7 +24,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .lorsum import lowrank_sq_norm
+from .lorsum import lowrank_sq_norm, row_block_products
 
 __all__ = ["metric_ema", "debias", "metric_preconditioner", "metric_step", "stack_or_scalar", "layer_grad_sq_norms",
            "layer_step_scale", "grad_row_col_sq", "factored_step_scales"]
@@ -139,15 +139,12 @@ def grad_row_col_sq(left: Tensor, right: Optional[Tensor]) -> Tuple[Tensor, Tens
     if right is None:
         sq = left.square()
         return sq.mean(dim=-1), sq.mean(dim=-2)
-    d_out, d_in = left.shape[-2], right.shape[-1]
-    batch = max(1, left[..., :1, :1].numel())
-    block = max(1, _BLOCK_ELEMENTS // max(d_in * batch, 1))
     rows, col_sum = [], None
-    for start in range(0, d_out, block):
-        sq = (left[..., start : start + block, :] @ right).square()
+    for block in row_block_products(left, right, _BLOCK_ELEMENTS):
+        sq = block.square()
         rows.append(sq.mean(dim=-1))
         col_sum = sq.sum(dim=-2) if col_sum is None else col_sum + sq.sum(dim=-2)
-    return torch.cat(rows, dim=-1), col_sum / d_out
+    return torch.cat(rows, dim=-1), col_sum / left.shape[-2]
 
 
 def factored_step_scales(
