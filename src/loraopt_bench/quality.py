@@ -114,13 +114,14 @@ METHODS: Dict[str, MethodSpec] = {
 # One-epoch SST-2 ablations of the PSI family (issue 9 §4): each changes one knob of the library defaults (no hp
 # beyond the knob) at the default lr. Warm-up: linear over the first 6 % of the steps (126 of the one-epoch 2,105), a
 # common fine-tuning choice; ``warmup_fraction`` is turned into ``FinetuneConfig.warmup_steps`` per run.
-# The PSI-LoRA / Proj. PSI-LoRA ablations vary the plain step, the factories' defaults (PLAIN pins it; runs recorded
-# before it was pinned have no normalize / max_grad_norm in their hp, which recorded_defaults reads as PLAIN).
+# The PSI-LoRA / Proj. PSI-LoRA ablations vary the plain step, the factories' defaults when they ran (PLAIN pins it;
+# runs recorded before it was pinned have no normalize / max_grad_norm in their hp, which recorded_defaults reads as
+# PLAIN).
 PLAIN = {"normalize": None, "max_grad_norm": 1.0}
 _PLAIN_THEN = dict(recorded_defaults=PLAIN)
 ABLATIONS: Tuple[MethodSpec, ...] = (
-    MethodSpec("psi-lora-default", "psi-lora", "PSI-LoRA (library defaults)", (0.03,), PLAIN, **_PLAIN_THEN),
-    MethodSpec("proj-psi-lora-default", "proj-psi-lora", "Proj. PSI-LoRA (library defaults)", (0.03,), PLAIN,
+    MethodSpec("psi-lora-default", "psi-lora", "PSI-LoRA (plain-step defaults)", (0.03,), PLAIN, **_PLAIN_THEN),
+    MethodSpec("proj-psi-lora-default", "proj-psi-lora", "Proj. PSI-LoRA (plain-step defaults)", (0.03,), PLAIN,
                **_PLAIN_THEN),
     MethodSpec("psi-lora-k0", "psi-lora", "PSI-LoRA, K = 0", (0.03,), {**PLAIN, "inner_iters": 0}, **_PLAIN_THEN),
     MethodSpec("psi-lora-k2", "psi-lora", "PSI-LoRA, K = 2", (0.03,), {**PLAIN, "inner_iters": 2}, **_PLAIN_THEN),
@@ -179,8 +180,8 @@ LOKO_SCALAR = replace(METHODS["loko"], label="LoKO-scalar (p_init='score')",
 # The realistic suites after the defaults were settled (vision first): every method at its library defaults (no hp
 # override), with an lr grid of >= 4 values over >= 30x that holds the library default lr, so that "default" is one
 # point of the sweep. Keys are the optimizers' names; a suite's methods are looked up per suite. PLAIN pins the plain
-# step of PSI-LoRA and Proj. PSI-LoRA (their defaults; the normalised step is opt-in) so that these keys keep
-# meaning what their committed runs used if a default changes.
+# step of PSI-LoRA and Proj. PSI-LoRA, their defaults when these keys' committed runs were made; their defaults are
+# now the factored step (the *-fact keys, DEFAULT_METHOD_KEYS below).
 LIBRARY_DEFAULT_METHODS: Tuple[MethodSpec, ...] = (
     MethodSpec("adamw", "adamw", "AdamW", (3e-4, 1e-3, 3e-3, 1e-2)),
     MethodSpec("lora-plus", "lora-plus", "LoRA+", (3e-5, 1e-4, 3e-4, 1e-3)),
@@ -242,8 +243,9 @@ SUITES: Dict[str, SuiteSpec] = {
         notes=("Riemannian AdamW is left out: PEFT's create_riemannian_optimizer preconditions only 2-D "
                "lora_A/lora_B and finds no pair among EfficientNet's 1x1-conv adapters (4-D weights).",
                "Every method runs at its library defaults; only the lr is swept, and the grid holds the library "
-               "default lr (AdamW 3e-3, LoRA+ 3e-4, PSI-LoRA and Proj. PSI-LoRA 0.03, Scaled PSI-LoRA 0.3, LoKO "
-               "1.0).",),
+               "default lr (AdamW 3e-3, LoRA+ 3e-4, PSI-LoRA and Proj. PSI-LoRA 0.03 with the plain step, their "
+               "defaults then, and since notes/psi.md §11 the factored step at 3e-5, the *-fact keys; Scaled "
+               "PSI-LoRA 0.3, LoKO 1.0).",),
     ),
 }
 QUICK = dict(steps=4, eval_every=2, eval_limit=32, seeds=(0,))
