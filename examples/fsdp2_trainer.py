@@ -48,7 +48,7 @@ HYPERPARAMETERS = {
     # give the library's default, normalize="factored" at lr 3e-5.
     "psi-lora": dict(lr=0.05, momentum=0.9, normalize=None),
     "proj-psi-lora": dict(lr=0.05, momentum=0.9, normalize=None),
-    "scaled-psi-lora": dict(lr=0.05, other_lr=1e-2),
+    "scaled-psi-lora": dict(lr=0.05, other_lr=1e-2, normalize=None, max_grad_norm=1.0),
     "adamw": dict(lr=1e-2),
     "lora-plus": dict(lr=1e-2),
     "loko": dict(observation="loss"),

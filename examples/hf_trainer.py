@@ -58,7 +58,8 @@ def main() -> None:
         # 1. optimizers=(optimizer, None)
         task = build_task(args.model)
         print(f"model: {args.model} ({describe(task.model)})")
-        optimizer = loraopt.create_optimizer("scaled-psi-lora", task.model, lr=0.05, other_lr=3e-2, max_grad_norm=1.0)
+        optimizer = loraopt.create_optimizer("scaled-psi-lora", task.model, lr=0.05, other_lr=3e-2, max_grad_norm=1.0,
+                                             normalize=None)
         trainer = Trainer(
             model=task.model, args=arguments(), train_dataset=task.train, optimizers=(optimizer, None),
             callbacks=[TrainerClippingWarningCallback()],  # the factories add this one themselves

@@ -28,7 +28,7 @@ from _toy_task import accuracy, build_task, describe, set_threads
 # Delta W. The library's default (normalize="factored", lr 3e-5) is what create_optimizer gives with no lr.
 HYPERPARAMETERS = {
     "psi-lora": {"lr": 0.05, "momentum": 0.9, "other_lr": 3e-2, "max_grad_norm": 1.0, "normalize": None},
-    "scaled-psi-lora": {"lr": 0.05, "other_lr": 3e-2, "max_grad_norm": 1.0},
+    "scaled-psi-lora": {"lr": 0.05, "other_lr": 3e-2, "max_grad_norm": 1.0, "normalize": None},
     "riemannian-sgd": {"lr": 0.1, "reg": 1e-2},
 }
 

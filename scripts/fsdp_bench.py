@@ -45,7 +45,7 @@ OPTIMIZERS: List[tuple] = [
     ("psi-k0", "psi-lora", dict(lr=1e-2, inner_iters=0, normalize=None, max_grad_norm=1.0), "grad"),
     ("psi-k1", "psi-lora", dict(lr=1e-2, inner_iters=1, normalize=None, max_grad_norm=1.0), "grad"),
     ("proj-psi-k0", "proj-psi-lora", dict(lr=1e-2, inner_iters=0, normalize=None, max_grad_norm=1.0), "grad"),
-    ("scaled-psi", "scaled-psi-lora", dict(lr=0.2), "grad"),
+    ("scaled-psi", "scaled-psi-lora", dict(lr=0.2, normalize=None, max_grad_norm=1.0), "grad"),
     ("loko-scalar", "loko", dict(num_outputs=None, observation="loss", lr=1e-3), "loss"),
     ("svdlora", "svdlora", dict(lr=1e-2), "grad"),  # dense d_out x d_in step + SVD per layer: a reference only
 ]

@@ -17,8 +17,8 @@ STEPS, BATCH, WORLD = 5, 16, 2
 CONFIGS = {
     "psi-k1-rows": ("psi-lora", dict(lr=0.1, normalize=None, inner_iters=1, momentum=0.9)),
     "psi-k0-stream": ("psi-lora", dict(lr=0.1, normalize=None, inner_iters=0, momentum=0.9)),
-    "scaled-k0-kfac": ("scaled-psi-lora", dict(lr=0.1, other_lr=1e-2, max_grad_norm=0.0)),
-    "scaled-k1-kfac": ("scaled-psi-lora", dict(lr=0.1, other_lr=1e-2, inner_iters=1, max_grad_norm=0.0)),
+    "scaled-k0-kfac": ("scaled-psi-lora", dict(lr=0.1, other_lr=1e-2, normalize=None, max_grad_norm=0.0)),
+    "scaled-k1-kfac": ("scaled-psi-lora", dict(lr=0.1, other_lr=1e-2, inner_iters=1, normalize=None, max_grad_norm=0.0)),
     "proj-k1-rows": ("proj-psi-lora", dict(lr=0.1, normalize=None, inner_iters=1, momentum=0.9)),
     "proj-k0-rows": ("proj-psi-lora", dict(lr=0.1, normalize=None, inner_iters=0, momentum=0.9, other_optimizer="adam")),
     # The step normalisations use the ranks' mean of their local statistics (a second moment at the per-rank batch,
@@ -26,8 +26,9 @@ CONFIGS = {
     "psi-k1-factored": ("psi-lora", dict(lr=1e-3, normalize="factored", max_grad_norm=0.0, inner_iters=1)),
     "proj-k1-factored": ("proj-psi-lora", dict(lr=1e-3, normalize="factored", max_grad_norm=0.0, inner_iters=1)),
     "psi-k1-layer": ("psi-lora", dict(lr=1e-3, normalize="layer", max_grad_norm=0.0, inner_iters=1)),
+    "scaled-defaults": ("scaled-psi-lora", dict(lr=1e-3, other_lr=1e-2)),  # normalize="factored", K = 0
 }
-REPLICATED = {"psi-k1-factored", "proj-k1-factored", "psi-k1-layer"}
+REPLICATED = {"psi-k1-factored", "proj-k1-factored", "psi-k1-layer", "scaled-defaults"}
 
 
 def _train(model, opt, rank=0, world=1, replicated=False):

@@ -198,10 +198,11 @@ def test_skips_on_the_device_path_are_counted_and_warned_late():
 @pytest.mark.parametrize("name,kwargs", [
     ("psi-lora", dict(lr=0.1, inner_iters=1, momentum=0.9, dense="never", normalize=None)),
     ("proj-psi-lora", dict(lr=0.1, dense="never", normalize=None)),
-    ("scaled-psi-lora", dict(lr=0.1, other_lr=1e-2, inner_iters=1, dense="never")),
+    ("scaled-psi-lora", dict(lr=0.1, other_lr=1e-2, inner_iters=1, dense="never", normalize=None)),
     ("proj-psi-lora", dict(lr=0.1, normalize=None)),
     ("proj-psi-lora", dict(lr=1e-3, normalize="layer", max_grad_norm=0.0)),  # the normalised step
-    ("scaled-psi-lora", dict(lr=0.1, other_lr=1e-2)),
+    ("scaled-psi-lora", dict(lr=0.1, other_lr=1e-2, normalize=None, max_grad_norm=1.0)),  # the plain step
+    ("scaled-psi-lora", dict(lr=1e-3, other_lr=1e-2)),  # the defaults: the factored step
 ])
 def test_every_variant_and_gradient_form_is_bucketed_by_shape(name, kwargs):
     """Rows (when the layers saw as many rows), dense gradients and streamed projections: the three 16 x 16 blocks

@@ -965,7 +965,8 @@ def test_library_default_lr_grid_holds_each_optimizers_shipped_default_lr():
     shipped = {"psi-lora": psi_module.PSI_DEFAULTS["lr"], "proj-psi-lora": psi_module.PSI_DEFAULTS["lr"],
                "scaled-psi-lora": psi_module.SCALED_DEFAULTS["lr"]}
     factories = {"psi-lora": psi_module.create_psi_lora_optimizer,
-                 "proj-psi-lora": psi_module.create_proj_psi_lora_optimizer}
+                 "proj-psi-lora": psi_module.create_proj_psi_lora_optimizer,
+                 "scaled-psi-lora": psi_module.create_scaled_psi_lora_optimizer}
     by_key = {**METHODS, **{m.key: m for m in LIBRARY_DEFAULT_METHODS}}
     for optimizer, key in DEFAULT_METHOD_KEYS.items():
         method = by_key[key]
@@ -980,8 +981,8 @@ def test_library_default_lr_grid_holds_each_optimizers_shipped_default_lr():
             assert all(params[k].default == v for k, v in method.hp.items()), key
         else:
             assert method.hp == {}, key
-    # The keys psi-lora / proj-psi-lora are pinned to the plain step their committed runs used.
-    for key in ("psi-lora", "proj-psi-lora"):
+    # The keys psi-lora / proj-psi-lora / scaled-psi-lora are pinned to the plain step their committed runs used.
+    for key in ("psi-lora", "proj-psi-lora", "scaled-psi-lora"):
         assert {m.key: m for m in LIBRARY_DEFAULT_METHODS}[key].hp == {"normalize": None, "max_grad_norm": 1.0}
 
 

@@ -39,14 +39,15 @@ CONFIGS = {
     "psi-k0-stream": ("psi-lora", dict(lr=0.1, normalize=None, inner_iters=0, momentum=0.9)),
     "psi-k0-adam-other": ("psi-lora", dict(lr=0.1, normalize=None, inner_iters=0, momentum=0.9, other_optimizer="adam")),
     "proj-psi-k1": ("proj-psi-lora", dict(lr=0.1, normalize=None, inner_iters=1, momentum=0.9)),
-    "scaled-k0-kfac": ("scaled-psi-lora", dict(lr=0.1, other_lr=1e-2, max_grad_norm=0.0)),
-    "scaled-k1-kfac": ("scaled-psi-lora", dict(lr=0.1, other_lr=1e-2, inner_iters=1, max_grad_norm=0.0)),
+    "scaled-k0-kfac": ("scaled-psi-lora", dict(lr=0.1, other_lr=1e-2, normalize=None, max_grad_norm=0.0)),
+    "scaled-k1-kfac": ("scaled-psi-lora", dict(lr=0.1, other_lr=1e-2, inner_iters=1, normalize=None, max_grad_norm=0.0)),
     # The factories' defaults (normalize="factored"): its row / column statistics are the ranks' means of their
     # local ones, equal to one process's when every rank sees the same batch (REPLICATED), as under DDP.
     "psi-defaults": ("psi-lora", dict(lr=1e-3)),
     "proj-psi-defaults": ("proj-psi-lora", dict(lr=1e-3)),
+    "scaled-defaults": ("scaled-psi-lora", dict(lr=1e-3, other_lr=1e-2)),
 }
-REPLICATED = {"psi-defaults", "proj-psi-defaults"}
+REPLICATED = {"psi-defaults", "proj-psi-defaults", "scaled-defaults"}
 # Not here: internal clipping (max_grad_norm > 0) and the Shampoo metric, whose data-parallel versions use per-rank
 # norms / statistics, as under DDP (specs/psi-lora.md §10.4), so they are not equal to one process by construction.
 # LoKO-scalar updates from one observed loss per step: it has no gradient accumulation to test.

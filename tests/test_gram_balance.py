@@ -187,7 +187,7 @@ def test_polar_balance_leaves_zero_and_nonfinite_pairs_as_given():
     ("psi-lora", {}),
     ("psi-lora", dict(inner_iters=0)),
     ("psi-lora", dict(foreach=False)),
-    ("scaled-psi-lora", {}),
+    ("scaled-psi-lora", dict(normalize=None, max_grad_norm=1.0)),
 ])
 def test_a_polar_balanced_run_follows_the_svd_balanced_run(name, hp):
     """Ten float64 steps: the PSI momentum step sees the balanced factors only through Grams and products, so a

@@ -269,3 +269,22 @@ def test_the_defaults_are_the_factored_step_and_the_plain_settings_restore_the_p
         pinned = {m.key: m for m in LIBRARY_DEFAULT_METHODS}[name]
         assert {k: plain[k] for k in pinned.hp} == dict(pinned.hp)
         assert plain["lr"] == PSI_PLAIN_SETTINGS["lr"] and PSI_PLAIN_SETTINGS["lr"] in pinned.lrs
+
+
+def test_scaled_defaults_are_the_factored_step_and_the_plain_settings_restore_the_earlier_defaults():
+    """Scaled PSI-LoRA defaults to normalize="factored" at 3e-4 without clipping (the suites' scaled-psi-lora-fact
+    key measured that, notes/psi.md §12); SCALED_PLAIN_SETTINGS gives back the plain step at 0.3 that the keys
+    scaled-psi-lora / scaled-psi-lora-default pin, on top of the same metric settings."""
+    from loraopt.optim.psi import SCALED_PLAIN_SETTINGS
+    from loraopt_bench.quality import LIBRARY_DEFAULT_METHODS, METHODS
+
+    group = loraopt.create_optimizer("scaled-psi-lora", make_model("mlp")).param_groups[0]
+    assert (group["normalize"], group["lr"], group["max_grad_norm"]) == ("factored", 3e-4, 0.0)
+    assert (group["metric_scale"], group["bias_correction"], group["damping"]) == ("relative", True, 1e-2)
+    assert {k: group[k] for k in METHODS["scaled-psi-lora-fact"].hp} == dict(METHODS["scaled-psi-lora-fact"].hp)
+    plain = loraopt.create_optimizer("scaled-psi-lora", make_model("mlp"), **SCALED_PLAIN_SETTINGS).param_groups[0]
+    assert (plain["normalize"], plain["lr"], plain["max_grad_norm"]) == (None, 0.3, 1.0)
+    assert (plain["metric_scale"], plain["bias_correction"], plain["damping"]) == ("relative", True, 1e-2)
+    for pinned in ({m.key: m for m in LIBRARY_DEFAULT_METHODS}["scaled-psi-lora"], METHODS["scaled-psi-lora-default"]):
+        assert {k: plain[k] for k in pinned.hp} == dict(pinned.hp)
+        assert SCALED_PLAIN_SETTINGS["lr"] in pinned.lrs

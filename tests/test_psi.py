@@ -106,7 +106,7 @@ def test_scaled_with_identity_metric_and_no_momentum_is_psi_jacobi():
     a, b = make_model("mlp"), make_model("mlp")
     psi = loraopt.create_optimizer("psi-lora", a, normalize=None, lr=0.1, inner_iters=0, lmbd=0.01)
     scaled = loraopt.create_optimizer(
-        "scaled-psi-lora", b, lr=0.1, lmbd=0.01, power=0.0, betas=(0.0, 0.99), max_grad_norm=0.0
+        "scaled-psi-lora", b, lr=0.1, lmbd=0.01, power=0.0, betas=(0.0, 0.99), max_grad_norm=0.0, normalize=None
     )
     x, y = make_batch("mlp")
     _step(a, psi, x, y)

@@ -352,7 +352,8 @@ def test_lora_factors_added_later_are_refused():
 
 def test_accumulated_streaming_clip_is_named():
     model = make_model("mlp")
-    opt = loraopt.create_optimizer("scaled-psi-lora", model, lr=0.1)  # K = 0 streaming, clipping on by default
+    # K = 0 streaming with clipping (the plain step's)
+    opt = loraopt.create_optimizer("scaled-psi-lora", model, lr=0.1, normalize=None, max_grad_norm=1.0)
     x, y = make_batch("mlp")
     for xm, ym in zip(x.chunk(2), y.chunk(2)):
         (loss_fn(model, xm, ym) / 2).backward()

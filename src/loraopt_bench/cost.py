@@ -51,10 +51,10 @@ OPTIMIZERS: List[tuple] = [
     ("psi-k0", "psi-lora", dict(lr=1e-2, inner_iters=0, normalize=None, max_grad_norm=1.0), "grad"),
     ("psi-k1", "psi-lora", dict(lr=1e-2, inner_iters=1, normalize=None, max_grad_norm=1.0), "grad"),
     ("psi-k2", "psi-lora", dict(lr=1e-2, inner_iters=2, normalize=None, max_grad_norm=1.0), "grad"),
-    ("scaled-psi", "scaled-psi-lora", dict(lr=0.2), "grad"),
+    ("scaled-psi", "scaled-psi-lora", dict(lr=0.2, normalize=None, max_grad_norm=1.0), "grad"),
     # The spec's default clips inside the optimizer (max_grad_norm=1), which needs the exact full-gradient norm;
     # without it the hooks keep only the r-column projections. Measured to price that default.
-    ("scaled-psi-noclip", "scaled-psi-lora", dict(lr=0.2, max_grad_norm=0.0), "grad"),
+    ("scaled-psi-noclip", "scaled-psi-lora", dict(lr=0.2, normalize=None, max_grad_norm=0.0), "grad"),
     ("loko-scalar", "loko", dict(num_outputs=None, observation="loss", lr=1e-3), "loss"),
 ]
 CLS_OPTIMIZERS: List[tuple] = [
@@ -352,7 +352,7 @@ def check_fast_paths(device: torch.device, smoke: bool) -> List[Dict[str, Any]]:
 
     out = []
     for name, hp in (("psi-lora", dict(lr=1e-2, inner_iters=1)), ("psi-lora", dict(lr=1e-2, inner_iters=0)),
-                     ("scaled-psi-lora", dict(lr=0.2))):
+                     ("scaled-psi-lora", dict(lr=0.2, normalize=None, max_grad_norm=1.0))):
         finals = []
         for extra in ({}, dict(foreach=False, dense="never")):
             model = build_model("smol", 8, device, smoke)
@@ -600,7 +600,8 @@ LEVER_CONFIGS = [
 QUICK_CONFIGS = [dict(id="quick-r8-s64", model="smol", r=8, seq=64, batch=2)]
 # (name, registry name, hyperparameters, kind): the library's defaults (factories), lr left at the factory default.
 # Since benchmarks/notes/psi.md §11 PSI-LoRA's and Proj. PSI-LoRA's defaults are normalize="factored" (which keeps the
-# rows at K = 0 too); rows measured before then (results/cost/*round1-5*) timed the plain step.
+# rows at K = 0 too), and since §12 Scaled PSI-LoRA's; rows measured before then (results/cost/*round1-5*, and the
+# scaled-psi rows of round 6) timed the plain step.
 LEVER_OPTIMIZERS: List[tuple] = [
     ("adamw-fused", "adamw", dict(lr=1e-4, fused=True), "grad"),
     ("psi-k0", "psi-lora", dict(inner_iters=0), "grad"),

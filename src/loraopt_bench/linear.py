@@ -251,7 +251,7 @@ def method_config(
         setting = scaled or QUICK_SCALED
         return "scaled-psi-lora", dict(
             lr=setting.lr, betas=(setting.beta1, 0.99), max_grad_norm=setting.max_grad_norm, loss_reduction="sum",
-            seed=seed, **SCALED_PAPER_SETTINGS,
+            seed=seed, normalize=None, **SCALED_PAPER_SETTINGS,  # the paper's plain step (the factory normalises)
         )
     iters, rank_mult = _parse_psi(method)
     return "psi-lora", dict(

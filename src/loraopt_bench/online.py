@@ -138,6 +138,8 @@ METHODS: Dict[str, MethodSpec] = {
         MethodSpec("adagrad-wide", "adagrad", "AdaGrad", GRADIENT,
                    _grid(lr=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1))),
         MethodSpec("psi-lora-default", "psi-lora", "PSI-LoRA (defaults)", GRADIENT, ({},)),
+        # (Its committed runs, results/online/defaults_cpu and gpu_probe, predate benchmarks/notes/psi.md §12: they
+        # used the plain step at lr 0.3, which loraopt.optim.psi.SCALED_PLAIN_SETTINGS restores.)
         MethodSpec("scaled-psi-lora", "scaled-psi-lora", "Scaled PSI-LoRA (defaults)", GRADIENT, ({},)),
         # Studies of LoKO's defaults (benchmarks/notes/loko.md): one factor at a time around the library default.
         MethodSpec("loko-p0", "loko", "LoKO P0", SOFTMAX_OBSERVATION,

@@ -83,6 +83,11 @@ class MethodSpec:
 #   data-scaled P0 ("score") that its committed runs used (results/lm_epoch/; kept under that key so that merging
 #   them keeps them); "loko-scalar" is LoKO-scalar at the library defaults, whose noise now starts at the first loss
 #   squared (r0="first-loss"), which notes/loko.md measured better than "score" on a 30-step LM check.
+# PLAIN pins the plain step (gradient clipped at 1.0, not normalised): the defaults of the PSI family when the keys
+# that carry it ran (PSI-LoRA / Proj. PSI-LoRA until notes/psi.md §11, Scaled PSI-LoRA until §12). Runs recorded
+# before it was pinned have no normalize / max_grad_norm in their hp, which recorded_defaults reads as PLAIN.
+PLAIN = {"normalize": None, "max_grad_norm": 1.0}
+_PLAIN_THEN = dict(recorded_defaults=PLAIN)
 ADAMW_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 METHODS: Dict[str, MethodSpec] = {
     m.key: m
@@ -97,17 +102,17 @@ METHODS: Dict[str, MethodSpec] = {
                    {"momentum": 0.9, "max_grad_norm": 1.0, "normalize": None, "other_optimizer": "adam",
                     "other_lr": 1e-3}, recorded_defaults={"normalize": None}),
         MethodSpec("scaled-psi-lora", "scaled-psi-lora", "Scaled PSI-LoRA", (0.02, 0.06, 0.2, 0.6, 2.0),
-                   {"other_lr": 1e-3}),
+                   {"other_lr": 1e-3, **PLAIN}, **_PLAIN_THEN),
         MethodSpec("scaled-psi-lora-relprox", "scaled-psi-lora", "Scaled PSI-LoRA (relative momentum prox)",
-                   (0.06, 0.2, 0.6, 2.0), {"other_lr": 1e-3, "momentum_prox": 1e-2}),
+                   (0.06, 0.2, 0.6, 2.0), {"other_lr": 1e-3, "momentum_prox": 1e-2, **PLAIN}, **_PLAIN_THEN),
         MethodSpec("scaled-psi-lora-rel", "scaled-psi-lora", "Scaled PSI-LoRA (relative metric)",
                    (0.1, 0.3, 1.0, 3.0), {"other_lr": 1e-3, "metric_scale": "relative", "bias_correction": True,
-                                          "damping": 1e-2, "momentum_prox": 1e-2}),
-        MethodSpec("scaled-psi-lora-default", "scaled-psi-lora", "Scaled PSI-LoRA (library defaults)", (0.3,),
-                   {}),
+                                          "damping": 1e-2, "momentum_prox": 1e-2, **PLAIN}, **_PLAIN_THEN),
+        MethodSpec("scaled-psi-lora-default", "scaled-psi-lora", "Scaled PSI-LoRA (plain-step defaults)", (0.3,),
+                   PLAIN, **_PLAIN_THEN),
         MethodSpec("scaled-psi-lora-rel-lrprox", "scaled-psi-lora", "Scaled PSI-LoRA (relative metric, lr prox)",
                    (0.3, 1.0), {"other_lr": 1e-3, "metric_scale": "relative", "bias_correction": True,
-                                "damping": 1e-2}),
+                                "damping": 1e-2, **PLAIN}, **_PLAIN_THEN),
         MethodSpec("loko", "loko", "LoKO", (0.01, 0.03, 0.1, 0.3, 1.0)),
     )
 }
@@ -117,8 +122,6 @@ METHODS: Dict[str, MethodSpec] = {
 # The PSI-LoRA / Proj. PSI-LoRA ablations vary the plain step, the factories' defaults when they ran (PLAIN pins it;
 # runs recorded before it was pinned have no normalize / max_grad_norm in their hp, which recorded_defaults reads as
 # PLAIN).
-PLAIN = {"normalize": None, "max_grad_norm": 1.0}
-_PLAIN_THEN = dict(recorded_defaults=PLAIN)
 ABLATIONS: Tuple[MethodSpec, ...] = (
     MethodSpec("psi-lora-default", "psi-lora", "PSI-LoRA (plain-step defaults)", (0.03,), PLAIN, **_PLAIN_THEN),
     MethodSpec("proj-psi-lora-default", "proj-psi-lora", "Proj. PSI-LoRA (plain-step defaults)", (0.03,), PLAIN,
@@ -133,19 +136,22 @@ ABLATIONS: Tuple[MethodSpec, ...] = (
                **_PLAIN_THEN),
     MethodSpec("proj-psi-lora-warmup", "proj-psi-lora", "Proj. PSI-LoRA, warm-up over 6 % of the steps", (0.03,),
                PLAIN, config={"warmup_fraction": 0.06}, **_PLAIN_THEN),
-    MethodSpec("scaled-psi-lora-k1", "scaled-psi-lora", "Scaled PSI-LoRA, K = 1", (0.3,), {"inner_iters": 1}),
+    MethodSpec("scaled-psi-lora-k1", "scaled-psi-lora", "Scaled PSI-LoRA, K = 1", (0.3,), {**PLAIN, "inner_iters": 1},
+               **_PLAIN_THEN),
     MethodSpec("scaled-psi-lora-shampoo", "scaled-psi-lora", "Scaled PSI-LoRA, Shampoo-diagonal metric", (0.3,),
-               {"metric": "shampoo"}),
-    MethodSpec("scaled-psi-lora-p025", "scaled-psi-lora", "Scaled PSI-LoRA, power 0.25", (0.3,), {"power": 0.25}),
-    MethodSpec("scaled-psi-lora-p1", "scaled-psi-lora", "Scaled PSI-LoRA, power 1", (0.3,), {"power": 1.0}),
+               {**PLAIN, "metric": "shampoo"}, **_PLAIN_THEN),
+    MethodSpec("scaled-psi-lora-p025", "scaled-psi-lora", "Scaled PSI-LoRA, power 0.25", (0.3,),
+               {**PLAIN, "power": 0.25}, **_PLAIN_THEN),
+    MethodSpec("scaled-psi-lora-p1", "scaled-psi-lora", "Scaled PSI-LoRA, power 1", (0.3,), {**PLAIN, "power": 1.0},
+               **_PLAIN_THEN),
     MethodSpec("scaled-psi-lora-beta999", "scaled-psi-lora", "Scaled PSI-LoRA, beta2 0.999", (0.3,),
-               {"betas": (0.9, 0.999)}),
+               {**PLAIN, "betas": (0.9, 0.999)}, **_PLAIN_THEN),
     MethodSpec("scaled-psi-lora-damp1e-3", "scaled-psi-lora", "Scaled PSI-LoRA, damping 1e-3", (0.3,),
-               {"damping": 1e-3}),
+               {**PLAIN, "damping": 1e-3}, **_PLAIN_THEN),
     MethodSpec("scaled-psi-lora-nobc", "scaled-psi-lora", "Scaled PSI-LoRA, no bias correction", (0.3,),
-               {"bias_correction": False}),
+               {**PLAIN, "bias_correction": False}, **_PLAIN_THEN),
     MethodSpec("scaled-psi-lora-warmup", "scaled-psi-lora", "Scaled PSI-LoRA, warm-up over 6 % of the steps", (0.3,),
-               config={"warmup_fraction": 0.06}),
+               PLAIN, config={"warmup_fraction": 0.06}, **_PLAIN_THEN),
 )
 METHODS.update({m.key: m for m in ABLATIONS})
 # The per-layer step normalisation (normalize="layer", benchmarks/notes/psi.md §7): the lr is then about the RMS of a
@@ -180,8 +186,8 @@ LOKO_SCALAR = replace(METHODS["loko"], label="LoKO-scalar (p_init='score')",
 # The realistic suites after the defaults were settled (vision first): every method at its library defaults (no hp
 # override), with an lr grid of >= 4 values over >= 30x that holds the library default lr, so that "default" is one
 # point of the sweep. Keys are the optimizers' names; a suite's methods are looked up per suite. PLAIN pins the plain
-# step of PSI-LoRA and Proj. PSI-LoRA, their defaults when these keys' committed runs were made; their defaults are
-# now the factored step (the *-fact keys, DEFAULT_METHOD_KEYS below).
+# step of the PSI family, its defaults when these keys' committed runs were made; their defaults are now the
+# factored step (the *-fact keys, DEFAULT_METHOD_KEYS below).
 LIBRARY_DEFAULT_METHODS: Tuple[MethodSpec, ...] = (
     MethodSpec("adamw", "adamw", "AdamW", (3e-4, 1e-3, 3e-3, 1e-2)),
     MethodSpec("lora-plus", "lora-plus", "LoRA+", (3e-5, 1e-4, 3e-4, 1e-3)),
@@ -189,7 +195,8 @@ LIBRARY_DEFAULT_METHODS: Tuple[MethodSpec, ...] = (
                **_PLAIN_THEN),
     MethodSpec("proj-psi-lora", "proj-psi-lora", "Proj. PSI-LoRA", (3e-3, 1e-2, 3e-2, 1e-1), PLAIN,
                **_PLAIN_THEN),
-    MethodSpec("scaled-psi-lora", "scaled-psi-lora", "Scaled PSI-LoRA", (0.03, 0.1, 0.3, 1.0)),
+    MethodSpec("scaled-psi-lora", "scaled-psi-lora", "Scaled PSI-LoRA (plain-step defaults)", (0.03, 0.1, 0.3, 1.0),
+               PLAIN, **_PLAIN_THEN),
     MethodSpec("loko", "loko", "LoKO", (0.1, 0.3, 1.0, 3.0)),
 )
 LM_METHODS: Tuple[MethodSpec, ...] = tuple(
@@ -200,12 +207,13 @@ LM_METHODS: Tuple[MethodSpec, ...] = tuple(
                   {"observation": "loss"})]
     + list(NORMALIZED) + list(FACTORED))
 # Which method key holds each optimizer's library defaults, and the default lr there (keyed by method key). Since
-# the factored normalisation became PSI-LoRA's and Proj. PSI-LoRA's default (notes/psi.md §11), their defaults are
-# the *-fact keys; the keys psi-lora / proj-psi-lora keep the plain step their committed runs used.
+# the factored normalisation became the PSI family's default (notes/psi.md §11 for PSI-LoRA and Proj. PSI-LoRA, §12
+# for Scaled PSI-LoRA), their defaults are the *-fact keys; the keys psi-lora / proj-psi-lora / scaled-psi-lora keep
+# the plain step their committed runs used.
 DEFAULT_METHOD_KEYS = {"adamw": "adamw", "lora-plus": "lora-plus", "psi-lora": "psi-lora-fact",
-                       "proj-psi-lora": "proj-psi-lora-fact", "scaled-psi-lora": "scaled-psi-lora", "loko": "loko"}
+                       "proj-psi-lora": "proj-psi-lora-fact", "scaled-psi-lora": "scaled-psi-lora-fact", "loko": "loko"}
 LIBRARY_DEFAULT_LRS = {"adamw": 3e-3, "lora-plus": 3e-4, "psi-lora-fact": 3e-5, "proj-psi-lora-fact": 3e-5,
-                       "scaled-psi-lora": 0.3, "loko": 1.0}
+                       "scaled-psi-lora-fact": 3e-4, "loko": 1.0}
 
 
 @dataclass(frozen=True)
@@ -245,7 +253,8 @@ SUITES: Dict[str, SuiteSpec] = {
                "Every method runs at its library defaults; only the lr is swept, and the grid holds the library "
                "default lr (AdamW 3e-3, LoRA+ 3e-4, PSI-LoRA and Proj. PSI-LoRA 0.03 with the plain step, their "
                "defaults then, and since notes/psi.md §11 the factored step at 3e-5, the *-fact keys; Scaled "
-               "PSI-LoRA 0.3, LoKO 1.0).",),
+               "PSI-LoRA 0.3 with the plain step, and since notes/psi.md §12 the factored step at 3e-4; LoKO "
+               "1.0).",),
     ),
 }
 QUICK = dict(steps=4, eval_every=2, eval_limit=32, seeds=(0,))
