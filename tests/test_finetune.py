@@ -1012,6 +1012,65 @@ def test_quality_tables_tell_a_failed_run_from_a_diverged_one():
     assert "0.0003: error (1 of 1 seeds)" in tables and "0.001: div." in tables and "0.003: 90.0" in tables
 
 
+def test_steps_to_target_uses_the_seed_mean_curve_at_common_steps():
+    from loraopt_bench.quality import steps_to_target
+
+    def curve(*points):
+        return [{"step": s, "metric": m} for s, m in points]
+
+    seeds = [curve((0, 0.5), (10, 0.80), (20, 0.90)), curve((0, 0.5), (10, 0.86), (20, 0.88))]
+    assert steps_to_target(seeds, 0.83, higher=True) == 10  # mean 0.83 at step 10
+    assert steps_to_target(seeds, 0.8301, higher=True) == 20
+    assert steps_to_target(seeds, 0.95, higher=True) is None
+    losses = [curve((0, 4.0), (10, 3.4), (20, 3.2)), curve((0, 4.0), (10, 3.2), (20, 3.3))]
+    assert steps_to_target(losses, 3.3, higher=False) == 10
+    assert steps_to_target(losses, 3.2, higher=False) is None  # the mean is 3.25 at the end
+    # A seed cut short: only the steps every seed evaluated count.
+    assert steps_to_target([curve((0, 0.5), (10, 0.9), (20, 0.95)), curve((0, 0.5))], 0.9, higher=True) is None
+    assert steps_to_target([], 0.9, higher=True) is None
+    # Means that tie exactly (751 + 757 + 757 and 756 + 759 + 750 correct of 872) reach the target whatever the
+    # rounding of the float sums.
+    ties = [curve((0, 0.5), (10, k / 872)) for k in (751, 757, 757)]
+    target = sum((756 / 872, 759 / 872, 750 / 872)) / 3
+    assert steps_to_target(ties, target, higher=True) == 10
+
+
+def test_quality_reports_speed_to_target_against_adamw_at_its_best_lr():
+    from loraopt_bench.quality import METHODS, SUITES, aggregate, summary_tables
+
+    suite = SUITES["sst2"]
+    methods = [METHODS["adamw"], METHODS["proj-psi-lora-fact"]]
+
+    def run(points, seed):
+        curve = [{"step": s, "seconds": s * 0.1, "metric": m} for s, m in points]
+        return {"metric": "accuracy", "higher_is_better": True, "curve": curve, "final": points[-1][1],
+                "peak": max(m for _, m in points), "seconds_per_step": 0.1, "median_step_seconds": 0.1}
+
+    records = {
+        # AdamW's best lr ends at 0.86 on average and its mean curve first reaches that at step 20.
+        ("adamw", "0.003", 0): run([(0, 0.5), (10, 0.80), (20, 0.87), (30, 0.86)], 0),
+        ("adamw", "0.003", 1): run([(0, 0.5), (10, 0.82), (20, 0.85), (30, 0.86)], 1),
+        ("adamw", "0.001", 0): run([(0, 0.5), (10, 0.84), (20, 0.84), (30, 0.84)], 0),
+        # Proj. reaches 0.86 at step 10 (ratio 2); its other lr never does.
+        ("proj-psi-lora-fact", "3e-05", 0): run([(0, 0.5), (10, 0.86), (20, 0.86), (30, 0.865)], 0),
+        ("proj-psi-lora-fact", "0.0001", 0): run([(0, 0.5), (10, 0.70), (20, 0.75), (30, 0.80)], 0),
+    }
+    out = aggregate(suite, methods, records)
+    assert out["adamw"]["speed_to_target"] == {"reference": "adamw", "target": pytest.approx(0.86), "steps": 20,
+                                               "reference_steps": 20, "ratio": 1.0}
+    assert out["proj-psi-lora-fact"]["speed_to_target"]["steps"] == 10
+    assert out["proj-psi-lora-fact"]["speed_to_target"]["ratio"] == 2.0
+    tables = summary_tables(suite, out, {}, "accuracy")
+    assert "| 2.00 (10 vs 20) |" in tables and "| 1.00 (20 vs 20) |" in tables
+    # A method that never reaches the target says so; without AdamW nothing is claimed.
+    records[("proj-psi-lora-fact", "3e-05", 0)] = run([(0, 0.5), (10, 0.80), (20, 0.85), (30, 0.855)], 0)
+    out = aggregate(suite, methods, records)
+    assert out["proj-psi-lora-fact"]["speed_to_target"]["ratio"] is None
+    assert "not reached" in summary_tables(suite, out, {}, "accuracy")
+    alone = aggregate(suite, methods[1:], {k: v for k, v in records.items() if k[0] != "adamw"})
+    assert "speed_to_target" not in alone["proj-psi-lora-fact"]
+
+
 def test_lr_factor_warmup_then_linear_decay():
     from loraopt_bench.finetune import lr_factor
 

@@ -476,9 +476,55 @@ def time_methods(suite: SuiteSpec, protocol: Mapping[str, Any], methods: Sequenc
 # Aggregation and reporting
 # ---------------------------------------------------------------------------------------------------------------
 
+REFERENCE_METHOD = "adamw"  # speed to target is measured against this method's best lr
+
+
+def steps_to_target(curves: Sequence[Sequence[Mapping[str, Any]]], target: float, higher: bool) -> Optional[int]:
+    """The first evaluation step at which the seed-mean curve reaches ``target`` (``>=`` when higher is better,
+    ``<=`` otherwise), or ``None`` if it never does. ``curves``: one list of ``{"step", "metric"}`` per seed; the
+    mean is taken at the steps every seed evaluated (a seed cut short limits the curve)."""
+    if not curves:
+        return None
+    by_seed = [{int(point["step"]): float(point["metric"]) for point in curve} for curve in curves]
+    steps = sorted(set.intersection(*(set(c) for c in by_seed)))
+    # An exact tie counts as reaching it: accuracies are counts over one eval set, whose means can tie exactly and
+    # differ only by the rounding of the float sums.
+    slack = 1e-9 * max(1.0, abs(target))
+    for step in steps:
+        mean = float(np.mean([c[step] for c in by_seed]))
+        if (mean >= target - slack) if higher else (mean <= target + slack):
+            return step
+    return None
+
+
+def _speed_to_target(out: Dict[str, Any], higher: bool) -> None:
+    """Adds ``speed_to_target`` to each method of an :func:`aggregate` result: the steps its best lr's seed-mean
+    curve takes to reach the reference method's best mean final metric, and the ratio reference steps / its
+    steps (> 1: it gets there sooner). Nothing is added without a finite reference."""
+    reference = out.get(REFERENCE_METHOD)
+    if not reference or not reference["best"] or not math.isfinite(reference["best"]["final_mean"]):
+        return
+    target = reference["best"]["final_mean"]
+
+    def curves(method: Mapping[str, Any]) -> List[Any]:
+        seeds = method["lrs"][_lr_key(method["best_lr"])]["seeds"].values()
+        return [r["curve"] for r in seeds if "error" not in r and r.get("curve")]
+
+    reference_steps = steps_to_target(curves(reference), target, higher)
+    for method in out.values():
+        if not method["best"]:
+            continue
+        steps = steps_to_target(curves(method), target, higher)
+        method["speed_to_target"] = {
+            "reference": REFERENCE_METHOD, "target": target, "steps": steps, "reference_steps": reference_steps,
+            "ratio": reference_steps / steps if steps and reference_steps else None,
+        }
+
+
 def aggregate(suite: SuiteSpec, methods: Sequence[MethodSpec], records: Mapping[Tuple[str, str, int], Dict[str, Any]],
               ) -> Dict[str, Any]:
-    """Per method and lr: seeds, mean ± std of the final and peak metric; then the best lr and the sweep spread.
+    """Per method and lr: seeds, mean ± std of the final and peak metric; then the best lr, the sweep spread and the
+    speed to target against AdamW (:func:`steps_to_target`).
 
     A diverged or failed seed makes its (method, lr) mean nan, which never wins and counts as the worst in the spread.
     """
@@ -537,6 +583,7 @@ def aggregate(suite: SuiteSpec, methods: Sequence[MethodSpec], records: Mapping[
                 "diverged_lrs": [k for k, e in per_lr.items() if not math.isfinite(e["final_mean"])],
             },
         }
+    _speed_to_target(out, higher)
     return out
 
 
@@ -564,15 +611,24 @@ def summary_tables(suite: SuiteSpec, methods: Mapping[str, Any], timings: Mappin
             if in_sweep:
                 timing_text = f"{float(np.mean(in_sweep)):.3f}*"
                 contended = True
+        speed = m.get("speed_to_target")
+        if speed is None:
+            speed_text = "—"
+        elif speed["steps"] is None:
+            speed_text = "not reached"
+        elif speed["ratio"] is None:
+            speed_text = f"step {speed['steps']}"
+        else:
+            speed_text = f"{speed['ratio']:.2f} ({speed['steps']} vs {speed['reference_steps']})"
         if best is None:
-            best_rows.append([m["label"], "—", "all diverged", "—", "—", "—"])
+            best_rows.append([m["label"], "—", "all diverged", "—", "—", "—", "—"])
         else:
             n = best["n_seeds"]
             extra = (_fmt(best["final_perplexity_mean"], best["final_perplexity_std"], 1.0, 2, n)
                      if "final_perplexity_mean" in best else _fmt(best["peak_mean"], best["peak_std"], scale, digits, n))
             best_rows.append([
                 m["label"], f"{m['best_lr']:g}", _fmt(best["final_mean"], best["final_std"], scale, digits, n), extra,
-                timing_text, str(best["n_seeds"]),
+                speed_text, timing_text, str(best["n_seeds"]),
             ])
         cells = []
         for lr_key, value in m["sweep"]["final_mean_by_lr"].items():
@@ -591,10 +647,13 @@ def summary_tables(suite: SuiteSpec, methods: Mapping[str, Any], timings: Mappin
     name = {"sst2": "final dev accuracy", "vision": "final test accuracy"}.get(suite.name, "final validation loss")
     lines = [
         f"### {suite.title}: best learning rate per method\n",
-        markdown_table(["method", "best lr", f"{name}{unit}", second, "s/step", "seeds"], best_rows),
+        markdown_table(["method", "best lr", f"{name}{unit}", second, "speed to target", "s/step", "seeds"],
+                       best_rows),
         "\ns/step: median over steps of one run alone" + (
             "; \\* measured inside the parallel sweep (processes competing for the device)" if contended else "")
-        + ". Mean ± sample std over seeds (no ± with one seed).\n",
+        + ". Mean ± sample std over seeds (no ± with one seed). Speed to target: AdamW's evaluation steps to reach "
+        "its own best mean final metric divided by the method's (its best lr's seed-mean curve; > 1 is sooner), "
+        "on the suite's evaluation grid, so coarse; \"not reached\": the curve never gets there.\n",
         f"\n### {suite.title}: learning-rate sweep (mean final metric per lr; robustness)\n",
         markdown_table(["method", f"final {'accuracy' if accuracy else 'val. loss'} by lr{unit}",
                         f"worst lr{unit}", f"spread best-worst{unit}"], sweep_rows, align="llrr"),
