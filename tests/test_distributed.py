@@ -27,8 +27,9 @@ CONFIGS = {
     "proj-k1-factored": ("proj-psi-lora", dict(lr=1e-3, normalize="factored", max_grad_norm=0.0, inner_iters=1)),
     "psi-k1-layer": ("psi-lora", dict(lr=1e-3, normalize="layer", max_grad_norm=0.0, inner_iters=1)),
     "scaled-defaults": ("scaled-psi-lora", dict(lr=1e-3, other_lr=1e-2)),  # normalize="factored", K = 0
+    "proj-k1-full": ("proj-psi-lora", dict(lr=1e-3, normalize="full", max_grad_norm=0.0, inner_iters=1)),
 }
-REPLICATED = {"psi-k1-factored", "proj-k1-factored", "psi-k1-layer", "scaled-defaults"}
+REPLICATED = {"psi-k1-factored", "proj-k1-factored", "psi-k1-layer", "scaled-defaults", "proj-k1-full"}
 
 
 def _train(model, opt, rank=0, world=1, replicated=False):

@@ -46,8 +46,9 @@ CONFIGS = {
     "psi-defaults": ("psi-lora", dict(lr=1e-3)),
     "proj-psi-defaults": ("proj-psi-lora", dict(lr=1e-3)),
     "scaled-defaults": ("scaled-psi-lora", dict(lr=1e-3, other_lr=1e-2)),
+    "proj-psi-full": ("proj-psi-lora", dict(lr=1e-3, normalize="full")),
 }
-REPLICATED = {"psi-defaults", "proj-psi-defaults", "scaled-defaults"}
+REPLICATED = {"psi-defaults", "proj-psi-defaults", "scaled-defaults", "proj-psi-full"}
 # Not here: internal clipping (max_grad_norm > 0) and the Shampoo metric, whose data-parallel versions use per-rank
 # norms / statistics, as under DDP (specs/psi-lora.md §10.4), so they are not equal to one process by construction.
 # LoKO-scalar updates from one observed loss per step: it has no gradient accumulation to test.

@@ -9,7 +9,8 @@ from torch import nn
 
 import loraopt
 from loraopt.functional import metrics
-from loraopt.functional.metrics import factored_step_scales, grad_row_col_sq, layer_grad_sq_norms, layer_step_scale
+from loraopt.functional.metrics import (factored_step_scales, full_step_scale, grad_row_col_sq, layer_grad_sq_norms,
+                                        layer_step_scale)
 from loraopt.functional.psi import Gradient, PSIConfig, psi_step
 from loraopt.optim.psi_step import FACTORED_EPS, NORMALIZE_EPS
 from toys import loss_fn, make_batch, make_model, one_lora_linear, params_snapshot
@@ -110,10 +111,10 @@ def test_scaled_psi_lora_takes_the_layer_normalisation_too():
 
 
 def test_streaming_capture_and_unknown_modes_are_refused_with_what_to_do():
-    for mode in ("layer", "factored"):
+    for mode in ("layer", "factored", "full"):
         with pytest.raises(ValueError, match="normalize=None only"):
             loraopt.create_optimizer("psi-lora", make_model("mlp"), inner_iters=0, normalize=mode, capture="stream")
-    with pytest.raises(ValueError, match="normalize must be None, 'layer' or 'factored'"):
+    with pytest.raises(ValueError, match="normalize must be None, 'layer', 'factored' or 'full'"):
         loraopt.create_optimizer("psi-lora", make_model("mlp"), normalize="row")
     with pytest.raises(ValueError, match="normalize_beta2"):
         loraopt.create_optimizer("psi-lora", make_model("mlp"), normalize="layer", normalize_beta2=1.0)
@@ -127,7 +128,7 @@ def test_streaming_capture_and_unknown_modes_are_refused_with_what_to_do():
     assert any(not torch.equal(before[n], p) for n, p in params_snapshot(model).items() if "lora_A" in n)
 
 
-@pytest.mark.parametrize("mode", ["layer", "factored"])
+@pytest.mark.parametrize("mode", ["layer", "factored", "full"])
 @pytest.mark.parametrize("name", ["psi-lora", "proj-psi-lora", "scaled-psi-lora"])
 def test_the_batched_step_equals_the_per_layer_reference_with_normalisation(name, mode):
     runs = []
@@ -288,3 +289,85 @@ def test_scaled_defaults_are_the_factored_step_and_the_plain_settings_restore_th
     for pinned in ({m.key: m for m in LIBRARY_DEFAULT_METHODS}["scaled-psi-lora"], METHODS["scaled-psi-lora-default"]):
         assert {k: plain[k] for k in pinned.hp} == dict(pinned.hp)
         assert SCALED_PLAIN_SETTINGS["lr"] in pinned.lrs
+
+
+# ------------------------------------------------------------------------------------- normalize="full"
+
+
+def test_full_scale_divides_each_entry_by_the_root_of_its_bias_corrected_second_moment():
+    beta2, g = 0.9, torch.Generator().manual_seed(5)
+    grads = [torch.randn(4, 3, generator=g, dtype=F64) * (t + 1) for t in range(3)]
+    avg = torch.zeros(1, 4, 3, dtype=F64)
+    for t, G in enumerate(grads, start=1):
+        scale, avg = full_step_scale(avg, (G * G)[None], beta2=beta2, step=t, eps=0.0)
+        weights = torch.tensor([(1 - beta2) * beta2 ** (t - 1 - i) for i in range(t)], dtype=F64)
+        V = sum(w * Gi * Gi for w, Gi in zip(weights, grads)) / weights.sum()
+        torch.testing.assert_close(G * scale[0], G / V.sqrt(), rtol=1e-12, atol=0)
+    # On a rank-one second moment the factored estimate is the same scaling.
+    G = torch.outer(torch.tensor([1.0, 2.0, 0.5], dtype=F64), torch.tensor([3.0, 1.0], dtype=F64))[None]
+    full, _ = full_step_scale(torch.zeros_like(G), G * G, beta2=0.9, step=1, eps=0.0)
+    rows, cols = grad_row_col_sq(G, None)
+    s_out, s_in, _, _ = factored_step_scales(torch.zeros_like(rows), torch.zeros_like(cols), rows, cols, beta2=0.9,
+                                             step=1, eps=0.0)
+    torch.testing.assert_close(G * full, s_out[..., :, None] * G * s_in[..., None, :], rtol=1e-12, atol=0)
+    # A gradient that is exactly zero gives a finite scale and no step.
+    scale, _ = full_step_scale(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), beta2=0.99, step=1, eps=FACTORED_EPS)
+    assert torch.isfinite(scale).all()
+
+
+@pytest.mark.parametrize("name", ["psi-lora", "proj-psi-lora"])
+def test_two_full_normalised_steps_equal_the_functional_step_on_the_hand_scaled_gradient(name):
+    """normalize="full": the optimizer replaces G by G / sqrt(V) (bias-corrected EMA of G * G from zero)."""
+    lr, lmbd, beta2 = 0.05, 0.1, 0.9
+    mu = 0.0 if name == "psi-lora" else 0.5
+    model = one_lora_linear(r=3, d_in=6, d_out=5, dtype=F64)
+    opt = loraopt.create_optimizer(name, model, lr=lr, lmbd=lmbd, momentum=mu, max_grad_norm=0.0, inner_iters=1,
+                                   normalize="full", normalize_beta2=beta2)
+    (A,) = [p for n, p in model.named_parameters() if "lora_A" in n]
+    (B,) = [p for n, p in model.named_parameters() if "lora_B" in n]
+    A_ref, B_ref = A.detach().clone(), B.detach().clone()
+    avg = torch.zeros(1, 5, 6, dtype=F64)
+    variant = "psi" if name == "psi-lora" else "proj"
+    momentum = None if mu == 0 else tuple(torch.zeros_like(t)[None] for t in (A_ref, B_ref, A_ref, B_ref))
+    g = torch.Generator().manual_seed(4)
+    for t in (1, 2):
+        G = _step_returning_full_weight_gradient(model, opt, g)
+        scale, avg = full_step_scale(avg, (G * G)[None], beta2=beta2, step=t, eps=FACTORED_EPS)
+        ref = psi_step(A_ref[None], B_ref[None], Gradient(G[None] * scale, None), lr=lr, grad_coef=1.0,
+                       momentum_coef=mu, lam=lr * lmbd, lam_momentum=lr * lmbd, momentum=momentum,
+                       config=PSIConfig(variant=variant, iters=1))
+        A_ref, B_ref, momentum = ref.A[0], ref.B[0], ref.momentum
+        torch.testing.assert_close(A.detach(), A_ref, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(B.detach(), B_ref, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(opt.state[A]["grad_entry_sq_avg"][None], avg, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("name", ["psi-lora", "proj-psi-lora", "scaled-psi-lora"])
+def test_the_full_normalised_step_does_not_depend_on_the_loss_scale_and_resumes(name):
+    kw = dict(lr=1e-3, inner_iters=1)
+    if name == "scaled-psi-lora":
+        kw["other_lr"] = 1e-2
+    one, big = _train(name, 1.0, normalize="full", **kw), _train(name, 1000.0, normalize="full", **kw)
+    for n in one:
+        torch.testing.assert_close(big[n], one[n], rtol=1e-4, atol=1e-6)
+    # A checkpoint taken after one step and resumed gives the uninterrupted run's parameters.
+    runs = []
+    for resume in (False, True):
+        torch.manual_seed(0)
+        model = make_model("mlp").to(F64)
+        opt = loraopt.create_optimizer(name, model, normalize="full", max_grad_norm=0.0, **kw)
+        for t in range(3):
+            if resume and t == 1:
+                saved = {k: v.clone() for k, v in model.state_dict().items()}, opt.state_dict()
+                torch.manual_seed(1)
+                model = make_model("mlp").to(F64)
+                model.load_state_dict(saved[0])
+                opt = loraopt.create_optimizer(name, model, normalize="full", max_grad_norm=0.0, **kw)
+                opt.load_state_dict(saved[1])
+            x, y = make_batch("mlp", seed=t)
+            opt.zero_grad()
+            loss_fn(model, x.to(F64), y).backward()
+            opt.step()
+        runs.append(params_snapshot(model))
+    for n in runs[0]:
+        torch.testing.assert_close(runs[1][n], runs[0][n], rtol=0, atol=0)

@@ -30,6 +30,9 @@
 # PLAN=9 (one H200, written 2026-12-01 in place of PLAN=8): PLAN=8's seeds and Scaled PSI-LoRA runs, and the rate
 # of the factored second-moment EMA (normalize_beta2 0.99 / 0.95 against 0.999) on every suite: the LM gap to AdamW
 # opens late, when an EMA over ~1,000 steps still remembers the large early gradients (notes/psi.md §12).
+# PLAN=10 (one H200, written after PLAN=9 ran, not run): Scaled PSI-LoRA's new factored default (seeds 1-2 at 3e-4,
+# and 1e-4 / 1e-3 where missing) on every suite, the full second moment (normalize="full", the diagnostic of notes/psi.md
+# §12) against the factored one, and the defaults' smol cost rows with Scaled PSI-LoRA's factored step.
 set -u
 PLAN=${PLAN:-1}
 : "${OUT:?set OUT}" "${STAGE:?set STAGE}"
@@ -69,6 +72,10 @@ lm2)
   setsid nohup bash -c "quality 1 lm defaults-b 2 $D --methods psi-lora proj-psi-lora scaled-psi-lora --lrs psi-lora=0.03 proj-psi-lora=0.03 scaled-psi-lora=0.3 --seeds 1 2" >/dev/null 2>&1 < /dev/null &
   elif [ "$PLAN" = 8 ]; then  # one H200: the defaults' missing seeds, then Scaled PSI-LoRA (notes/psi.md §11 "Not done")
   setsid nohup bash -c "quality 0 lm fact-default-seeds 5 $D --methods psi-lora-fact proj-psi-lora-fact scaled-psi-lora --lrs psi-lora-fact=3e-5 proj-psi-lora-fact=1e-5 scaled-psi-lora=0.1,1.0 --seeds 0 1 2 --method-seeds psi-lora-fact=1,2 proj-psi-lora-fact=0 scaled-psi-lora=0" >/dev/null 2>&1 < /dev/null &
+  elif [ "$PLAN" = 10 ]; then  # one H200: Scaled PSI-LoRA's factored default, and the full second moment (7 processes)
+  setsid nohup bash -c "quality 0 lm scaled-fact 2 $D --methods scaled-psi-lora-fact --lrs scaled-psi-lora-fact=1e-4,1e-3 --seeds 0" >/dev/null 2>&1 < /dev/null &
+  setsid nohup bash -c "quality 0 lm scaled-fact-seeds 2 $D --methods scaled-psi-lora-fact --lrs scaled-psi-lora-fact=3e-4 --seeds 1 2" >/dev/null 2>&1 < /dev/null &
+  setsid nohup bash -c "quality 0 lm full 3 $D --methods proj-psi-lora-full psi-lora-full --lrs proj-psi-lora-full=3e-5,1e-4 psi-lora-full=1e-4 --seeds 0" >/dev/null 2>&1 < /dev/null &
   elif [ "$PLAN" = 9 ]; then  # one H200: PLAN=8's LM runs, and the factored EMA's beta2 (11 processes)
   setsid nohup bash -c "quality 0 lm fact-default-seeds 5 $D --methods psi-lora-fact proj-psi-lora-fact scaled-psi-lora --lrs psi-lora-fact=3e-5 proj-psi-lora-fact=1e-5 scaled-psi-lora=0.1,1.0 --seeds 0 1 2 --method-seeds psi-lora-fact=1,2 proj-psi-lora-fact=0 scaled-psi-lora=0" >/dev/null 2>&1 < /dev/null &
   setsid nohup bash -c "quality 0 lm beta99 3 $D --methods proj-psi-lora-fact --lrs proj-psi-lora-fact=3e-5 --hp proj-psi-lora-fact:normalize_beta2=0.99 --seeds 0 1 2" >/dev/null 2>&1 < /dev/null &
@@ -105,6 +112,13 @@ vision)
   export -f quality left after; export ROOT
   # PLAN 1 ran nine PSI-family processes next to 20 others and finished none; PLAN 2 runs the same nine runs with
   # the GPUs less shared (PSI-LoRA and Proj. on GPU 0, Scaled on GPU 1; 4-5 processes each).
+  if [ "$PLAN" = 10 ]; then  # Scaled PSI-LoRA's factored default and the full second moment (5 processes)
+  # (--method-seeds applies to every lr of a method: one command per (lrs, seeds), so that no finished run is repeated)
+  setsid nohup bash -c "quality 0 vision scaled-fact-seeds 2 $D --methods scaled-psi-lora-fact --lrs scaled-psi-lora-fact=3e-4 --seeds 1 2" >/dev/null 2>&1 < /dev/null &
+  setsid nohup bash -c "quality 0 vision scaled-fact 1 $D --methods scaled-psi-lora-fact --lrs scaled-psi-lora-fact=1e-4 --seeds 0" >/dev/null 2>&1 < /dev/null &
+  setsid nohup bash -c "quality 0 vision full 2 $D --methods proj-psi-lora-full --lrs proj-psi-lora-full=3e-5,1e-4 --seeds 0" >/dev/null 2>&1 < /dev/null &
+  sleep 5; left; exit 0
+  fi
   if [ "$PLAN" = 9 ]; then  # PLAN=8's vision runs, and the factored EMA at beta2 0.99 (6 processes)
   setsid nohup bash -c "quality 0 vision fact-default-seeds 4 $D --methods psi-lora-fact proj-psi-lora-fact --lrs psi-lora-fact=3e-5 proj-psi-lora-fact=3e-5 --seeds 1 2" >/dev/null 2>&1 < /dev/null &
   setsid nohup bash -c "quality 0 vision scaled-fact 1 $D --methods scaled-psi-lora-fact --lrs scaled-psi-lora-fact=3e-4 --seeds 0" >/dev/null 2>&1 < /dev/null &
@@ -151,6 +165,9 @@ sst2)
   if [ "$PLAN" = 1 ]; then
   setsid nohup bash -c "quality 0 sst2 defaults 4 $D --methods psi-lora-default proj-psi-lora-default riemannian-adamw lora-plus --lrs riemannian-adamw=3e-3 lora-plus=3e-4 --seeds 0 1 2 --method-seeds lora-plus=1,2; quality 0 sst2 riemannian-sweep 4 $D --methods riemannian-adamw --lrs riemannian-adamw=1e-3,1e-2 --seeds 0" >/dev/null 2>&1 < /dev/null &
   setsid nohup bash -c "quality 1 sst2 ablations 4 $D --methods psi-lora-k0 psi-lora-k2 psi-lora-rank2 psi-lora-warmup proj-psi-lora-k2 proj-psi-lora-warmup scaled-psi-lora-k1 scaled-psi-lora-shampoo scaled-psi-lora-p025 scaled-psi-lora-p1 scaled-psi-lora-beta999 scaled-psi-lora-damp1e-3 scaled-psi-lora-nobc scaled-psi-lora-warmup --seeds 0" >/dev/null 2>&1 < /dev/null &
+  elif [ "$PLAN" = 10 ]; then  # after the LM runs: Scaled PSI-LoRA's factored default, the full second moment
+  setsid nohup bash -c "after lm scaled-fact-seeds; quality 0 sst2 scaled-fact-seeds 2 $D --methods scaled-psi-lora-fact --lrs scaled-psi-lora-fact=3e-4 --seeds 1 2; quality 0 sst2 scaled-fact 1 $D --methods scaled-psi-lora-fact --lrs scaled-psi-lora-fact=1e-4 --seeds 0" >/dev/null 2>&1 < /dev/null &
+  setsid nohup bash -c "after lm full; quality 0 sst2 full 2 $D --methods proj-psi-lora-full --lrs proj-psi-lora-full=3e-5,1e-4 --seeds 0" >/dev/null 2>&1 < /dev/null &
   elif [ "$PLAN" = 9 ]; then  # after the LM runs: PLAN=8's SST-2 seeds and Scaled run, and beta2 0.99 (6 processes)
   setsid nohup bash -c "after lm fact-default-seeds; quality 0 sst2 fact-default-seeds 3 $D --methods psi-lora-fact scaled-psi-lora-fact --lrs psi-lora-fact=3e-5 scaled-psi-lora-fact=1e-3 --seeds 0 1 2 --method-seeds psi-lora-fact=1,2 scaled-psi-lora-fact=0" >/dev/null 2>&1 < /dev/null &
   setsid nohup bash -c "after lm beta99; quality 0 sst2 beta99 3 $D --methods proj-psi-lora-fact --lrs proj-psi-lora-fact=3e-5 --hp proj-psi-lora-fact:normalize_beta2=0.99 --seeds 0 1 2" >/dev/null 2>&1 < /dev/null &
@@ -190,7 +207,7 @@ timing)
   T=$ROOT/timing; mkdir -p $T
   # PLAN=5 times the tree this call carried, not the snapshot (nothing runs in the background any more).
   if [ "$PLAN" -ge 5 ]; then export PYTHONPATH=$PWD/src:$ROOT/pyext; fi
-  if [ "$PLAN" = 9 ]; then  # one GPU: the library defaults' smol rows twice over (their run-to-run spread)
+  if [ "$PLAN" = 9 ] || [ "$PLAN" = 10 ]; then  # one GPU: the library defaults' smol rows twice over (their spread)
     for i in 1 2; do
       CUDA_VISIBLE_DEVICES=0 python -m loraopt_bench.cost levers --warmup 2 --steps 8 --budget-s 60 --only smol-r8-s2048 \
         --optimizers adamw-fused,psi-k0,psi-k1,proj-psi,scaled-psi,loko-scalar --out $T/cost-$i > $T/cost-$i.log 2>&1

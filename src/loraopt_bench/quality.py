@@ -180,6 +180,15 @@ FACTORED: Tuple[MethodSpec, ...] = (
                (1e-4, 3e-4, 1e-3, 3e-3), {"normalize": "factored", "max_grad_norm": 0.0}),
 )
 METHODS.update({m.key: m for m in FACTORED})
+# normalize="full": Adam's second moment of every entry of G (d_out x d_in per layer), to measure what the factored
+# estimate leaves out (notes/psi.md §12: the LM gap to AdamW); the factored keys' lr grids.
+FULL_SECOND_MOMENT: Tuple[MethodSpec, ...] = (
+    MethodSpec("psi-lora-full", "psi-lora", "PSI-LoRA, normalize='full'", (1e-5, 3e-5, 1e-4, 3e-4),
+               {"normalize": "full", "max_grad_norm": 0.0}),
+    MethodSpec("proj-psi-lora-full", "proj-psi-lora", "Proj. PSI-LoRA, normalize='full'", (1e-5, 3e-5, 1e-4, 3e-4),
+               {"normalize": "full", "max_grad_norm": 0.0}),
+)
+METHODS.update({m.key: m for m in FULL_SECOND_MOMENT})
 LOKO_SCALAR = replace(METHODS["loko"], label="LoKO-scalar (p_init='score')",
                       hp={"p_init": "score", "observation": "loss"})
 
@@ -205,7 +214,7 @@ LM_METHODS: Tuple[MethodSpec, ...] = tuple(
        replace(LOKO_SCALAR, lrs=(0.1, 0.3, 1.0, 3.0)),
        MethodSpec("loko-scalar", "loko", "LoKO-scalar (library defaults)", (0.1, 0.3, 1.0, 3.0),
                   {"observation": "loss"})]
-    + list(NORMALIZED) + list(FACTORED))
+    + list(NORMALIZED) + list(FACTORED) + list(FULL_SECOND_MOMENT))
 # Which method key holds each optimizer's library defaults, and the default lr there (keyed by method key). Since
 # the factored normalisation became the PSI family's default (notes/psi.md §11 for PSI-LoRA and Proj. PSI-LoRA, §12
 # for Scaled PSI-LoRA), their defaults are the *-fact keys; the keys psi-lora / proj-psi-lora / scaled-psi-lora keep
@@ -246,7 +255,7 @@ SUITES: Dict[str, SuiteSpec] = {
     ),
     "vision": SuiteSpec(
         "vision", "EfficientNet-Lite0 on Fashion-MNIST, 64 px, one epoch (test accuracy)", "effnet-lite0",
-        "fashion-mnist", LIBRARY_DEFAULT_METHODS + NORMALIZED + FACTORED,
+        "fashion-mnist", LIBRARY_DEFAULT_METHODS + NORMALIZED + FACTORED + FULL_SECOND_MOMENT,
         dict(steps=1875, batch_size=32, image_size=64, eval_every=500, eval_limit=None, eval_batch_size=500),
         notes=("Riemannian AdamW is left out: PEFT's create_riemannian_optimizer preconditions only 2-D "
                "lora_A/lora_B and finds no pair among EfficientNet's 1x1-conv adapters (4-D weights).",

@@ -27,7 +27,7 @@ from torch import Tensor
 from .lorsum import lowrank_sq_norm, row_block_products
 
 __all__ = ["metric_ema", "debias", "metric_preconditioner", "metric_step", "stack_or_scalar", "layer_grad_sq_norms",
-           "layer_step_scale", "grad_row_col_sq", "factored_step_scales"]
+           "layer_step_scale", "grad_row_col_sq", "factored_step_scales", "full_step_scale"]
 
 Scalar = Union[float, Tensor]
 # grad_row_col_sq forms G = S^T X in blocks of rows of about this many elements (all layers of the batch together).
@@ -176,3 +176,16 @@ def factored_step_scales(
     s_out = (r + eps * r_mean + tiny).rsqrt()
     s_in = r_mean.sqrt() * (c + eps * c_mean + tiny).rsqrt()
     return s_out, s_in, new_row, new_col
+
+
+def full_step_scale(avg: Tensor, sq: Tensor, *, beta2: float, step: Scalar, eps: float) -> Tuple[Tensor, Tensor]:
+    """Adam's second moment of every entry of ``G``, for measurement: ``(scale, new avg)``, both ``(L, d_out, d_in)``.
+
+    ``avg`` is the EMA (rate ``beta2``, started at zero, bias-corrected at ``step``) of the squared entries ``sq =
+    G * G``; ``G * scale`` has entries of RMS about one, as :func:`factored_step_scales` does with its rank-one
+    estimate, and ``eps`` is the same damping relative to the EMA's mean.  It keeps ``d_out x d_in`` numbers per
+    layer (more than the adapter): the reference the factored estimate approximates."""
+    new = metric_ema(avg, sq, beta2)
+    v = debias(new, beta2, step).clamp_min(0.0)
+    tiny = torch.finfo(v.dtype).tiny
+    return (v + eps * v.mean(dim=(-2, -1), keepdim=True) + tiny).rsqrt(), new

@@ -92,15 +92,18 @@ _ARGS_DOC = r"""
             ``r_i c_j / mean(r)``, where ``r`` and ``c`` are bias-corrected EMAs (rate ``normalize_beta2``) of the
             mean squared entry of each row and column of ``G`` (Adafactor's factored second moment: ``d_out + d_in``
             numbers of state per layer; ``G`` is formed once per step from the rows to get them).  ``"layer"``
-            keeps one such number per layer.  Both need the rows (no streaming capture); under data parallelism
-            their statistics are the ranks' means of their local ones (a second moment at the per-rank batch).
+            keeps one such number per layer.  ``"full"`` keeps Adam's second moment of every entry of ``G``
+            (``d_out x d_in`` numbers per layer, more than the adapter, and the step takes the dense ``G``): it is
+            there to measure what the factored estimate leaves out, not for large models.  All need the rows (no
+            streaming capture); under data parallelism their statistics are the ranks' means of their local ones (a
+            second moment at the per-rank batch).
             Measured (one-epoch H200 suites, ``benchmarks/notes/psi.md`` §10-11; AdamW 86.6 % / 3.271 / 92.1 %):
             Proj. PSI-LoRA factored at 3e-5 reached SST-2 86.4 ± 0.3 %, LM validation loss 3.290 ± 0.002, vision
             91.1 % (1e-4: 91.7 ± 0.2 %); layer-normalised at 3e-5 86.2 ± 0.8 %, 3.321 ± 0.024, 90.7 %; the plain
             step at lr 0.03 85.9 ± 0.4 %, 3.367, 90.5 ± 0.2 %.  In the 100-step EfficientNet demo at batch 16 (CPU)
             factored 3e-5 reached 82-85 %, layer 31-79 %, plain 84-86 %.  Too large an lr blows up while staying
             finite: factored 3e-4 reached an LM validation loss of 6.6 (PSI-LoRA).
-        normalize_beta2: EMA rate of ``normalize="layer"`` and ``"factored"``.
+        normalize_beta2: EMA rate of the step normalisations' second moments.
         reference_compat: reproduce the reference code where it differs from the paper, which is only at K = 0
             (its unscaled LoRSum is a no-op there: plain PSI-LoRA does not move and no momentum updates).  For
             comparisons with published runs; it changes nothing at K >= 1.

@@ -51,8 +51,8 @@ def check_shared_hyperparameters(defaults: Dict[str, Any]) -> None:
         )
     if defaults["momentum_prox"] is not None:
         check_nonnegative("momentum_prox", defaults["momentum_prox"])
-    if defaults.get("normalize") not in (None, "layer", "factored"):
-        raise ValueError(f"normalize must be None, 'layer' or 'factored', got {defaults['normalize']!r}")
+    if defaults.get("normalize") not in (None, "layer", "factored", "full"):
+        raise ValueError(f"normalize must be None, 'layer', 'factored' or 'full', got {defaults['normalize']!r}")
     check_range("normalize_beta2", defaults.get("normalize_beta2", 0.999), 0.0, 1.0)
     betas = defaults["adam_betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
@@ -283,7 +283,7 @@ class _PSIOptimizerBase(LoRAOptimizer):
                 r_m = self._momentum_rank(group, layer)
                 if param is layer.A:
                     return {**counters, "momentum_A": (r_m, layer.d_in), "metric_in": (layer.d_in,),
-                            "grad_col_sq_avg": (layer.d_in,),
+                            "grad_col_sq_avg": (layer.d_in,), "grad_entry_sq_avg": (layer.d_out, layer.d_in),
                             "momentum_buffer": (layer.rank, layer.d_in), "previous_factor": (layer.rank, layer.d_in)}
                 return {**counters, "momentum_B": (layer.d_out, r_m), "metric_out": (layer.d_out,),
                         "grad_row_sq_avg": (layer.d_out,),
@@ -325,6 +325,8 @@ class _PSIOptimizerBase(LoRAOptimizer):
         elif group.get("normalize") == "factored":  # EMAs of the mean squared entry of each column / row of G
             state_a["grad_col_sq_avg"] = torch.zeros(layer.d_in, device=device, dtype=dtype)
             state_b["grad_row_sq_avg"] = torch.zeros(layer.d_out, device=device, dtype=dtype)
+        elif group.get("normalize") == "full":  # EMA of every squared entry of G (d_out x d_in: for measurement)
+            state_a["grad_entry_sq_avg"] = torch.zeros(layer.d_out, layer.d_in, device=device, dtype=dtype)
         self._init_metric_state(layer)
 
     def _ensure_other_state(self, group: Dict[str, Any], param: Tensor) -> None:

@@ -17,7 +17,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..functional.metrics import factored_step_scales, grad_row_col_sq, layer_grad_sq_norms, layer_step_scale
+from ..functional.metrics import (factored_step_scales, full_step_scale, grad_row_col_sq, layer_grad_sq_norms,
+                                  layer_step_scale)
 from ..functional.psi import Gradient, MetricInput, PSIConfig
 from ..lora.capture import LayerObservation
 from ..lora.layers import LoRALayer
@@ -338,6 +339,21 @@ class _ProjectedSubspaceOptimizer(_PSIOptimizerBase):
             scaled = Gradient(grad.left * s_out.unsqueeze(-1), grad.right * s_in.to(grad.right.dtype).unsqueeze(-2))
         return scaled, [(col_states, new_col, col_avg), (row_states, new_row, row_avg)]
 
+    def _full_normalization(self, group, layers, grad):
+        """``normalize="full"``: every entry of ``G`` divided by the root of its own EMA of ``G * G`` (Adam's second
+        moment on the full weight; ``d_out x d_in`` numbers per layer, for measuring what the factored estimate
+        leaves out).  The step then takes the dense ``G``.  Under data parallelism the squares are the ranks' mean
+        of their local ones, as for the factored statistics."""
+        states = [self.state[layer.A]["grad_entry_sq_avg"] for layer in layers]
+        avg = torch.stack(states)
+        G = grad.left if grad.right is None else grad.left @ grad.right.to(grad.left.dtype)
+        sq = G.to(avg.dtype).square()
+        if self._dist.active:
+            sq = self._dist.mean(sq)
+        step = float(self.state[layers[0].A]["step"]) + 1.0  # a CPU tensor: no device sync
+        scale, new_avg = full_step_scale(avg, sq, beta2=group["normalize_beta2"], step=step, eps=FACTORED_EPS)
+        return Gradient(G * scale.to(G.dtype), None), [(states, new_avg, avg)]
+
     def _lora_step_batched(self, group, items, reduced, clip) -> "Commit":
         """Gather the stacked factors, gradient, momentum and metric of one bucket, run the functional step, and
         return what to write back."""
@@ -365,6 +381,8 @@ class _ProjectedSubspaceOptimizer(_PSIOptimizerBase):
             normalized.append(layer_state)
         elif group.get("normalize") == "factored":
             grad, normalized = self._factored_normalization(group, layers, grad)
+        elif group.get("normalize") == "full":
+            grad, normalized = self._full_normalization(group, layers, grad)
         momentum_lists = self._momentum_state(layers)
         momentum = None if momentum_lists is None else tuple(torch.stack(ts) for ts in momentum_lists)
         metric = self._metric_input(group, layers, reds)
