@@ -1,5 +1,6 @@
 """The PSI family's step normalisations: normalize="layer" divides each layer's G by its RMS entry (a per-layer second
-moment); normalize="factored" divides each entry by the root of Adafactor's rank-one second-moment estimate."""
+moment); normalize="factored" divides each entry by the root of Adafactor's rank-one second-moment estimate;
+normalize="full" by the root of its own second moment (Adam's, on the full weight)."""
 
 from __future__ import annotations
 
@@ -216,42 +217,53 @@ def test_factored_scales_divide_each_entry_by_the_root_of_the_bias_corrected_ran
     assert torch.isfinite(s_out).all() and torch.isfinite(s_in).all() and (s_in == 0).all()
 
 
+@pytest.mark.parametrize("mode", ["factored", "full"])
 @pytest.mark.parametrize("name", ["psi-lora", "proj-psi-lora"])
-def test_two_factored_steps_equal_the_functional_step_on_the_hand_scaled_gradient(name):
-    """The optimizer replaces G by s_out G s_in (bias-corrected row / column EMAs from zero) and nothing else."""
+def test_two_normalised_steps_equal_the_functional_step_on_the_hand_scaled_gradient(name, mode):
+    """The optimizer replaces G by its hand-scaled form and nothing else: factored, s_out G s_in (bias-corrected row
+    / column EMAs from zero); full, G / sqrt(V) (bias-corrected EMA of G * G from zero)."""
     lr, lmbd, beta2 = 0.05, 0.1, 0.9
     mu = 0.0 if name == "psi-lora" else 0.5  # Proj.'s factor-space momentum starts at zero: a known state
     model = one_lora_linear(r=3, d_in=6, d_out=5, dtype=F64)
     opt = loraopt.create_optimizer(name, model, lr=lr, lmbd=lmbd, momentum=mu, max_grad_norm=0.0, inner_iters=1,
-                                   normalize="factored", normalize_beta2=beta2)
+                                   normalize=mode, normalize_beta2=beta2)
     (A,) = [p for n, p in model.named_parameters() if "lora_A" in n]
     (B,) = [p for n, p in model.named_parameters() if "lora_B" in n]
     A_ref, B_ref = A.detach().clone(), B.detach().clone()
-    row_avg, col_avg = torch.zeros(1, 5, dtype=F64), torch.zeros(1, 6, dtype=F64)
+    avg = {"row": torch.zeros(1, 5, dtype=F64), "col": torch.zeros(1, 6, dtype=F64),
+           "entry": torch.zeros(1, 5, 6, dtype=F64)}
     variant = "psi" if name == "psi-lora" else "proj"
     momentum = None if mu == 0 else tuple(torch.zeros_like(t)[None] for t in (A_ref, B_ref, A_ref, B_ref))
     g = torch.Generator().manual_seed(4)
     for t in (1, 2):
         G = _step_returning_full_weight_gradient(model, opt, g)
-        rows, cols = grad_row_col_sq(G[None], None)
-        s_out, s_in, row_avg, col_avg = factored_step_scales(row_avg, col_avg, rows, cols, beta2=beta2, step=t,
-                                                             eps=FACTORED_EPS)
-        scaled = s_out[..., :, None] * G[None] * s_in[..., None, :]
+        if mode == "factored":
+            rows, cols = grad_row_col_sq(G[None], None)
+            s_out, s_in, avg["row"], avg["col"] = factored_step_scales(avg["row"], avg["col"], rows, cols,
+                                                                       beta2=beta2, step=t, eps=FACTORED_EPS)
+            scaled = s_out[..., :, None] * G[None] * s_in[..., None, :]
+        else:
+            scale, avg["entry"] = full_step_scale(avg["entry"], (G * G)[None], beta2=beta2, step=t, eps=FACTORED_EPS)
+            scaled = G[None] * scale
         ref = psi_step(A_ref[None], B_ref[None], Gradient(scaled, None), lr=lr, grad_coef=1.0, momentum_coef=mu,
                        lam=lr * lmbd, lam_momentum=lr * lmbd, momentum=momentum, config=PSIConfig(variant=variant, iters=1))
         A_ref, B_ref, momentum = ref.A[0], ref.B[0], ref.momentum
         torch.testing.assert_close(A.detach(), A_ref, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(B.detach(), B_ref, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(opt.state[B]["grad_row_sq_avg"][None], row_avg, rtol=1e-12, atol=0)
-    torch.testing.assert_close(opt.state[A]["grad_col_sq_avg"][None], col_avg, rtol=1e-12, atol=0)
+    if mode == "factored":
+        torch.testing.assert_close(opt.state[B]["grad_row_sq_avg"][None], avg["row"], rtol=1e-12, atol=0)
+        torch.testing.assert_close(opt.state[A]["grad_col_sq_avg"][None], avg["col"], rtol=1e-12, atol=0)
+    else:
+        torch.testing.assert_close(opt.state[A]["grad_entry_sq_avg"][None], avg["entry"], rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("mode", ["factored", "full"])
 @pytest.mark.parametrize("name", ["psi-lora", "proj-psi-lora", "scaled-psi-lora"])
-def test_the_factored_step_does_not_depend_on_the_loss_scale(name):
+def test_the_factored_and_full_steps_do_not_depend_on_the_loss_scale(name, mode):
     kw = dict(lr=1e-3, inner_iters=1)
     if name == "scaled-psi-lora":
         kw["other_lr"] = 1e-2
-    one, big = _train(name, 1.0, normalize="factored", **kw), _train(name, 1000.0, normalize="factored", **kw)
+    one, big = _train(name, 1.0, normalize=mode, **kw), _train(name, 1000.0, normalize=mode, **kw)
     for n in one:
         torch.testing.assert_close(big[n], one[n], rtol=1e-4, atol=1e-6)
 
@@ -313,61 +325,3 @@ def test_full_scale_divides_each_entry_by_the_root_of_its_bias_corrected_second_
     # A gradient that is exactly zero gives a finite scale and no step.
     scale, _ = full_step_scale(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), beta2=0.99, step=1, eps=FACTORED_EPS)
     assert torch.isfinite(scale).all()
-
-
-@pytest.mark.parametrize("name", ["psi-lora", "proj-psi-lora"])
-def test_two_full_normalised_steps_equal_the_functional_step_on_the_hand_scaled_gradient(name):
-    """normalize="full": the optimizer replaces G by G / sqrt(V) (bias-corrected EMA of G * G from zero)."""
-    lr, lmbd, beta2 = 0.05, 0.1, 0.9
-    mu = 0.0 if name == "psi-lora" else 0.5
-    model = one_lora_linear(r=3, d_in=6, d_out=5, dtype=F64)
-    opt = loraopt.create_optimizer(name, model, lr=lr, lmbd=lmbd, momentum=mu, max_grad_norm=0.0, inner_iters=1,
-                                   normalize="full", normalize_beta2=beta2)
-    (A,) = [p for n, p in model.named_parameters() if "lora_A" in n]
-    (B,) = [p for n, p in model.named_parameters() if "lora_B" in n]
-    A_ref, B_ref = A.detach().clone(), B.detach().clone()
-    avg = torch.zeros(1, 5, 6, dtype=F64)
-    variant = "psi" if name == "psi-lora" else "proj"
-    momentum = None if mu == 0 else tuple(torch.zeros_like(t)[None] for t in (A_ref, B_ref, A_ref, B_ref))
-    g = torch.Generator().manual_seed(4)
-    for t in (1, 2):
-        G = _step_returning_full_weight_gradient(model, opt, g)
-        scale, avg = full_step_scale(avg, (G * G)[None], beta2=beta2, step=t, eps=FACTORED_EPS)
-        ref = psi_step(A_ref[None], B_ref[None], Gradient(G[None] * scale, None), lr=lr, grad_coef=1.0,
-                       momentum_coef=mu, lam=lr * lmbd, lam_momentum=lr * lmbd, momentum=momentum,
-                       config=PSIConfig(variant=variant, iters=1))
-        A_ref, B_ref, momentum = ref.A[0], ref.B[0], ref.momentum
-        torch.testing.assert_close(A.detach(), A_ref, rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(B.detach(), B_ref, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(opt.state[A]["grad_entry_sq_avg"][None], avg, rtol=1e-12, atol=0)
-
-
-@pytest.mark.parametrize("name", ["psi-lora", "proj-psi-lora", "scaled-psi-lora"])
-def test_the_full_normalised_step_does_not_depend_on_the_loss_scale_and_resumes(name):
-    kw = dict(lr=1e-3, inner_iters=1)
-    if name == "scaled-psi-lora":
-        kw["other_lr"] = 1e-2
-    one, big = _train(name, 1.0, normalize="full", **kw), _train(name, 1000.0, normalize="full", **kw)
-    for n in one:
-        torch.testing.assert_close(big[n], one[n], rtol=1e-4, atol=1e-6)
-    # A checkpoint taken after one step and resumed gives the uninterrupted run's parameters.
-    runs = []
-    for resume in (False, True):
-        torch.manual_seed(0)
-        model = make_model("mlp").to(F64)
-        opt = loraopt.create_optimizer(name, model, normalize="full", max_grad_norm=0.0, **kw)
-        for t in range(3):
-            if resume and t == 1:
-                saved = {k: v.clone() for k, v in model.state_dict().items()}, opt.state_dict()
-                torch.manual_seed(1)
-                model = make_model("mlp").to(F64)
-                model.load_state_dict(saved[0])
-                opt = loraopt.create_optimizer(name, model, normalize="full", max_grad_norm=0.0, **kw)
-                opt.load_state_dict(saved[1])
-            x, y = make_batch("mlp", seed=t)
-            opt.zero_grad()
-            loss_fn(model, x.to(F64), y).backward()
-            opt.step()
-        runs.append(params_snapshot(model))
-    for n in runs[0]:
-        torch.testing.assert_close(runs[1][n], runs[0][n], rtol=0, atol=0)
