@@ -170,12 +170,16 @@ def factored_step_scales(
     new_row, new_col = metric_ema(row_avg, row_sq, beta2), metric_ema(col_avg, col_sq, beta2)
     r = debias(new_row, beta2, step).clamp_min(0.0)
     c = debias(new_col, beta2, step).clamp_min(0.0)
-    tiny = torch.finfo(r.dtype).tiny
-    r_mean = r.mean(-1, keepdim=True)
-    c_mean = c.mean(-1, keepdim=True)
-    s_out = (r + eps * r_mean + tiny).rsqrt()
-    s_in = r_mean.sqrt() * (c + eps * c_mean + tiny).rsqrt()
+    s_out = _damped_rsqrt(r, eps, dim=-1)
+    s_in = r.mean(-1, keepdim=True).sqrt() * _damped_rsqrt(c, eps, dim=-1)
     return s_out, s_in, new_row, new_col
+
+
+def _damped_rsqrt(v: Tensor, eps: float, dim) -> Tensor:
+    """``1 / sqrt(v + eps mean(v) + tiny)``, the mean over ``dim``: the step normalisations' damping relative to
+    the second moment's own scale (a coordinate that never saw a gradient takes no step, a nearly dead one no huge
+    step, and ``tiny`` keeps an all-zero ``v`` finite)."""
+    return (v + eps * v.mean(dim=dim, keepdim=True) + torch.finfo(v.dtype).tiny).rsqrt()
 
 
 def full_step_scale(avg: Tensor, sq: Tensor, *, beta2: float, step: Scalar, eps: float) -> Tuple[Tensor, Tensor]:
@@ -187,5 +191,4 @@ def full_step_scale(avg: Tensor, sq: Tensor, *, beta2: float, step: Scalar, eps:
     layer (more than the adapter): the reference the factored estimate approximates."""
     new = metric_ema(avg, sq, beta2)
     v = debias(new, beta2, step).clamp_min(0.0)
-    tiny = torch.finfo(v.dtype).tiny
-    return (v + eps * v.mean(dim=(-2, -1), keepdim=True) + tiny).rsqrt(), new
+    return _damped_rsqrt(v, eps, dim=(-2, -1)), new
