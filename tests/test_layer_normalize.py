@@ -325,3 +325,52 @@ def test_full_scale_divides_each_entry_by_the_root_of_its_bias_corrected_second_
     # A gradient that is exactly zero gives a finite scale and no step.
     scale, _ = full_step_scale(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), beta2=0.99, step=1, eps=FACTORED_EPS)
     assert torch.isfinite(scale).all()
+
+
+def test_moment_probe_rank_one_estimate_is_what_the_factored_step_uses_on_the_same_gradients():
+    """``loraopt_bench.moment_probe`` builds Adafactor's estimate from the full EMA ``V``: by linearity its row and
+    column means are the factored step's EMAs over the same gradients, so the estimate is the one the factored step
+    divides by (checked against ``factored_step_scales``), and exact where ``V`` has rank one."""
+    from loraopt_bench.moment_probe import compare_moments, rank_one_estimate
+
+    beta2, g = 0.95, torch.Generator().manual_seed(5)
+    full = torch.zeros(1, 6, 4, dtype=F64)
+    rows, cols = torch.zeros(1, 6, dtype=F64), torch.zeros(1, 4, dtype=F64)
+    for t in range(1, 5):
+        G = torch.randn(1, 6, 4, generator=g, dtype=F64) * torch.arange(1, 7, dtype=F64)[None, :, None]
+        _, full = full_step_scale(full, G * G, beta2=beta2, step=t, eps=0.0)
+        r_sq, c_sq = grad_row_col_sq(G, None)
+        s_out, s_in, rows, cols = factored_step_scales(rows, cols, r_sq, c_sq, beta2=beta2, step=t, eps=0.0)
+    V = full[0] / (1 - beta2 ** 4)  # bias-corrected, as both steps use it
+    estimate = rank_one_estimate(V)
+    torch.testing.assert_close(estimate, 1.0 / (s_out[0][:, None] * s_in[0][None, :]).square(), rtol=1e-10, atol=0)
+    # Not rank one here: the estimate is off, and the probe says by how much.
+    report = compare_moments(V)
+    assert report["rel_error"] > 0.05
+    assert report["weight_quantiles"]["0.01"] < 1.0 < report["weight_quantiles"]["0.99"]
+    # Rank one: exact, every weight 1.
+    exact = compare_moments(torch.outer(torch.rand(6, dtype=F64) + 0.1, torch.rand(4, dtype=F64) + 0.1))
+    assert exact["rel_error"] < 1e-12
+    assert all(abs(q - 1.0) < 1e-10 for q in exact["weight_quantiles"].values())
+
+
+def test_moment_probe_reports_every_adapted_module_of_a_full_second_moment_run_and_refuses_other_runs():
+    from loraopt_bench.moment_probe import probe
+
+    for normalize in ("full", "factored"):
+        model = make_model("mlp")
+        opt = loraopt.create_optimizer("proj-psi-lora", model, lr=1e-3, normalize=normalize, max_grad_norm=0.0)
+        x, y = make_batch("mlp")
+        for _ in range(2):
+            opt.zero_grad()
+            loss_fn(model, x, y).backward()
+            opt.step()
+        if normalize == "full":
+            report = probe(opt, model)
+            assert sorted(report) == ["fc1", "fc2"] and all(row["layers"] == 1 for row in report.values())
+            assert all(0.0 <= row["rel_error_mean"] <= row["rel_error_max"] for row in report.values())
+        else:
+            with pytest.raises(ValueError, match="normalize='full'"):
+                probe(opt, model)
+        if hasattr(opt, "remove_hooks"):
+            opt.remove_hooks()

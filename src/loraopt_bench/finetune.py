@@ -783,6 +783,7 @@ class FinetuneResult:
     metrics: Dict[str, Any]
     config: Dict[str, Any]
     model: Any = None
+    optimizer: Any = None  # the trained optimizer, its state included (for diagnostics such as moment_probe)
 
 
 def _index_stream(n: int, batch_size: int, seed: int):
@@ -1129,7 +1130,7 @@ def run_finetune(
     finally:
         if hasattr(optimizer, "remove_hooks"):
             optimizer.remove_hooks()  # the model outlives the optimizer (returned, evaluated again)
-    return FinetuneResult(run_dir, metrics, config_record, model)
+    return FinetuneResult(run_dir, metrics, config_record, model, optimizer)
 
 
 # ---------------------------------------------------------------------------------------------------------------
