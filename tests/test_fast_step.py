@@ -339,6 +339,20 @@ def test_cost_levers_quick_writes_rows_and_ratios(tmp_path):
     assert "x AdamW" in md and "| quick-r8-s64 | adamw-fused |" in md
 
 
+def test_cost_levers_full_second_moment_row_counts_its_dense_state(tmp_path):
+    """The ``proj-psi-full`` row (``normalize="full"``) keeps ``d_out x d_in`` second moments per adapted layer: at
+    r = 8 on layers at least 64 wide that is at least 4 x 64 x 64 / (8 x 128) = 16 more bytes per trainable
+    parameter than the factored default's ``d_out + d_in``."""
+    import json
+
+    from loraopt_bench import cost
+
+    cost.main(["levers", "--quick", "--out", str(tmp_path), "--optimizers", "adamw-fused,proj-psi,proj-psi-full"])
+    rows = {r["optimizer"]: r for r in json.loads((tmp_path / "cpu.json").read_text())["runs"]}
+    assert "error" not in rows["proj-psi-full"], rows["proj-psi-full"]
+    assert rows["proj-psi-full"]["state_bytes_per_param"] >= rows["proj-psi"]["state_bytes_per_param"] + 16
+
+
 def test_cost_run_refuses_a_lever_row_name_instead_of_skipping_it(tmp_path):
     """``cost run`` knows the library-default rows only; a lever name (``-graph``, ``-polar``) used to be skipped
     without a word, which wasted a GPU call."""

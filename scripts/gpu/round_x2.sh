@@ -32,7 +32,10 @@
 # opens late, when an EMA over ~1,000 steps still remembers the large early gradients (notes/psi.md §12).
 # PLAN=10 (one H200, written after PLAN=9 ran, not run): Scaled PSI-LoRA's new factored default (seeds 1-2 at 3e-4,
 # and 1e-4 / 1e-3 where missing) on every suite, the full second moment (normalize="full", the diagnostic of notes/psi.md
-# §12) against the factored one, and the defaults' smol cost rows with Scaled PSI-LoRA's factored step.
+# §12) against the factored one, and the defaults' smol cost rows with Scaled PSI-LoRA's factored step (ran
+# 2026-12-01: notes/psi.md §13). PLAN=11 (one H200, written after PLAN=10 ran, not run): a 6 % warm-up for Proj.
+# PSI-LoRA at 1e-4, full and factored (one LM seed in three failed early there, notes/psi.md §13), the full second
+# moment at 5e-5 (its best LM lr) on vision and SST-2, and the cost of the full second moment (smol rows).
 set -u
 PLAN=${PLAN:-1}
 : "${OUT:?set OUT}" "${STAGE:?set STAGE}"
@@ -72,6 +75,9 @@ lm2)
   setsid nohup bash -c "quality 1 lm defaults-b 2 $D --methods psi-lora proj-psi-lora scaled-psi-lora --lrs psi-lora=0.03 proj-psi-lora=0.03 scaled-psi-lora=0.3 --seeds 1 2" >/dev/null 2>&1 < /dev/null &
   elif [ "$PLAN" = 8 ]; then  # one H200: the defaults' missing seeds, then Scaled PSI-LoRA (notes/psi.md §11 "Not done")
   setsid nohup bash -c "quality 0 lm fact-default-seeds 5 $D --methods psi-lora-fact proj-psi-lora-fact scaled-psi-lora --lrs psi-lora-fact=3e-5 proj-psi-lora-fact=1e-5 scaled-psi-lora=0.1,1.0 --seeds 0 1 2 --method-seeds psi-lora-fact=1,2 proj-psi-lora-fact=0 scaled-psi-lora=0" >/dev/null 2>&1 < /dev/null &
+  elif [ "$PLAN" = 11 ]; then  # one H200: warm-up at 1e-4 for the full and factored steps (7 processes)
+  setsid nohup bash -c "quality 0 lm warmup 6 $D --methods proj-psi-lora-full-warmup proj-psi-lora-fact-warmup --lrs proj-psi-lora-full-warmup=1e-4 proj-psi-lora-fact-warmup=1e-4 --seeds 0 1 2" >/dev/null 2>&1 < /dev/null &
+  setsid nohup bash -c "quality 0 lm warmup-high 1 $D --methods proj-psi-lora-full-warmup --lrs proj-psi-lora-full-warmup=3e-4 --seeds 0" >/dev/null 2>&1 < /dev/null &
   elif [ "$PLAN" = 10 ]; then  # one H200: Scaled PSI-LoRA's factored default, and the full second moment (7 processes)
   setsid nohup bash -c "quality 0 lm scaled-fact 2 $D --methods scaled-psi-lora-fact --lrs scaled-psi-lora-fact=1e-4,1e-3 --seeds 0" >/dev/null 2>&1 < /dev/null &
   setsid nohup bash -c "quality 0 lm scaled-fact-seeds 2 $D --methods scaled-psi-lora-fact --lrs scaled-psi-lora-fact=3e-4 --seeds 1 2" >/dev/null 2>&1 < /dev/null &
@@ -112,6 +118,11 @@ vision)
   export -f quality left after; export ROOT
   # PLAN 1 ran nine PSI-family processes next to 20 others and finished none; PLAN 2 runs the same nine runs with
   # the GPUs less shared (PSI-LoRA and Proj. on GPU 0, Scaled on GPU 1; 4-5 processes each).
+  if [ "$PLAN" = 11 ]; then  # warm-up at 1e-4 (factored), the full second moment at 5e-5 (5 processes)
+  setsid nohup bash -c "quality 0 vision warmup 2 $D --methods proj-psi-lora-fact-warmup --lrs proj-psi-lora-fact-warmup=1e-4 --seeds 0 1" >/dev/null 2>&1 < /dev/null &
+  setsid nohup bash -c "quality 0 vision full-5e-5 3 $D --methods proj-psi-lora-full --lrs proj-psi-lora-full=5e-5 --seeds 0 1 2" >/dev/null 2>&1 < /dev/null &
+  sleep 5; left; exit 0
+  fi
   if [ "$PLAN" = 10 ]; then  # Scaled PSI-LoRA's factored default and the full second moment (5 processes)
   # (--method-seeds applies to every lr of a method: one command per (lrs, seeds), so that no finished run is repeated)
   setsid nohup bash -c "quality 0 vision scaled-fact-seeds 2 $D --methods scaled-psi-lora-fact --lrs scaled-psi-lora-fact=3e-4 --seeds 1 2" >/dev/null 2>&1 < /dev/null &
@@ -165,6 +176,9 @@ sst2)
   if [ "$PLAN" = 1 ]; then
   setsid nohup bash -c "quality 0 sst2 defaults 4 $D --methods psi-lora-default proj-psi-lora-default riemannian-adamw lora-plus --lrs riemannian-adamw=3e-3 lora-plus=3e-4 --seeds 0 1 2 --method-seeds lora-plus=1,2; quality 0 sst2 riemannian-sweep 4 $D --methods riemannian-adamw --lrs riemannian-adamw=1e-3,1e-2 --seeds 0" >/dev/null 2>&1 < /dev/null &
   setsid nohup bash -c "quality 1 sst2 ablations 4 $D --methods psi-lora-k0 psi-lora-k2 psi-lora-rank2 psi-lora-warmup proj-psi-lora-k2 proj-psi-lora-warmup scaled-psi-lora-k1 scaled-psi-lora-shampoo scaled-psi-lora-p025 scaled-psi-lora-p1 scaled-psi-lora-beta999 scaled-psi-lora-damp1e-3 scaled-psi-lora-nobc scaled-psi-lora-warmup --seeds 0" >/dev/null 2>&1 < /dev/null &
+  elif [ "$PLAN" = 11 ]; then  # after the LM runs: the full second moment at 5e-5, and with warm-up at 1e-4
+  setsid nohup bash -c "after lm warmup; quality 0 sst2 full-5e-5 3 $D --methods proj-psi-lora-full --lrs proj-psi-lora-full=5e-5 --seeds 0 1 2" >/dev/null 2>&1 < /dev/null &
+  setsid nohup bash -c "after lm warmup; quality 0 sst2 warmup 3 $D --methods proj-psi-lora-full-warmup --lrs proj-psi-lora-full-warmup=1e-4 --seeds 0 1 2" >/dev/null 2>&1 < /dev/null &
   elif [ "$PLAN" = 10 ]; then  # after the LM runs: Scaled PSI-LoRA's factored default, the full second moment
   setsid nohup bash -c "after lm scaled-fact-seeds; quality 0 sst2 scaled-fact-seeds 2 $D --methods scaled-psi-lora-fact --lrs scaled-psi-lora-fact=3e-4 --seeds 1 2; quality 0 sst2 scaled-fact 1 $D --methods scaled-psi-lora-fact --lrs scaled-psi-lora-fact=1e-4 --seeds 0" >/dev/null 2>&1 < /dev/null &
   setsid nohup bash -c "after lm full; quality 0 sst2 full 2 $D --methods proj-psi-lora-full --lrs proj-psi-lora-full=3e-5,1e-4 --seeds 0" >/dev/null 2>&1 < /dev/null &
@@ -207,10 +221,12 @@ timing)
   T=$ROOT/timing; mkdir -p $T
   # PLAN=5 times the tree this call carried, not the snapshot (nothing runs in the background any more).
   if [ "$PLAN" -ge 5 ]; then export PYTHONPATH=$PWD/src:$ROOT/pyext; fi
-  if [ "$PLAN" = 9 ] || [ "$PLAN" = 10 ]; then  # one GPU: the library defaults' smol rows twice over (their spread)
+  if [ "$PLAN" = 9 ] || [ "$PLAN" = 10 ] || [ "$PLAN" = 11 ]; then  # one GPU: the defaults' smol rows twice over
+    OPTS=adamw-fused,psi-k0,psi-k1,proj-psi,scaled-psi,loko-scalar
+    [ "$PLAN" = 11 ] && OPTS=adamw-fused,proj-psi,proj-psi-full,psi-k1  # what the full second moment costs
     for i in 1 2; do
       CUDA_VISIBLE_DEVICES=0 python -m loraopt_bench.cost levers --warmup 2 --steps 8 --budget-s 60 --only smol-r8-s2048 \
-        --optimizers adamw-fused,psi-k0,psi-k1,proj-psi,scaled-psi,loko-scalar --out $T/cost-$i > $T/cost-$i.log 2>&1
+        --optimizers $OPTS --out $T/cost-$i > $T/cost-$i.log 2>&1
     done
     tail -n 8 $T/cost-*.log; tar czf "$OUT/timing.tgz" -C $T . ; ls -la "$OUT"; exit 0
   fi

@@ -627,6 +627,10 @@ LEVER_OPTIONAL: List[tuple] = [
     (f"{name}-{mode}", registry, dict(hp, normalize=mode, max_grad_norm=0.0, lr=3e-5), "grad")
     for mode in ("layer", "factored")
     for name, registry, hp in (("psi-k1", "psi-lora", dict(inner_iters=1)), ("proj-psi", "proj-psi-lora", {}))
+] + [
+    # Adam's per-entry second moment (notes/psi.md §13: the best PSI-family LM setting, lr 5e-5): d_out x d_in state
+    # per layer and the dense G every step.
+    ("proj-psi-full", "proj-psi-lora", dict(normalize="full", max_grad_norm=0.0, lr=5e-5), "grad"),
 ]
 # --compare-eager: the same optimizers with a lever switched off, measured in the same run.
 #   ":compiled"  compile=True: lever 3 on (the library default is the eager step since the H200 run of
