@@ -93,10 +93,12 @@ _ARGS_DOC = r"""
             mean squared entry of each row and column of ``G`` (Adafactor's factored second moment: ``d_out + d_in``
             numbers of state per layer; ``G`` is formed once per step from the rows to get them).  ``"layer"``
             keeps one such number per layer.  ``"full"`` keeps Adam's second moment of every entry of ``G``
-            (``d_out x d_in`` numbers per layer, more than the adapter, and the step takes the dense ``G``): it is
-            there to measure what the factored estimate leaves out, not for large models.  All need the rows (no
-            streaming capture); under data parallelism their statistics are the ranks' means of their local ones (a
-            second moment at the per-rank batch).
+            (``d_out x d_in`` numbers per layer, more than the adapter, and the step takes the dense ``G``): more
+            state than the factored one, so opt-in.  With Proj. PSI-LoRA at lr 5e-5 it was the best PSI-family
+            setting on the one-epoch LM suite (3.277 +- 0.002 against 3.290 factored and AdamW's 3.271 +- 0.006;
+            ``benchmarks/notes/psi.md`` §13); on SST-2 and vision it did no better than the factored step.  All need
+            the rows (no streaming capture); under data parallelism their statistics are the ranks' means of their
+            local ones (a second moment at the per-rank batch).
             Measured (one-epoch H200 suites, ``benchmarks/notes/psi.md`` §10-11; AdamW 86.6 % / 3.271 / 92.1 %):
             Proj. PSI-LoRA factored at 3e-5 reached SST-2 86.4 ± 0.3 %, LM validation loss 3.290 ± 0.002, vision
             91.1 % (1e-4: 91.7 ± 0.2 %); layer-normalised at 3e-5 86.2 ± 0.8 %, 3.321 ± 0.024, 90.7 %; the plain
@@ -412,8 +414,9 @@ PSI_NORMALIZED_SETTINGS = dict(lr=3e-5, max_grad_norm=0.0, normalize="layer")
 OTHER_ADAM_LR = 3e-3
 # Scaled PSI-LoRA's defaults since benchmarks/notes/psi.md §12: the factored step normalisation (as PSI-LoRA's) at lr
 # 3e-4, no clipping, on top of the scale-free metric. Against the plain step at lr 0.3 (SCALED_PLAIN_SETTINGS, the
-# defaults before) it was ahead on every one-epoch suite (one seed each, H200: SST-2 86.1 against 85.1 +- 0.4 %, LM
-# 3.354 against 3.383, vision 90.5 against 89.6 %), after 60 CPU steps of SST-2 (77.0 against 52.1 %) and in the
+# defaults before) it was ahead on every one-epoch suite (H200, 3 seeds for the factored step: SST-2 85.9 +- 0.2
+# against 85.1 +- 0.4 %, LM 3.324 +- 0.027 against 3.383, vision 90.5 +- 0.0 against 89.6 %; 3e-4 was its best lr on
+# each, notes/psi.md §13), after 60 CPU steps of SST-2 (77.0 against 52.1 %) and in the
 # 100-step EfficientNet demo (85.2 against 81.0 %). Its window above is narrow: at 1e-3 the demo collapsed (8.6 %)
 # and SST-2 lost 3 points (82.8 %); 1e-4 gave 83.4 % in the demo.
 SCALED_DEFAULTS = dict(lr=3e-4, normalize="factored", max_grad_norm=0.0, metric_scale="relative",
