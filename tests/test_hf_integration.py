@@ -278,7 +278,11 @@ def test_gradient_accumulation_matches_the_full_batch(case, kind, tmp_path):
     full = _train_batches(kind, factory, kwargs, trainer_cls, tmp_path / "full", batch=8, accumulation=1)
     accumulated = _train_batches(kind, factory, kwargs, trainer_cls, tmp_path / "acc", batch=2, accumulation=4)
     for name in full:
-        torch.testing.assert_close(accumulated[name], full[name], rtol=1e-5, atol=1e-6, msg=name)
+        # fp32 sums of four micro-batches differ from one batch's in the last bits, and Scaled PSI-LoRA's r x r solves
+        # carry that to ~2e-6 of a tensor's largest entry (measured with transformers 5.24); an accumulation defect
+        # (a micro-batch dropped or the 1/4 scaling missing) moves entries by 1e-2 or more of it.
+        scale = float(full[name].abs().max())
+        torch.testing.assert_close(accumulated[name], full[name], rtol=1e-5, atol=max(1e-6, 1e-5 * scale), msg=name)
     assert any(".lora_B." in n and full[n].abs().max() > 0 for n in full)
 
 
