@@ -35,7 +35,8 @@
 # §12) against the factored one, and the defaults' smol cost rows with Scaled PSI-LoRA's factored step (ran
 # 2026-12-01: notes/psi.md §13). PLAN=11 (one H200, written after PLAN=10 ran, not run): a 6 % warm-up for Proj.
 # PSI-LoRA at 1e-4, full and factored (one LM seed in three failed early there, notes/psi.md §13), the full second
-# moment at 5e-5 (its best LM lr) on vision and SST-2, and the cost of the full second moment (smol rows).
+# moment at 5e-5 (its best LM lr) on vision and SST-2, and the cost of the full second moment (smol rows); a
+# STAGE=wait call with PROBE=1 also runs loraopt_bench.moment_probe on each suite, beside the suites ($OUT/moment_probe).
 set -u
 PLAN=${PLAN:-1}
 : "${OUT:?set OUT}" "${STAGE:?set STAGE}"
@@ -212,6 +213,19 @@ sst2)
   sleep 5; left; nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv ;;
 wait)
   end=$(( $(date +%s) + ${WAIT_S:-540} ))
+  if [ "$PLAN" = 11 ] && [ "${PROBE:-0}" = 1 ]; then  # the second-moment probe (notes/psi.md §14) beside the suites,
+    P=$OUT/moment_probe; mkdir -p $P  # at each suite's batch and length, proj-psi-lora-full 5e-5, from the carried tree
+    S=$ROOT/stash; export LORAOPT_FASHION_MNIST_DIR=$S/effnet-fashion-mnist/data/fashion-mnist
+    M="env PYTHONPATH=$PWD/src:$ROOT/pyext python -m loraopt_bench.moment_probe --device cuda --lr 5e-5"
+    # SST-2 and vision run a part of their epoch: beside ten suite processes a whole one took over 400 s
+    timeout 420 $M --model $ROOT/smollm2 --task tinyshakespeare --data-dir $S/smollm2-part1/data --steps 447 \
+      --batch-size 8 --block-size 256 --out $P/lm > $P/lm.log 2>&1 &
+    timeout 420 $M --model $S/minilm-sst2 --task sst2 --data-dir $S/minilm-sst2/data --steps ${PROBE_STEPS:-800} \
+      --batch-size 32 --max-length 64 --out $P/sst2 > $P/sst2.log 2>&1 &
+    timeout 420 $M --model $S/effnet-fashion-mnist --task fashion-mnist --data-dir $S/effnet-fashion-mnist/data \
+      --steps ${PROBE_STEPS:-800} --batch-size 32 --image-size 64 --out $P/vision > $P/vision.log 2>&1 &
+    wait; tail -n 6 $P/*.log
+  fi
   while [ "$(date +%s)" -lt $end ] && pgrep -f "bench quality" >/dev/null; do sleep 10; done
   tail -n 3 $ROOT/work/*/*.log; nvidia-smi --query-gpu=index,utilization.gpu --format=csv; archive ;;
 timing)

@@ -43,7 +43,7 @@ def rank_one_estimate(V: Tensor) -> Tensor:
 
 def compare_moments(V: Tensor) -> Dict[str, Any]:
     """The rank-one estimate's relative Frobenius error and the quantiles of ``sqrt(V / V^)`` (float64)."""
-    V = V.double().clamp_min(0.0)
+    V = V.detach().to("cpu", torch.float64).clamp_min(0.0)  # quantile's q must share the input's device
     est = rank_one_estimate(V)
     tiny = torch.finfo(torch.float64).tiny
     weight = ((V + tiny) / (est + tiny)).sqrt().flatten()
