@@ -96,7 +96,9 @@ _ARGS_DOC = r"""
             (``d_out x d_in`` numbers per layer, more than the adapter, and the step takes the dense ``G``): more
             state than the factored one, so opt-in.  With Proj. PSI-LoRA at lr 5e-5 it was the best PSI-family
             setting on the one-epoch LM suite (3.277 +- 0.002 against 3.290 factored and AdamW's 3.271 +- 0.006;
-            ``benchmarks/notes/psi.md`` §13); on SST-2 and vision it did no better than the factored step.  All need
+            ``benchmarks/notes/psi.md`` §13); on vision it did no better than the factored step.  On SST-2, at lr
+            1e-4 with a 6 % linear warm-up in the scheduler, it reached 87.3 +- 0.2 % against AdamW's 86.6 +- 0.5 %
+            (§14).  All need
             the rows (no streaming capture); under data parallelism their statistics are the ranks' means of their
             local ones (a second moment at the per-rank batch).
             Measured (one-epoch H200 suites, ``benchmarks/notes/psi.md`` §10-11; AdamW 86.6 % / 3.271 / 92.1 %):
