@@ -171,3 +171,21 @@ def test_batched_shampoo_statistics_equal_each_layers(rows):
         torch.testing.assert_close(o.shampoo_in, e.shampoo_in, rtol=1e-12, atol=0)
         torch.testing.assert_close(o.shampoo_out, e.shampoo_out, rtol=1e-12, atol=0)
     capture.remove()
+
+
+def test_the_kernel_census_script_sorts_every_call_of_a_step():
+    """``scripts/step_kernel_census.py`` (notes/cost.md "Round 9") runs against the current step and each of its
+    groups (views, guards, data movement) is present, with kernels besides the views."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "step_kernel_census.py"
+    spec = importlib.util.spec_from_file_location("step_kernel_census", path)
+    census = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(census)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        calls = census.census("proj-psi-lora", {})
+    assert all(sum(n for op, n in calls.items() if op in group) > 0
+               for group in (census.METADATA, census.GUARDS, census.DATA_MOVEMENT))
+    assert sum(calls.values()) > sum(n for op, n in calls.items() if op in census.METADATA)
