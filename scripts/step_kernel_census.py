@@ -1,6 +1,6 @@
 """Where the dispatcher calls of one PSI-family step go (issue 12; benchmarks/notes/cost.md "Round 9").
 
-Counts every aten call of one ``optimizer.step()`` (after two warm-up steps) on the toy model of
+Counts every aten call of one ``optimizer.step()`` (after three warm-up steps, 64 rows per batch) on the toy model of
 ``tests/test_step_launches.py`` (8 blocks of three adapted shapes, so three shape buckets), on the CPU, and sorts them
 into metadata (views: no kernel on a GPU), guards (the finiteness tests and the selections that keep a failing layer
 unchanged without a host synchronisation), data movement (stacks, copies, casts, fills) and math.  On a GPU in eager
@@ -17,13 +17,8 @@ import os
 import sys
 import warnings
 
-import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-import test_step_launches  # noqa: E402  (its toy model: the one the launch-count tests use)
-
-import loraopt  # noqa: E402
+import test_step_launches  # noqa: E402  (its toy model and counter: the ones the launch-count tests use)
 
 METADATA = {"view", "expand", "unsqueeze", "_unsafe_view", "transpose", "unbind", "diagonal", "select", "slice", "t",
             "permute", "squeeze", "alias", "as_strided", "detach", "lift_fresh", "_reshape_alias", "split",
@@ -34,30 +29,9 @@ DATA_MOVEMENT = {"stack", "cat", "clone", "_to_copy", "copy_", "_foreach_copy_",
                  "ones", "eye", "full", "fill_", "empty", "empty_like", "new_empty", "scalar_tensor"}
 
 
-class _Census(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls: collections.Counter = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-
-def census(name: str, hyperparameters: dict, blocks: int = 8) -> collections.Counter:
-    """The aten calls of the third ``step()`` of ``create_optimizer(name, ...)`` on the toy model."""
-    model = test_step_launches._model(blocks)
-    optimizer = loraopt.create_optimizer(name, model, **hyperparameters)
-    x, y = torch.randn(64, 16), torch.randint(0, 3, (64,))
-    counter = _Census()
-    for step in range(3):
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        if step < 2:
-            optimizer.step()
-            optimizer.zero_grad()
-    with counter:
-        optimizer.step()
-    return counter.calls
+def census(name: str, hyperparameters: dict, blocks: int = 8, rows: int = 64) -> collections.Counter:
+    """The aten calls of one ``step()`` of ``create_optimizer(name, ...)`` on the toy model, after three warm-up steps."""
+    return test_step_launches.step_calls(name, hyperparameters, blocks, rows)
 
 
 def main() -> None:

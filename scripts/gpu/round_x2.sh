@@ -220,10 +220,10 @@ wait)
     # SST-2 and vision run a part of their epoch: beside ten suite processes a whole one took over 400 s
     timeout 420 $M --model $ROOT/smollm2 --task tinyshakespeare --data-dir $S/smollm2-part1/data --steps 447 \
       --batch-size 8 --block-size 256 --out $P/lm > $P/lm.log 2>&1 &
-    timeout 420 $M --model $S/minilm-sst2 --task sst2 --data-dir $S/minilm-sst2/data --steps ${PROBE_STEPS:-800} \
+    timeout 420 $M --model $S/minilm-sst2 --task sst2 --data-dir $S/minilm-sst2/data --steps ${PROBE_STEPS:-700} \
       --batch-size 32 --max-length 64 --out $P/sst2 > $P/sst2.log 2>&1 &
     timeout 420 $M --model $S/effnet-fashion-mnist --task fashion-mnist --data-dir $S/effnet-fashion-mnist/data \
-      --steps ${PROBE_STEPS:-800} --batch-size 32 --image-size 64 --out $P/vision > $P/vision.log 2>&1 &
+      --steps ${PROBE_STEPS:-700} --batch-size 32 --image-size 64 --out $P/vision > $P/vision.log 2>&1 &
     wait; tail -n 6 $P/*.log
   fi
   while [ "$(date +%s)" -lt $end ] && pgrep -f "bench quality" >/dev/null; do sleep 10; done
