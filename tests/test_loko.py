@@ -861,7 +861,7 @@ def test_exact_residual_errors():
 
 # ------------------------------------------------------------------------------------------------- Jacobian paths
 
-PATHS = ("func", "per-sample", "batch")
+PATHS = ("func", "replicate", "per-sample", "batch")
 
 
 def _observe_with(opt, model, x, y, path):
@@ -1007,7 +1007,7 @@ def test_hugging_face_model_outputs_and_dict_inputs():
              "attention_mask": torch.ones(3, 7, dtype=torch.long)}
     y = torch.tensor([0, 2, 1])  # no padding: the all-ones mask is dropped for the func path
     out = {}
-    for path in ("batch", "func", "per-sample"):
+    for path in ("batch", "func", "replicate", "per-sample"):
         model = tiny_bert_classifier(num_labels=3).to(F64)
         opt = create_loko_optimizer(model, num_outputs=3, jacobian=path)
         for _ in range(2):
@@ -1018,6 +1018,7 @@ def test_hugging_face_model_outputs_and_dict_inputs():
         out[path] = flat(trainable(model))
     torch.testing.assert_close(out["func"], out["batch"], rtol=0, atol=1e-10)
     torch.testing.assert_close(out["per-sample"], out["batch"], rtol=0, atol=1e-10)
+    torch.testing.assert_close(out["replicate"], out["batch"], rtol=0, atol=1e-10)
 
 
 # ------------------------------------------------------------------------------------------------- bad inputs

@@ -24,7 +24,8 @@ Methods per configuration: ``adamw-fused`` (forward, cross-entropy, backward, ``
 with the softmax observation through each Jacobian path: ``loko-batch`` (rows from the batch graph),
 ``loko-per-sample`` (one-sample graphs from ``inputs=``), ``loko-func`` (``torch.func``, attention forced to the
 math kernel), ``loko-func-fused-attn`` (``torch.func`` with the default attention kernels; attention models
-only) and ``loko-auto`` (the default choice); ``loko-func-top2`` / ``loko-func-top3`` run the reduced observation
+only), ``loko-replicate`` (each sample repeated once per row, one plain backward, per-layer per-sample gradients)
+and ``loko-auto`` (the default choice); ``loko-func-top2`` / ``loko-func-top3`` run the reduced observation
 (``top_k``) through ``torch.func``. A LoKO step is forward + ``observe`` + ``step`` (no backward).
 
 Per method: ``warmup`` steps, then up to ``steps`` timed steps (fewer when a step is slow, ``--budget`` seconds per
@@ -57,7 +58,7 @@ from .data import project_root
 
 # Targets of issue 10 (e2e step time against fused AdamW).
 TARGETS = {"cls-b8": 3.0, "cls-b1": 1.5, "effnet-b32": 5.0}
-LOKO_PATHS = ("batch", "per-sample", "func", "func-fused-attn", "auto")
+LOKO_PATHS = ("batch", "per-sample", "func", "func-fused-attn", "replicate", "auto")
 # The reduced observation (``top_k``: the target and the k - 1 most probable other classes) through torch.func:
 # k of the m rows per sample.
 LOKO_TOPK = ("func-top2", "func-top3")
@@ -284,7 +285,7 @@ def check_rows(model: nn.Module, x: Any, y: torch.Tensor, m: int, device: torch.
     """Relative max difference of each path's rows to the batch graph's, on one observation."""
     out: Dict[str, Any] = {}
     ref = None
-    for path in ("batch", "per-sample", "func"):
+    for path in ("batch", "per-sample", "func", "replicate"):
         try:
             opt = loraopt.create_optimizer("loko", model, num_outputs=m, jacobian=path)
             logits = _logits(_call(model, x))
@@ -344,14 +345,15 @@ def markdown(data: Dict[str, Any]) -> str:
                 f"{r['peak_bytes'] / 2**30:.2f} | {r['steps']} |"
             )
     lines += ["", "Jacobian rows against the batch graph's (relative max difference, one observation):", "",
-              "| config | rows x n | per-sample | func |", "|---|---|---|---|"]
+              "| config | rows x n | per-sample | func | replicate |", "|---|---|---|---|---|"]
     for cfg in data["configs"]:
         c = cfg.get("check")
         if not c:
             continue
         fmt = lambda v: v if isinstance(v, str) else f"{v:.1e}"  # noqa: E731
         shape = "x".join(str(v) for v in c.get("rows", []))
-        lines.append(f"| {cfg['id']} | {shape} | {fmt(c.get('per-sample', '-'))} | {fmt(c.get('func', '-'))} |")
+        lines.append(f"| {cfg['id']} | {shape} | {fmt(c.get('per-sample', '-'))} | {fmt(c.get('func', '-'))} | "
+                     f"{fmt(c.get('replicate', '-'))} |")
     return "\n".join(lines) + "\n"
 
 

@@ -6,6 +6,9 @@ Three ways to the same rows (LoKO picks one per observation, ``docs/specs/loko.m
 * :func:`func_jacobian`: ``vmap`` over samples of ``jacrev`` of ``torch.func.functional_call``: one vectorised pass
   for the whole batch, no graph needed.
 * one-sample graphs: :func:`sample_forward` gives ``forward(i)``, whose graph :func:`output_jacobian` differentiates.
+* replicated samples: each sample repeated once per observed row, one ordinary backward of the replicated batch,
+  and the per-sample parameter gradients of each linear or convolution layer from its input and output-gradient
+  (:func:`linear_sample_grads`, :func:`conv2d_sample_grads`; the hooks are in :mod:`loraopt.lora.per_sample`).
 
 :func:`evaluate_at` runs the model (or a caller's one-sample forward) at other parameter values through
 ``functional_call``, without writing the parameters. Only ``torch`` is imported; nothing keeps state.
@@ -32,6 +35,8 @@ __all__ = [
     "input_batch_size",
     "sample_forward",
     "parameter_names",
+    "linear_sample_grads",
+    "conv2d_sample_grads",
 ]
 
 
@@ -280,3 +285,60 @@ def evaluate_at(
 
     names = parameter_names(model, params)
     return functional_call(_Call(model, fn), {"model." + n: v for n, v in zip(names, values)}, args)
+
+
+def _accumulation_dtype(t: Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def linear_sample_grads(x: Tensor, g: Tensor, bias: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """Per-sample gradients of a linear layer ``y = x W^T + c`` from its input and output-gradient.
+
+    Args:
+        x: ``(N, ..., d_in)``, the layer input of every sample (any positions in between, e.g. tokens).
+        g: ``(N, ..., d_out)``, ``dL_i / dy`` of sample ``i``'s own scalar ``L_i`` (its positions as in ``x``).
+        bias: whether the layer has ``c``.
+
+    Returns:
+        ``dW: (N, d_out, d_in)`` with ``dW[i] = sum_positions g_i^T x_i`` and ``dc: (N, d_out)`` (or None), in fp32
+        (fp64 for fp64 inputs).
+    """
+    dtype = _accumulation_dtype(x)
+    n = x.shape[0]
+    x = x.reshape(n, -1, x.shape[-1]).to(dtype)
+    g = g.reshape(n, -1, g.shape[-1]).to(dtype)
+    return torch.bmm(g.transpose(1, 2), x), (g.sum(1) if bias else None)
+
+
+def conv2d_sample_grads(
+    x: Tensor,
+    g: Tensor,
+    kernel_size: Tuple[int, int],
+    *,
+    stride: Tuple[int, int],
+    padding: Tuple[int, int],
+    dilation: Tuple[int, int],
+    bias: bool,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Per-sample gradients of an ungrouped, zero-padded ``Conv2d`` from its input and output-gradient.
+
+    Args:
+        x: ``(N, C_in, H, W)``, the layer input.
+        g: ``(N, C_out, H', W')``, ``dL_i / dy`` of sample ``i``'s own scalar.
+        kernel_size, stride, padding, dilation: the layer's (numeric) geometry.
+        bias: whether the layer has a bias.
+
+    Returns:
+        ``dW: (N, C_out, C_in, kh, kw)`` (the convolution's weight gradient restricted to sample ``i``: the output
+        gradient times the input patches it saw, summed over output positions) and ``db: (N, C_out)`` or None,
+        in fp32 (fp64 for fp64 inputs).
+    """
+    dtype = _accumulation_dtype(x)
+    n, c_out = g.shape[0], g.shape[1]
+    if tuple(kernel_size) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
+        patches = x.reshape(n, x.shape[1], -1)  # a pointwise convolution sees each position's channels alone
+    else:
+        patches = torch.nn.functional.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride)
+    g = g.reshape(n, c_out, -1).to(dtype)
+    dW = torch.bmm(g, patches.to(dtype).transpose(1, 2))
+    return dW.reshape(n, c_out, x.shape[1], *kernel_size), (g.sum(-1) if bias else None)

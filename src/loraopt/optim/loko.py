@@ -158,10 +158,14 @@ class LoKO(LoRAOptimizer):
         jacobian: where :meth:`observe` takes the Jacobian rows from (the update is the same, up to rounding):
             ``"auto"`` (default), ``"func"`` (``torch.func``: ``vmap`` over samples of ``jacrev`` of
             ``functional_call``; needs ``observe(..., inputs=x)``), ``"per-sample"`` (one-sample graphs; needs
-            ``inputs=`` or ``forward=``) or ``"batch"`` (the graph of the observed outputs). ``"auto"`` takes the
-            outputs' graph at ``b = 1`` and the func path for ``b > 1`` when ``inputs=`` is given (falling back to
-            one-sample graphs, with a warning, for a model ``vmap`` cannot run), else ``forward=``'s one-sample
-            graphs, else the batch graph; measured in ``benchmarks/notes/loko.md``. Also settable later as
+            ``inputs=`` or ``forward=``), ``"replicate"`` (each sample repeated once per observed row, one plain
+            backward, per-sample gradients of the ``nn.Linear`` / ``nn.Conv2d`` layers that own the trainable
+            parameters: :mod:`loraopt.lora.per_sample`; needs ``inputs=``) or ``"batch"`` (the graph of the observed
+            outputs). ``"auto"``: the outputs' graph at ``b = 1``; for ``b > 1`` with ``inputs=``, replicated
+            samples on a GPU when the model qualifies (with a warning and another exact path if its first-use check
+            fails or the replicated batch runs out of memory), else the func path (falling back to one-sample
+            graphs, with a warning, for a model ``vmap`` cannot run); else ``forward=``'s one-sample graphs, else
+            the batch graph; measured in ``benchmarks/notes/loko.md``. Also settable later as
             ``optimizer.jacobian``.
         model: the model, for ``observe(..., inputs=x)`` (the factory passes it); never saved in the state.
 
@@ -232,6 +236,7 @@ class LoKO(LoRAOptimizer):
         self.jacobian = jacobian
         self._func_failures: Dict[int, str] = {}  # id(model) -> why torch.func could not run it
         self._func_math_attention = True
+        self._replicate_status: Dict[int, str] = {}  # id(model) -> "ok" or why replicated samples do not apply
         self.last_jacobian_path: Optional[str] = None  # which path built the rows of the last observation
 
     def _check_sharded_observation(self) -> None:
@@ -370,6 +375,11 @@ class LoKO(LoRAOptimizer):
           ``LoKO(..., model=...)``). The outputs then only supply the shapes and may be detached. A model that
           cannot be vmapped (e.g. BatchNorm in training mode) falls back, once and for all for that model, to
           one-sample graphs ``model(inputs[i:i+1])`` with a warning.
+        * ``inputs=`` with ``jacobian="replicate"`` (``"auto"`` for ``b > 1`` on a GPU when the model qualifies;
+          it holds ``k`` times the activations of the batch): every sample
+          repeated once per observed row, one plain backward of that batch, and each row taken from the inputs and
+          output-gradients of the layers that own the trainable parameters (no ``vmap`` of the backward, whose
+          convolutions and batch norms would otherwise run once per row).
         * ``forward=`` (``forward(i)`` returns the outputs of sample ``i`` alone, recomputed at the current
           parameters, e.g. ``lambda i: model(x[i:i+1])``): rows from one-sample graphs, one batched backward each.
           Sequential mode with more than one sample needs this (or ``inputs=``), as does ``exact_residual=True``.
@@ -411,6 +421,7 @@ class LoKO(LoRAOptimizer):
             obs, outputs, targets, params, forward=forward, inputs=inputs, model=model, mode=self.jacobian,
             func_failures=self._func_failures, math_attention=self._func_math_attention,
             sequential_mode=s.batch_mode == "sequential", exact_residual=s.exact_residual, dtype=self._dtype,
+            replicate_status=self._replicate_status,
         )
         self.last_jacobian_path = batch.path
         keep = (s.batch_mode == "sequential" and batch.num_samples > 1) or s.exact_residual

@@ -54,7 +54,7 @@ from .checks import check_nonnegative, check_positive, check_range
 __all__ = ["LoKOConfig", "GroupSettings", "DEFAULT_P_INIT", "DEFAULT_R0", "FIRST_LOSS", "JACOBIAN_PATHS", "SCORE_SNR"]
 
 # Where observe() takes the Jacobian rows from (see LoKO.observe); "auto" picks per observation.
-JACOBIAN_PATHS = ("auto", "func", "per-sample", "batch")
+JACOBIAN_PATHS = ("auto", "func", "replicate", "per-sample", "batch")
 BATCH_MODES = ("joint", "sequential")
 # Default P0 bounds per observation (see the module docstring).
 DEFAULT_P_INIT = {name: cls.default_p_init for name, cls in OBSERVATIONS.items()}
