@@ -5,7 +5,7 @@
 #   STREAMS="sst2"          BUNDLE=.gpu_assets/minilm-sst2
 # Every GPU gets its own runner over a share of the seeds; JOBS processes per GPU (keep JOBS x GPUs <= cores: batch-1
 # steps are launch-bound and oversubscribed cores slow every process, benchmarks/notes/psi.md §4). Everything
-# comes back as one archive, $OUT/online.tgz. SEEDS_PER_GPU lists the seeds of each GPU, e.g. "0 1|2" for two GPUs.
+# comes back as one archive, $OUT/online.tgz. AdamW and AdaGrad run as one vmapped ensemble per (stream, seed). SEEDS_PER_GPU lists the seeds of each GPU, e.g. "0 1|2" for two GPUs.
 # Every finished run is saved in $WORK/records (--records) and comes back in the archive, so a call stopped by
 # RUN_TIMEOUT loses only the runs in flight. RECORDS=<folder in the checkout> (carried) seeds $WORK/records with the
 # runs of earlier calls, which are then not run again; `loraopt bench online --merge <records folders> --out DIR`
@@ -29,7 +29,7 @@ for gpu in "${!SHARES[@]}"; do
     ( CUDA_VISIBLE_DEVICES=$gpu timeout ${RUN_TIMEOUT:-540} python -m loraopt.cli bench online --streams $stream \
         --methods ${METHODS:-adamw-wide adagrad-wide loko loko-scalar psi-lora-default scaled-psi-lora} \
         --samples $samples --seeds-list ${SHARES[$gpu]} --device cuda --bundle "$PWD/$BUNDLE" --jobs $JOBS \
-        --no-progress --records $WORK/records --out $WORK/gpu$gpu-$stream > $WORK/gpu$gpu-$stream.log 2>&1 ) &
+        --no-progress --ensemble --records $WORK/records --out $WORK/gpu$gpu-$stream > $WORK/gpu$gpu-$stream.log 2>&1 ) &
   done
 done
 wait

@@ -8,6 +8,7 @@ learning-rate sweep, PSI-LoRA.
     loraopt bench online --quick                           # CI-sized smoke run of the same streams
     loraopt bench online --streams digits --quick          # no model package needed (scikit-learn digits)
     loraopt bench online --streams mnist --methods loko-p0 --out benchmarks/results/online/loko_defaults
+    loraopt bench online --streams fashion --methods adamw-wide adagrad-wide --ensemble   # one vmapped pass per seed
 
 Streams (``STREAMS``):
 
@@ -33,6 +34,17 @@ Protocol decisions (the same for every method):
 - The best learning rate of a swept method is the one with the highest mean final held-out accuracy (spec §11).
   This selects on the reported held-out set, which favours the swept baselines over LoKO (run at its defaults).
 - ``sec_per_sample`` is the wall time of forward + update per sample (no data preparation, no evaluation).
+
+``--ensemble`` (``loraopt_bench/online_ensemble.py``): the AdamW and AdaGrad grid points of one (stream, seed) see
+the same stream from the same initial model, so they run together: one model, the LoRA/head parameters of the E
+members stacked along a new dimension, one ``torch.vmap``-ed forward and one backward per sample for all of them,
+and each member's AdamW / AdaGrad update (torch's, with the library factories' hyperparameters, reproduced on the
+stacked tensors). Each member still gets its own record (``--records`` files, resume and ``--merge`` as without
+it; an ensemble runs only the members not yet recorded; with ``--jobs`` each ensemble is one job). The records
+equal the separate runs' up to rounding: exact in float64; in float32 AdamW and AdaGrad amplify it at unstable
+learning rates, and more so with TF32 convolutions on a GPU (``benchmarks/notes/loko.md``). Timing: a member's
+``sec_per_sample`` is the ensemble's time per sample divided by E (``ensemble_size``); the ensemble's own time per
+sample is ``ensemble_sec_per_sample``. A model that ``vmap`` cannot run is refused: drop ``--ensemble`` for it.
 
 Outputs (``--out``, default ``benchmarks/results/online``): ``<stream>.json``, ``<stream>.png`` (running
 prequential accuracy vs samples seen, best setting per method, mean ± std over seeds), ``<stream>_window.png``
@@ -461,11 +473,12 @@ def _optimizer_kwargs(method: MethodSpec, hparams: Mapping[str, Any], num_classe
     return kwargs
 
 
-def _learn(update: str, optimizer, logits: torch.Tensor, target: torch.Tensor) -> None:
+def _learn(update: str, optimizer, logits: torch.Tensor, target: torch.Tensor, **observe_kwargs: Any) -> None:
     """One update from one sample's logits; :func:`~loraopt_bench.common.feed` decides backward vs observe from the
-    optimizer (``update``, the method's declared kind, orders the work queue only)."""
+    optimizer (``update``, the method's declared kind, orders the work queue only). ``observe_kwargs`` go to LoKO's
+    ``observe`` (the sample itself, ``inputs=``, lets it choose how to build the Jacobian rows)."""
     optimizer.zero_grad(set_to_none=True)
-    feed(optimizer, logits, target)
+    feed(optimizer, logits, target, **(observe_kwargs if update == SOFTMAX_OBSERVATION else {}))
     optimizer.step()
 
 
@@ -491,7 +504,7 @@ def run_one(task: RunTask) -> Dict[str, Any]:
         start = time.perf_counter()
         logits = adapter.forward(x)
         prediction = int(logits.detach().argmax(-1))  # scored before the update: prequential
-        _learn(method.update, optimizer, logits, target)
+        _learn(method.update, optimizer, logits, target, inputs=x, model=adapter.model)
         elapsed += time.perf_counter() - start
         if i == 0 and method.optimizer == "loko":
             # After the first step: "score" has calibrated P0 by then. Kept to choose q on the drift stream.
@@ -502,7 +515,7 @@ def run_one(task: RunTask) -> Dict[str, Any]:
     held_out = {name: float((adapter.predict(pool.inputs) == pool.labels).float().mean())
                 for name, pool in data.held_out.items()}
     eval_seconds = time.perf_counter() - start
-    defaults = {k: v for k, v in optimizer.defaults.items() if isinstance(v, (int, float, str, tuple, list, type(None)))}
+    defaults = optimizer_defaults(optimizer)
     record = {
         "seed": task.seed,
         "correct": "".join("1" if c else "0" for c in correct),
@@ -521,6 +534,11 @@ def run_one(task: RunTask) -> Dict[str, Any]:
         record.update(skipped_steps=optimizer.skipped_steps, p_initial_mean=p_initial_mean,
                       p_final_mean=float(p.mean()), p_final_median=float(p.median()))
     return record
+
+
+def optimizer_defaults(optimizer) -> Dict[str, Any]:
+    """The optimizer's plain-valued defaults, as a run record keeps them."""
+    return {k: v for k, v in optimizer.defaults.items() if isinstance(v, (int, float, str, tuple, list, type(None)))}
 
 
 def _loko_p(optimizer) -> torch.Tensor:
@@ -643,6 +661,11 @@ def _worker_init(threads: int) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     set_cpu_threads(threads)
+    # Full fp32 on a GPU (no TF32 in convolutions or matmuls): single-sample AdamW / AdaGrad steps amplify rounding
+    # at near-zero gradient coordinates, and with TF32 the vmapped ensemble and the per-run path chose different best
+    # learning rates on one fashion seed (benchmarks/notes/loko.md, "Ensembled baselines"). No effect on the CPU.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     # Each run reloads a model: per-load progress bars and PEFT's deprecation notice would bury the run's own bar.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
@@ -653,15 +676,28 @@ def _worker_init(threads: int) -> None:
         pass
 
 
+def _run_unit(unit: Any) -> List[Tuple[RunTask, Dict[str, Any]]]:
+    """Run a :class:`RunTask` or an ensemble of them (``loraopt_bench.online_ensemble.EnsembleTask``); the
+    ``(task, record)`` pairs. A module-level function, so worker processes can run it."""
+    if isinstance(unit, RunTask):
+        return [(unit, run_one(unit))]
+    from . import online_ensemble
+
+    return list(zip(unit.members, online_ensemble.run_ensemble(unit)))
+
+
 def run_online(tasks: Sequence[RunTask], *, jobs: int = 1, progress: bool = True,
                on_stream_done: Optional[Callable[[str, Dict[str, Any]], None]] = None,
                done: Optional[Mapping[RunTask, Dict[str, Any]]] = None,
-               on_record: Optional[Callable[[RunTask, Dict[str, Any]], None]] = None) -> Dict[str, Dict[str, Any]]:
+               on_record: Optional[Callable[[RunTask, Dict[str, Any]], None]] = None,
+               ensemble: bool = False) -> Dict[str, Dict[str, Any]]:
     """Run every task (in ``jobs`` worker processes when > 1) and return ``{stream: {run key: aggregate}}``.
 
     ``on_stream_done(stream, runs)`` is called as soon as every task of a stream has finished, so outputs of
     finished streams are written even if a later stream fails. ``done`` holds records of tasks that already ran
     (``--records``): they are aggregated, not run again. ``on_record(task, record)`` is called after each run.
+    ``ensemble``: the AdamW/AdaGrad tasks still to run go as one vmapped ensemble per (stream, seed)
+    (``loraopt_bench.online_ensemble``; a lone such task runs on its own); each member still yields its own record.
     """
     from tqdm.auto import tqdm
 
@@ -695,13 +731,22 @@ def run_online(tasks: Sequence[RunTask], *, jobs: int = 1, progress: bool = True
             on_record(task, record)
         collect(task, record)
 
+    pending = [t for t in tasks if t not in done]
+    units: List[Any] = []
+    if ensemble:
+        from .online_ensemble import group_ensembles
+
+        # An ensemble is the largest unit of work: they go first, the largest first.
+        ensembles, pending = group_ensembles(pending)
+        units.extend(sorted(ensembles, key=lambda e: -len(e.members)))
     # The filter with m Jacobian rows is the slowest run; starting those first balances the workers.
-    ordered = sorted((t for t in tasks if t not in done), key=lambda t: METHODS[t.method].update != SOFTMAX_OBSERVATION)
-    if ordered and jobs <= 1:
+    units.extend(sorted(pending, key=lambda t: METHODS[t.method].update != SOFTMAX_OBSERVATION))
+    if units and jobs <= 1:
         _worker_init(tasks[0].threads)
-        for task in ordered:
-            ran(task, run_one(task))
-    elif ordered:
+        for unit in units:
+            for task, record in _run_unit(unit):
+                ran(task, record)
+    elif units:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -709,9 +754,10 @@ def run_online(tasks: Sequence[RunTask], *, jobs: int = 1, progress: bool = True
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init,
                                  initargs=(tasks[0].threads,)) as pool:
-            futures = {pool.submit(run_one, task): task for task in ordered}
+            futures = [pool.submit(_run_unit, unit) for unit in units]
             for future in as_completed(futures):
-                ran(futures[future], future.result())
+                for task, record in future.result():
+                    ran(task, record)
     bar.close()
     return results
 
@@ -885,6 +931,10 @@ def stream_tables(stream: str, payload: Mapping[str, Any]) -> str:
     headers = ["method", "online acc", f"last-{next(iter(runs.values()))['window']} acc", "final acc",
                "samples to 90%", "ms / sample", "time vs AdamW"]
     lines.append(markdown_table(headers, rows))
+    ensembled = sorted({s["ensemble_size"] for run in runs.values() for s in run["seeds"] if "ensemble_size" in s})
+    if ensembled:
+        lines.append(f"\nAdamW/AdaGrad ran as vmapped ensembles of {', '.join(map(str, ensembled))} members "
+                     "(`--ensemble`): their ms / sample is the ensemble's time per sample divided by its size.\n")
     if "adamw" in best:
         verdicts = []
         for key in ("loko", "loko-scalar", "loko-q"):
@@ -987,6 +1037,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="write each finished run to DIR/<stream>/ as it ends, and reuse the runs already there "
                              "(the same stream, method, grid point, seed and sizes): a sweep cut short loses only "
                              "the runs in flight, and a later call finishes it")
+    parser.add_argument("--ensemble", action="store_true",
+                        help="run the AdamW/AdaGrad grid points (adamw, adagrad, adamw-wide, adagrad-wide) of each "
+                             "(stream, seed) as one vmapped ensemble: one model, stacked trainable parameters, one "
+                             "forward/backward per sample for all of them; other methods run as usual. Same records "
+                             "as without it, one per member (up to float32 rounding), so --records, resume and "
+                             "--merge work as usual: an ensemble runs only its members not yet recorded, and with "
+                             "--jobs each ensemble is one job. A member's sec_per_sample is the ensemble's time per "
+                             "sample divided by its size (ensemble_size); ensemble_sec_per_sample is the whole. "
+                             "Refused for a model that torch.vmap cannot run")
     parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR",
                         help="run nothing: aggregate the record folders (or files) of --records, e.g. shares of one "
                              "sweep run on several machines, into --out")
@@ -1044,19 +1103,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "model": STREAMS[stream].model,
             "image_size": task.image_size if STREAMS[stream].model == "effnet-lite0" else None,
             "max_tokens": MAX_TOKENS if STREAMS[stream].model == "minilm" else None,
-            "threads": args.threads, "jobs": args.jobs, "device": args.device, "torch": torch.__version__,
+            "threads": args.threads, "jobs": args.jobs, "device": args.device, "ensemble": args.ensemble,
+            "torch": torch.__version__,
             "platform": platform.platform(), "cpu_count": os.cpu_count(),
             "selection": "best grid point per method = highest mean final held-out accuracy",
             "model_mode": "eval (BatchNorm running statistics frozen, dropout off) while learning",
         }
         write_stream_outputs(stream, runs, args.out, config=config)
 
+    from .online_ensemble import EnsembleUnsupportedError
+
     try:
         results = run_online(
             tasks, jobs=args.jobs, progress=not args.no_progress, on_stream_done=write, done=done,
             on_record=(None if args.records is None else
-                       lambda task, record: save_record(args.records, task, record, command)))
-    except (FileNotFoundError, ImportError) as error:
+                       lambda task, record: save_record(args.records, task, record, command)),
+            ensemble=args.ensemble)
+    except (FileNotFoundError, ImportError, EnsembleUnsupportedError) as error:
         print(f"loraopt bench online: {error}", file=sys.stderr)
         return 1
     wall = time.perf_counter() - started
