@@ -153,6 +153,12 @@ METHODS: Dict[str, MethodSpec] = {
         # (Its committed runs, results/online/defaults_cpu and gpu_probe, predate benchmarks/notes/psi.md §12: they
         # used the plain step at lr 0.3, which loraopt.optim.psi.SCALED_PLAIN_SETTINGS restores.)
         MethodSpec("scaled-psi-lora", "scaled-psi-lora", "Scaled PSI-LoRA (defaults)", GRADIENT, ({},)),
+        # The same two at their defaults with the CUDA-graph step (numerically the same step, tested; eager off
+        # CUDA): a batch-1 step on EfficientNet is launch-bound, so this is the cost lever for the GPU protocol.
+        MethodSpec("psi-lora-default-graph", "psi-lora", "PSI-LoRA (defaults, graphed step)", GRADIENT,
+                   ({"cuda_graph": True},)),
+        MethodSpec("scaled-psi-lora-graph", "scaled-psi-lora", "Scaled PSI-LoRA (defaults, graphed step)", GRADIENT,
+                   ({"cuda_graph": True},)),
         # Studies of LoKO's defaults (benchmarks/notes/loko.md): one factor at a time around the library default.
         MethodSpec("loko-p0", "loko", "LoKO P0", SOFTMAX_OBSERVATION,
                    _grid(p_init=[(1e-4, 1e-2), (1e-3, 1e-1), (3e-3, 3e-1), (1e-2, 1.0), "score"])),
