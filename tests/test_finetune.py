@@ -158,8 +158,8 @@ def test_loko_feeds_observations_not_gradients(tmp_path, tiny_bert, sentiment_ts
 
 
 def test_loko_rows_from_torch_func_match_one_sample_graphs(tmp_path, sentiment_tsv):
-    """--loko-jacobian func (vmap of jacrev) trains the same adapter as one-sample graphs: dropout off, so the two
-    paths see the same function and differ only in rounding."""
+    """--loko-jacobian func (vmap of jacrev) and replicate (replicated samples) train the same adapter as one-sample
+    graphs: dropout off, so the paths see the same function and differ only in rounding."""
     from transformers import BertConfig, BertForSequenceClassification
 
     train, dev = sentiment_tsv
@@ -172,17 +172,22 @@ def test_loko_rows_from_torch_func_match_one_sample_graphs(tmp_path, sentiment_t
     BertForSequenceClassification(config).save_pretrained(tiny_bert)
     tokenizer.save_pretrained(tiny_bert)
     runs = {}
-    for mode in ("per-sample", "func"):
+    for mode in ("per-sample", "func", "replicate"):
         runs[mode] = _run(tmp_path / mode, "--model", str(tiny_bert), "--task", str(train), "--eval-data", str(dev),
                           "--optimizer", "loko", "--loko-jacobian", mode, "--lora-dropout", "0", *FAST)
     rows = {mode: json.loads((run / "config.json").read_text())["resolved"]["loko_jacobian_rows"]
             for mode, run in runs.items()}
-    assert rows == {"per-sample": "one-sample graphs", "func": "torch.func (vmap of jacrev)"}
-    per_sample, func = (_adapter_tensors(runs[mode]) for mode in ("per-sample", "func"))
-    assert per_sample.keys() == func.keys()
-    for name in per_sample:
-        torch.testing.assert_close(func[name], per_sample[name], rtol=1e-4, atol=1e-5)
-    assert any(float(t.abs().max()) > 0 for name, t in func.items() if "lora_B" in name)
+    assert rows == {"per-sample": "one-sample graphs", "func": "torch.func (vmap of jacrev)",
+                    "replicate": "replicated samples"}
+    assert {mode: _metrics(run)["loko_jacobian_path"] for mode, run in runs.items()} == {
+        "per-sample": "per-sample", "func": "func", "replicate": "replicate"}
+    per_sample = _adapter_tensors(runs["per-sample"])
+    for mode in ("func", "replicate"):
+        other = _adapter_tensors(runs[mode])
+        assert per_sample.keys() == other.keys()
+        for name in per_sample:
+            torch.testing.assert_close(other[name], per_sample[name], rtol=1e-4, atol=1e-5)
+        assert any(float(t.abs().max()) > 0 for name, t in other.items() if "lora_B" in name)
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "loko"])
@@ -1115,3 +1120,14 @@ def test_quality_merge_keeps_every_run_and_names_the_device_of_a_call_that_ran()
     merged = quality.merge_results(quality.SUITES["sst2"], paths)
     assert merged["device"] == payloads[0]["device"] != "cuda"
     assert merged["runs_done"] == payloads[0]["runs_done"]
+
+
+def test_loko_rows_path_on_a_gpu_leaves_the_choice_to_loko():
+    """auto: one-sample graphs on the CPU; on CUDA the batch goes to LoKO as inputs= and its own auto chooses
+    (replicated samples where the model qualifies); a named mode is kept."""
+    config = finetune.FinetuneConfig(model="m", task="t", optimizer="loko", lr=None)
+    assert finetune._loko_rows_path(config, torch.device("cpu"), 2) == "per-sample"
+    assert finetune._loko_rows_path(config, torch.device("cuda"), 2) == "auto"
+    for mode in ("batch", "func", "replicate"):
+        named = finetune.FinetuneConfig(model="m", task="t", optimizer="loko", lr=None, loko_jacobian=mode)
+        assert finetune._loko_rows_path(named, torch.device("cuda"), 2) == mode

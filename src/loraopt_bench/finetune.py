@@ -153,10 +153,7 @@ def lr_factor(step: int, *, schedule: str, steps: int, warmup: int = 0) -> float
     if step < warmup:
         return (step + 1) / (warmup + 1)
     return max(0.0, 1.0 - step / steps) if schedule == "linear" else 1.0
-LOKO_JACOBIAN_MODES = ("auto", "batch", "per-sample", "func")
-# A batched backward of b*m Jacobian rows from the batch graph holds b*m copies of the activation gradients, so on
-# CUDA it is used only up to this many rows; beyond, rows come from one-sample graphs (benchmarks/notes/loko.md).
-LOKO_BATCH_ROWS_LIMIT = 64
+LOKO_JACOBIAN_MODES = ("auto", "batch", "per-sample", "func", "replicate")
 HELD_OUT_FRACTION = 0.2  # held-out share for sources without a test split (MNIST-5k, digits, a single TSV)
 SPLIT_SEED = 0  # fixed, so every run seed is scored on the same held-out rows
 RUN_FILES = ("config.json", "metrics.json", "curves.png")
@@ -873,19 +870,20 @@ def _synchronize(device: torch.device) -> None:
 
 
 def _loko_rows_path(config: FinetuneConfig, device: torch.device, num_outputs: int) -> str:
-    """Where LoKO's Jacobian rows come from: ``"batch"`` (the batch graph), ``"per-sample"`` (one-sample graphs)
-    or ``"func"`` (``torch.func``: one vmapped pass over the batch; LoKO falls back to one-sample graphs itself for
-    a model that does not vmap). All three give the same update."""
+    """Where LoKO's Jacobian rows come from: ``"batch"`` (the batch graph), ``"per-sample"`` (one-sample graphs),
+    ``"func"`` (``torch.func``: one vmapped pass over the batch; LoKO falls back to one-sample graphs itself for a
+    model that does not vmap), ``"replicate"`` (one plain backward of replicated samples) or ``"auto"`` (the batch
+    is handed over with ``inputs=`` and LoKO's own ``jacobian="auto"`` chooses). All give the same update."""
     mode = config.loko_jacobian
     if mode != "auto":
         return mode
-    # On CPU one-sample graphs are far cheaper (each batch-graph row is a backward over the whole batch). On a GPU the
-    # batched backward is one large launch sequence and wins while its memory stays modest; beyond that, torch.func
-    # (measured on the H200: EfficientNet-Lite0 at batch 32, 320 rows: 5.5x AdamW against 116x for one-sample
-    # graphs; benchmarks/results/loko_jacobian/).
+    # On CPU one-sample graphs are far cheaper (each batch-graph row is a backward over the whole batch). On a GPU
+    # LoKO's own choice from the inputs: replicated samples where the model qualifies (H200, x fused AdamW per step:
+    # MiniLM b32 1.4-1.5x against 9.1x for the batch graph, EfficientNet-Lite0 b32 1.8-2.2x against 5.7x for
+    # torch.func; benchmarks/results/loko_jacobian/), torch.func otherwise.
     if device.type != "cuda":
         return "per-sample"
-    return "batch" if config.batch_size * num_outputs <= LOKO_BATCH_ROWS_LIMIT else "func"
+    return "auto"
 
 
 class _DivergenceMonitor:
@@ -984,6 +982,8 @@ def run_finetune(
     is_loko = config.optimizer_key == LOKO
     loko_softmax = is_loko and kwargs.get("observation", "softmax") == "softmax"
     rows_path = _loko_rows_path(config, device, task.num_labels or 0) if loko_softmax else None
+    if rows_path in ("func", "replicate"):
+        optimizer.jacobian = rows_path  # asked for by name: no automatic choice (and its errors, not a fallback)
     schedule = config.schedule if config.schedule != "auto" else ("constant" if is_loko else "linear")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, functools.partial(lr_factor, schedule=schedule, steps=config.steps, warmup=config.warmup_steps))
@@ -1001,7 +1001,9 @@ def run_finetune(
             "warmup_steps": config.warmup_steps,
             "external_grad_clip": clip,
             "loko_jacobian_rows": {"batch": "batch graph", "per-sample": "one-sample graphs",
-                                   "func": "torch.func (vmap of jacrev)"}.get(rows_path) if loko_softmax else None,
+                                   "func": "torch.func (vmap of jacrev)", "replicate": "replicated samples",
+                                   "auto": "LoKO's jacobian='auto' from inputs="}.get(rows_path)
+                                  if loko_softmax else None,
             "task_kind": kind,
             "metric": io.metric,
             "higher_is_better": io.higher_is_better,
@@ -1061,7 +1063,7 @@ def run_finetune(
                 # Rows from one-sample graphs (forward=) unless the batch graph gives them: then the batch outputs
                 # only give shapes and the train loss, and need no graph (LoKO.observe docstring).
                 per_sample = rows_path == "per-sample" and config.batch_size > 1
-                func = rows_path == "func" and config.batch_size > 1
+                func = rows_path in ("func", "replicate", "auto") and config.batch_size > 1
                 with torch.no_grad() if per_sample or func else contextlib.nullcontext():
                     logits = io.logits(model, inputs)
                 if func:
@@ -1116,6 +1118,7 @@ def run_finetune(
         }
         if is_loko:
             metrics["loko_skipped_steps"] = optimizer.skipped_steps
+            metrics["loko_jacobian_path"] = getattr(optimizer, "last_jacobian_path", None)
         if run_dir is not None:
             write_atomic(staged.path("metrics.json"), json.dumps(jsonable(metrics), indent=2) + "\n")
             plot_run(metrics, staged.path("curves.png"), title=f"{config.model} / {config.task} / "
@@ -1361,9 +1364,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-grad-norm", type=float, default=1.0,
                         help="clip .grad for baseline optimizers (PSI optimizers clip internally; 0 disables)")
     parser.add_argument("--loko-jacobian", choices=LOKO_JACOBIAN_MODES, default="auto",
-                        help="where LoKO's Jacobian rows come from: the batch graph, one-sample graphs or "
-                             "torch.func (same update; auto: one-sample on CPU; on CUDA the batch graph up to "
-                             f"{LOKO_BATCH_ROWS_LIMIT} rows, torch.func beyond)")
+                        help="where LoKO's Jacobian rows come from: the batch graph, one-sample graphs, "
+                             "torch.func or replicated samples (same update; auto: one-sample graphs on CPU, on "
+                             "CUDA the batch goes to LoKO as inputs= and its own auto chooses: replicated samples "
+                             "where the model qualifies, else torch.func)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--data-dir", default=None, help="folder with sst2/ and tinyshakespeare/ "
                         "(default $LORAOPT_DATA_DIR or ../shared/data)")
