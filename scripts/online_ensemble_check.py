@@ -34,6 +34,8 @@ def step_parts(online, ens, args, sizes=(1, 4, 14), repeats: int = 30, warmup: i
     import torch.nn.functional as F
     from torch.func import functional_call, vmap
 
+    from loraopt.functional.jacobian import attention_for_vmap
+
     spec = online.STREAMS[args.stream]
     adapter = online.build_model(spec.model, online.STREAM_CLASSES[args.stream], args.seed, device=args.device,
                                  bundles=args.bundle)
@@ -65,7 +67,7 @@ def step_parts(online, ens, args, sizes=(1, 4, 14), repeats: int = 30, warmup: i
     adamw = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
     parts = {"plain_forward_ms": timed(lambda: adapter.forward(x)), "plain_forward_backward_ms": timed(plain),
              "torch_adamw_step_ms": timed(adamw.step)}
-    with ens._math_attention(not args.fused_attention):
+    with attention_for_vmap(not args.fused_attention):
         for size in sizes:
             flat, views = ens.stack_parameters(params, size)
             update = ens.StackedAdamW(flat, lr=[1e-4] * size)

@@ -1126,8 +1126,8 @@ def test_loko_rows_path_on_a_gpu_leaves_the_choice_to_loko():
     """auto: one-sample graphs on the CPU; on CUDA the batch goes to LoKO as inputs= and its own auto chooses
     (replicated samples where the model qualifies); a named mode is kept."""
     config = finetune.FinetuneConfig(model="m", task="t", optimizer="loko", lr=None)
-    assert finetune._loko_rows_path(config, torch.device("cpu"), 2) == "per-sample"
-    assert finetune._loko_rows_path(config, torch.device("cuda"), 2) == "auto"
+    assert finetune._loko_rows_path(config, torch.device("cpu")) == "per-sample"
+    assert finetune._loko_rows_path(config, torch.device("cuda")) == "auto"
     for mode in ("batch", "func", "replicate"):
         named = finetune.FinetuneConfig(model="m", task="t", optimizer="loko", lr=None, loko_jacobian=mode)
-        assert finetune._loko_rows_path(named, torch.device("cuda"), 2) == mode
+        assert finetune._loko_rows_path(named, torch.device("cuda")) == mode

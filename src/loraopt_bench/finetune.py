@@ -869,7 +869,7 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _loko_rows_path(config: FinetuneConfig, device: torch.device, num_outputs: int) -> str:
+def _loko_rows_path(config: FinetuneConfig, device: torch.device) -> str:
     """Where LoKO's Jacobian rows come from: ``"batch"`` (the batch graph), ``"per-sample"`` (one-sample graphs),
     ``"func"`` (``torch.func``: one vmapped pass over the batch; LoKO falls back to one-sample graphs itself for a
     model that does not vmap), ``"replicate"`` (one plain backward of replicated samples) or ``"auto"`` (the batch
@@ -981,7 +981,7 @@ def run_finetune(
                          f"{accepted}") from error
     is_loko = config.optimizer_key == LOKO
     loko_softmax = is_loko and kwargs.get("observation", "softmax") == "softmax"
-    rows_path = _loko_rows_path(config, device, task.num_labels or 0) if loko_softmax else None
+    rows_path = _loko_rows_path(config, device) if loko_softmax else None
     if rows_path in ("func", "replicate"):
         optimizer.jacobian = rows_path  # asked for by name: no automatic choice (and its errors, not a fallback)
     schedule = config.schedule if config.schedule != "auto" else ("constant" if is_loko else "linear")

@@ -26,7 +26,6 @@ baselines for the online sweep"; ``scripts/online_ensemble_check.py``).
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -35,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from loraopt.functional.jacobian import attention_for_vmap
 from loraopt.optim.registry import create_optimizer
 from .common import jsonable, set_cpu_threads
 from . import online
@@ -403,18 +403,6 @@ class _Forward(nn.Module):
         return self._call(x)
 
 
-def _math_attention(enabled: bool):
-    """Scaled-dot-product attention on the math kernel (batched matmuls): the fused CPU kernel has no ``vmap`` rule
-    and would run once per member."""
-    if not enabled:
-        return contextlib.nullcontext()
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - old torch
-        return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.MATH])
-
-
 def _synchronize(device: str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -493,7 +481,7 @@ def ensemble_pass(task: EnsembleTask, *, math_attention: bool = True) -> Ensembl
         loss.backward()
         optimizer.step()
 
-    with _math_attention(math_attention):
+    with attention_for_vmap(math_attention):
         start = time.perf_counter()
         for i, x in enumerate(inputs):
             if i == 0:

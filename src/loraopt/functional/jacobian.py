@@ -35,6 +35,7 @@ __all__ = [
     "input_batch_size",
     "sample_forward",
     "parameter_names",
+    "attention_for_vmap",
     "linear_sample_grads",
     "conv2d_sample_grads",
 ]
@@ -199,9 +200,10 @@ def parameter_names(model: nn.Module, params: Sequence[Tensor]) -> List[str]:
     return [names[id(p)] for p in params]
 
 
-def _attention_for_vmap(math_attention: bool):
-    """The fused attention kernels have no ``vmap`` rule for their backward (they run in a per-sample loop);
-    the math kernel is plain batched matmuls. Used for the func path only."""
+def attention_for_vmap(math_attention: bool):
+    """A context running scaled-dot-product attention on the math kernel when ``math_attention``: the fused kernels
+    have no ``vmap`` rule (their backward, and on the CPU the kernel itself, run once per vmapped entry); the math
+    kernel is plain batched matmuls. For code that vmaps a model (the func path, the online ensemble)."""
     if not math_attention:
         return contextlib.nullcontext()
     try:
@@ -255,7 +257,7 @@ def func_jacobian(
     rows = vmap(jacrev(observed, has_aux=True), in_dims=(None,) + (0,) * (len(leaves) + len(extra)),
                 randomness="different")
     try:
-        with _attention_for_vmap(math_attention):
+        with attention_for_vmap(math_attention):
             jac, h = rows(theta, *leaves, *extra)
     except (RuntimeError, NotImplementedError) as exc:
         raise FuncUnsupported(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc

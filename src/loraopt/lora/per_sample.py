@@ -53,34 +53,37 @@ def _conv_padding(conv: nn.Conv2d) -> Optional[Tuple[int, int]]:
     return tuple(conv.padding)
 
 
-def _owners(model: nn.Module, params: Sequence[Tensor]) -> Dict[int, List[nn.Module]]:
+def _inspect(model: nn.Module, params: Sequence[Tensor]) -> Tuple[Dict[int, List[nn.Module]], Optional[str]]:
+    """One pass over the modules: the layers owning each of ``params`` (by id) and why replication cannot serve
+    them (None: it can)."""
     wanted = {id(p) for p in params}
     owners: Dict[int, List[nn.Module]] = {}
+    problem = None
     for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training and problem is None:
+            problem = f"{type(module).__name__} in training mode mixes the samples of a batch"
         for value in module._parameters.values():
             if value is not None and id(value) in wanted:
                 owners.setdefault(id(value), []).append(module)
-    return owners
-
-
-def replication_problem(model: nn.Module, params: Sequence[Tensor]) -> Optional[str]:
-    """Why :func:`replicated_jacobian` cannot serve ``params`` of ``model`` (None: it can). Cheap, no forward."""
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
-            return f"{type(module).__name__} in training mode mixes the samples of a batch"
-    owners = _owners(model, params)
+    if problem is not None:
+        return owners, problem
     for p in params:
         mods = owners.get(id(p))
         if not mods:
-            return f"a trainable parameter of shape {tuple(p.shape)} is not owned by any module of the model"
+            return owners, f"a trainable parameter of shape {tuple(p.shape)} is not owned by any module of the model"
         for m in mods:
             if type(m) is nn.Linear:
                 continue
             if type(m) is nn.Conv2d and m.groups == 1 and m.padding_mode == "zeros" and _conv_padding(m) is not None:
                 continue
-            return (f"a trainable parameter belongs to a {type(m).__name__} (only nn.Linear and ungrouped, "
-                    "zero-padded nn.Conv2d layers have per-sample gradients here)")
-    return None
+            return owners, (f"a trainable parameter belongs to a {type(m).__name__} (only nn.Linear and ungrouped, "
+                            "zero-padded nn.Conv2d layers have per-sample gradients here)")
+    return owners, None
+
+
+def replication_problem(model: nn.Module, params: Sequence[Tensor]) -> Optional[str]:
+    """Why :func:`replicated_jacobian` cannot serve ``params`` of ``model`` (None: it can). Cheap, no forward."""
+    return _inspect(model, params)[1]
 
 
 def _check_tolerance(model: nn.Module) -> float:
@@ -132,7 +135,7 @@ def replicated_jacobian(
         ``H: (b k, n)`` (rows of sample ``i`` at ``i k ... (i+1) k - 1``, the layout of ``func_jacobian``) and
         ``h: (b, k)`` (detached). Raises :class:`ReplicationUnsupported` when the model does not qualify.
     """
-    problem = replication_problem(model, params)
+    owners, problem = _inspect(model, params)
     if problem is not None:
         raise ReplicationUnsupported(problem)
     k = int(rows_per_sample)
@@ -140,7 +143,6 @@ def replicated_jacobian(
     b = leaves[0].shape[0]
     n_rep = b * k
     args, kwargs = rebuild([x.repeat_interleave(k, dim=0) for x in leaves])
-    owners = _owners(model, params)
     layers = {id(m): m for mods in owners.values() for m in mods}
     calls: List[_Call] = []
 
