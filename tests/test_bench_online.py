@@ -242,6 +242,33 @@ def test_records_resume_a_cut_sweep_and_merge_shares_into_the_uninterrupted_resu
     assert (tmp_path / "merged" / "summary.md").is_file()
 
 
+def test_merged_summary_compares_loko_with_the_wide_adamw_grid_and_says_where_each_method_ran(tmp_path):
+    """The GPU-size sweep uses adamw-wide, not adamw: the LoKO-vs-best-AdamW verdicts must still be drawn from it.
+    A merge of records from two calls names the held-out split, the device of each method, the commands merged,
+    and gives a time ratio to AdamW only between methods that ran on the same kind of device."""
+    records = tmp_path / "r"
+    base = ["bench", "online", "--streams", "digits", "--samples", "12", "--eval-samples", "20", "--seeds", "1",
+            "--no-progress", "--records", str(records)]
+    assert cli_main(base + ["--methods", "adamw-wide", "--out", str(tmp_path / "a")]) == 0
+    assert cli_main(base + ["--methods", "loko", "--out", str(tmp_path / "b")]) == 0
+    # As if LoKO's record had come from a GPU call.
+    for path in (records / "digits").glob("loko-*.json"):
+        payload = json.loads(path.read_text())
+        payload["device"] = payload["record"]["device"] = "cuda:0"
+        path.write_text(json.dumps(payload))
+    assert cli_main(["bench", "online", "--merge", str(records), "--out", str(tmp_path / "m")]) == 0
+    summary = (tmp_path / "m" / "summary.md").read_text()
+    payload = json.loads((tmp_path / "m" / "digits.json").read_text())
+    best = online.best_adamw(online.best_runs(payload["runs"]))
+    assert best is not None and best["method"] == "adamw-wide"
+    assert f"| digits | {best['label']} |" in summary  # the overview row of the LoKO-vs-AdamW table
+    assert f"- LoKO vs {best['label']}: online" in summary
+    assert "held-out digits-test;" in summary and "merged from the run records of: `loraopt bench online" in summary
+    loko_row = next(line for line in summary.splitlines() if line.startswith("| LoKO |"))
+    adamw_row = next(line for line in summary.splitlines() if line.startswith(f"| best {best['label']} |"))
+    assert loko_row.endswith("| cuda | — |") and adamw_row.endswith("| cpu | 1.0x |")
+
+
 def test_merge_refuses_records_of_two_protocols(tmp_path, capsys):
     for samples in ("8", "12"):
         assert cli_main(["bench", "online", "--streams", "digits", "--methods", "adamw", "--samples", samples,

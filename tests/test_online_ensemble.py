@@ -137,9 +137,11 @@ def _digits_tasks(samples, seed=1, eval_samples=100):
             for method in ("adamw", "adagrad") for index in range(len(online.METHODS[method].grid))]
 
 
-def test_ensemble_records_equal_the_separate_runs_on_the_toy_stream(monkeypatch):
-    """Ten members (AdamW and AdaGrad, five lrs each) against ten ``run_one`` calls: identical prequential flags and
-    held-out accuracy; final parameters equal up to float32 rounding, far closer than to any other member's."""
+@pytest.mark.parametrize("path", ["batch", "vmap"])
+def test_ensemble_records_equal_the_separate_runs_on_the_toy_stream(monkeypatch, path):
+    """Ten members (AdamW and AdaGrad, five lrs each) against ten ``run_one`` calls, on either path: identical
+    prequential flags and held-out accuracy; final parameters equal up to float32 rounding, far closer than to any
+    other member's."""
     tasks = _digits_tasks(60)
     # Members listed AdaGrad first: the ensemble reorders them internally and must give them back in this order.
     tasks = tasks[5:] + tasks[:5]
@@ -148,7 +150,8 @@ def test_ensemble_records_equal_the_separate_runs_on_the_toy_stream(monkeypatch)
     monkeypatch.setattr(online, "build_model", lambda *a, **k: adapters.append(real_build(*a, **k)) or adapters[-1])
     initial = {n: p.detach().clone() for n, p in real_build("toy-mlp", 10, 1).model.named_parameters()
                if p.requires_grad}
-    outcome = ens.ensemble_pass(ens.EnsembleTask(tuple(tasks)))
+    outcome = ens.ensemble_pass(ens.EnsembleTask(tuple(tasks)), path=path)
+    assert {r["ensemble_path"] for r in outcome.records} == {path}
     finals, records = [], []
     for task in tasks:
         records.append(online.run_one(task))
@@ -202,7 +205,7 @@ def test_cli_ensemble_saves_member_records_resumes_and_merges_like_the_separate_
     assert {t.method for t in singles} == {"loko-scalar"} and len(singles) == 2
     record_files = sorted(p.relative_to(ensembled) for p in ensembled.rglob("*.json"))
     assert record_files == sorted(p.relative_to(per_run) for p in per_run.rglob("*.json")) and len(record_files) == 22
-    assert "vmapped ensembles of 10 members" in (tmp_path / "b" / "summary.md").read_text()
+    assert "ran as ensembles of 10 members" in (tmp_path / "b" / "summary.md").read_text()
     assert json.loads((tmp_path / "b" / "digits.json").read_text())["config"]["ensemble"] is True
     saved = json.loads((ensembled / "digits" / "adagrad-g2-s1-n16.json").read_text())
     assert saved["record"]["ensemble_size"] == 10 and "ensemble" in saved["command"]
@@ -235,7 +238,7 @@ def test_a_model_vmap_cannot_run_is_refused_with_the_model_name(tmp_path, monkey
 
     def data_dependent(*args, **kwargs):
         adapter = real_build(*args, **kwargs)
-        model = adapter.model
+        model = adapter.model.train()  # in training mode the members cannot run as a batch: vmap it is
         # Python control flow on a value of the output: fine for one model, impossible under vmap.
         adapter.forward = lambda x: model(x) if float(model(x).sum()) > -1e30 else -model(x)
         return adapter
@@ -247,3 +250,143 @@ def test_a_model_vmap_cannot_run_is_refused_with_the_model_name(tmp_path, monkey
             "--seeds", "1", "--no-progress", "--ensemble", "--out", str(tmp_path)]
     assert cli_main(args) == 1
     assert "drop --ensemble" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------- members as a batch
+
+
+class _Convs(nn.Module):
+    """A small CNN with the layer kinds of the online models: a strided, padded 3x3 conv and a 1x1 conv (both get
+    LoRA), a frozen batch norm (eval mode) and a depthwise conv between them, and a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.norm = nn.BatchNorm2d(8)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.point = nn.Conv2d(8, 6, 1)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.norm(self.stem(x)))
+        h = torch.relu(self.point(self.depthwise(h)))
+        return self.head(h.mean((2, 3)))
+
+
+class _Tokens(nn.Module):
+    """Linear layers on (batch, tokens, features) inputs, as in a transformer block, and a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.query = nn.Linear(5, 5)
+        self.value = nn.Linear(5, 5, bias=False)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        scores = torch.softmax(self.query(x) @ x.transpose(1, 2), -1)
+        return self.head((scores @ self.value(x)).mean(1))
+
+
+def _peft(base, targets):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    for m in base.modules():
+        if isinstance(m, nn.BatchNorm2d):  # non-trivial running statistics
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+    model = get_peft_model(base, LoraConfig(target_modules=targets, r=2, lora_alpha=4, modules_to_save=["head"]))
+    model = model.double().eval()
+    with torch.no_grad():  # B = 0 at PEFT's init would hide a wrong B path
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["convs", "tokens"])
+def test_members_as_batch_equal_separate_passes_in_float64(kind):
+    """Logits and every trainable parameter's gradient of four members, each with its own parameters, from one pass
+    of the members as a batch against four ``functional_call`` passes: equal to 1e-12 (float64)."""
+    pytest.importorskip("peft")
+    from torch.func import functional_call
+
+    if kind == "convs":
+        model, x = _peft(_Convs(), ["stem", "point"]), torch.randn(1, 3, 9, 9, dtype=torch.float64)
+    else:
+        model, x = _peft(_Tokens(), ["query", "value"]), torch.randn(1, 4, 5, dtype=torch.float64)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    names = [n for n, _ in named]
+    assert ens.members_as_batch_refusal(model, names) is None
+    members = 4
+    flat, stacked = ens.stack_parameters([p for _, p in named], members)
+    with torch.no_grad():
+        flat.add_(0.2 * torch.randn_like(flat))  # members differ
+    label = torch.tensor([1])
+    with ens.members_as_batch(model, names, stacked):
+        logits = model(ens.repeat_sample(x, members))
+    assert logits.shape == (members, 4 if kind == "convs" else 3)
+    torch.nn.functional.cross_entropy(logits, label.expand(members), reduction="sum").backward()
+    for e in range(members):
+        values = {n: s.detach()[e].clone().requires_grad_() for n, s in zip(names, stacked)}
+        expected = functional_call(model, values, (x,))
+        grads = torch.autograd.grad(torch.nn.functional.cross_entropy(expected, label), list(values.values()))
+        torch.testing.assert_close(logits[e].detach(), expected[0].detach(), rtol=1e-12, atol=1e-12)
+        for name, s, g in zip(names, stacked, grads):
+            torch.testing.assert_close(s.grad[e], g, rtol=1e-12, atol=1e-12, msg=name)
+    # The context restores the modules' own forward: the model is itself again afterwards.
+    torch.testing.assert_close(model(x), functional_call(model, {n: p for n, p in named}, (x,)))
+
+
+def test_members_as_batch_refusals_name_what_stands_in_the_way():
+    pytest.importorskip("peft")
+    model = _peft(_Convs(), ["stem", "point"])
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    model.base_model.model.norm.train()
+    assert "training mode" in ens.members_as_batch_refusal(model, names)
+    model.eval()
+    model.base_model.model.norm.weight.requires_grad_(True)
+    assert "norm.weight is not the weight or bias of a plain" in ens.members_as_batch_refusal(
+        model, names + ["base_model.model.norm.weight"])
+    model.base_model.model.stem.base_layer.padding_mode = "reflect"  # no LoRA on it: only its LoRA factors count
+    assert ens.members_as_batch_refusal(model, names) is None
+    flat, stacked = ens.stack_parameters([p for n, p in model.named_parameters() if n in names], 2)
+    with pytest.raises(ens.EnsembleUnsupportedError, match="training mode"):
+        ens.members_as_batch(model.train(), names, stacked)
+    with pytest.raises(ens.EnsembleUnsupportedError, match="batch-1"):
+        ens.repeat_sample(torch.zeros(2, 3), 4)
+
+
+class _Tied(nn.Module):
+    """Reads a Linear's weight (the same Parameter, so tied) outside that Linear's forward."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight = linear.weight
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight)
+
+
+def test_auto_falls_back_to_vmap_when_the_first_sample_check_fails(monkeypatch):
+    """The head's weight tied into a second module: the batch pass swaps only the head's own forward, so the second
+    module would use the shared copy for every member; the first-sample check against separate passes catches the
+    missing gradient, and ``auto`` runs vmap (with a warning), which swaps tied weights; ``path="batch"`` refuses."""
+    real_build = online.build_model
+
+    def reads_its_head(*args, **kwargs):
+        adapter = real_build(*args, **kwargs)
+        model = adapter.model
+        inner = model.base_model.model
+        inner.tied = _Tied(inner.head.modules_to_save["default"]).eval()
+        adapter.forward = lambda x: model(x) + 0.5 * inner.tied(x)
+        return adapter
+
+    monkeypatch.setattr(online, "build_model", reads_its_head)
+    task = ens.EnsembleTask(tuple(_digits_tasks(6)[:3]))
+    with pytest.warns(RuntimeWarning, match="first-sample check"):
+        outcome = ens.ensemble_pass(task)
+    assert {r["ensemble_path"] for r in outcome.records} == {"vmap"}
+    with pytest.raises(ens.EnsembleUnsupportedError, match="cannot run as a batch"):
+        ens.ensemble_pass(task, path="batch")
+    with pytest.raises(ValueError, match="path must be one of"):
+        ens.ensemble_pass(task, path="loop")

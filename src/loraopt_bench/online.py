@@ -8,7 +8,7 @@ learning-rate sweep, PSI-LoRA.
     loraopt bench online --quick                           # CI-sized smoke run of the same streams
     loraopt bench online --streams digits --quick          # no model package needed (scikit-learn digits)
     loraopt bench online --streams mnist --methods loko-p0 --out benchmarks/results/online/loko_defaults
-    loraopt bench online --streams fashion --methods adamw-wide adagrad-wide --ensemble   # one vmapped pass per seed
+    loraopt bench online --streams fashion --methods adamw-wide adagrad-wide --ensemble   # one pass per seed
 
 Streams (``STREAMS``):
 
@@ -37,14 +37,16 @@ Protocol decisions (the same for every method):
 
 ``--ensemble`` (``loraopt_bench/online_ensemble.py``): the AdamW and AdaGrad grid points of one (stream, seed) see
 the same stream from the same initial model, so they run together: one model, the LoRA/head parameters of the E
-members stacked along a new dimension, one ``torch.vmap``-ed forward and one backward per sample for all of them,
+members stacked along a new dimension, one forward and one backward per sample for all of them (the members as
+the batch where every trainable parameter belongs to a plain Linear/Conv2d of an eval-mode model, else
+``torch.vmap``; the records say which: ``ensemble_path``),
 and each member's AdamW / AdaGrad update (torch's, with the library factories' hyperparameters, reproduced on the
 stacked tensors). Each member still gets its own record (``--records`` files, resume and ``--merge`` as without
 it; an ensemble runs only the members not yet recorded; with ``--jobs`` each ensemble is one job). The records
 equal the separate runs' up to rounding: exact in float64; in float32 AdamW and AdaGrad amplify it at unstable
 learning rates, and more so with TF32 convolutions on a GPU (``benchmarks/notes/loko.md``). Timing: a member's
 ``sec_per_sample`` is the ensemble's time per sample divided by E (``ensemble_size``); the ensemble's own time per
-sample is ``ensemble_sec_per_sample``. A model that ``vmap`` cannot run is refused: drop ``--ensemble`` for it.
+sample is ``ensemble_sec_per_sample``. A model that neither path can run is refused: drop ``--ensemble`` for it.
 
 Outputs (``--out``, default ``benchmarks/results/online``): ``<stream>.json``, ``<stream>.png`` (running
 prequential accuracy vs samples seen, best setting per method, mean ± std over seeds), ``<stream>_window.png``
@@ -528,6 +530,7 @@ def run_one(task: RunTask) -> Dict[str, Any]:
         "held_out_acc": held_out,
         "final_acc": held_out[next(iter(held_out))],
         "sec_per_sample": elapsed / max(1, len(inputs)),
+        "device": task.device,
         "eval_seconds": eval_seconds,
         "phase_starts": phase_starts,
         "nonfinite_logits": nonfinite,
@@ -632,6 +635,8 @@ def aggregate_runs(stream: str, method_key: str, grid_index: int, records: Seque
         "trainable_parameters": records[0]["trainable_parameters"],
         "samples_seen": marks,
         "window": window,
+        # where the seeds ran (ms / sample compares only within one kind of device)
+        "devices": sorted({torch.device(r["device"]).type for r in records if r.get("device")}),
     }
     result["prequential_acc"], result["prequential_acc_std"] = band("prequential_acc")
     result["window_acc"], result["window_acc_std"] = band("window_acc")
@@ -702,7 +707,7 @@ def run_online(tasks: Sequence[RunTask], *, jobs: int = 1, progress: bool = True
     ``on_stream_done(stream, runs)`` is called as soon as every task of a stream has finished, so outputs of
     finished streams are written even if a later stream fails. ``done`` holds records of tasks that already ran
     (``--records``): they are aggregated, not run again. ``on_record(task, record)`` is called after each run.
-    ``ensemble``: the AdamW/AdaGrad tasks still to run go as one vmapped ensemble per (stream, seed)
+    ``ensemble``: the AdamW/AdaGrad tasks still to run go as one ensemble per (stream, seed)
     (``loraopt_bench.online_ensemble``; a lone such task runs on its own); each member still yields its own record.
     """
     from tqdm.auto import tqdm
@@ -840,7 +845,9 @@ def merge_records(paths: Sequence[Path]) -> Dict[str, Tuple[int, Dict[str, Any],
         samples = next(iter(sizes))[0]
         groups: Dict[Tuple[str, int], List[Dict[str, Any]]] = {}
         for p in payloads.values():
-            groups.setdefault((p["task"]["method"], p["task"]["grid_index"]), []).append(p["record"])
+            record = dict(p["record"])
+            record.setdefault("device", p.get("device"))  # records written before runs kept it themselves
+            groups.setdefault((p["task"]["method"], p["task"]["grid_index"]), []).append(record)
         runs = {}
         for (method, index), records in groups.items():
             aggregate = aggregate_runs(stream, method, index, records, samples)
@@ -853,6 +860,13 @@ def merge_records(paths: Sequence[Path]) -> Dict[str, Tuple[int, Dict[str, Any],
 # ------------------------------------------------------------------------------------------------- outputs
 
 HEADLINE_METHODS = ("adamw", "adagrad", "loko", "loko-scalar", "loko-q", "psi-lora")
+
+
+def best_adamw(best: Mapping[str, Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The best-tuned AdamW among the AdamW grids present (``adamw``, ``adamw-wide``), or None."""
+    candidates = [run for key, run in best.items()
+                  if METHODS[key].optimizer == "adamw" and METHODS[key].update == GRADIENT]
+    return max(candidates, key=lambda r: (r["final_acc"], r["online_acc"]), default=None)
 
 
 def best_runs(runs: Mapping[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
@@ -918,10 +932,10 @@ def stream_tables(stream: str, payload: Mapping[str, Any]) -> str:
     config = payload["config"]
     lines = [f"## {stream}: {payload['description']}\n",
              f"Stream of {config['samples']} samples, {config['seeds']} seed(s), held-out "
-             f"{', '.join(f'{k} ({v} samples)' for k, v in config.get('held_out_sizes', {}).items())}; "
+             f"{', '.join(f'{k} ({v} samples)' for k, v in config['held_out_sizes'].items()) if config.get('held_out_sizes') else ', '.join(next(iter(runs.values()))['held_out_acc'])}; "
              f"moving window {next(iter(runs.values()))['window']} samples. "
              f"Figures: [`{stream}.png`]({stream}.png), [`{stream}_window.png`]({stream}_window.png).\n\n"]
-    adamw_time = best["adamw"]["sec_per_sample"] if "adamw" in best else None
+    adamw = best_adamw(best)
     headline = [(k, r) for k, r in sorted(best.items(), key=lambda kv: _method_order(kv[0]))]
     rows = []
     for key, run in headline:
@@ -932,22 +946,24 @@ def stream_tables(stream: str, payload: Mapping[str, Any]) -> str:
             _pm(run["final_acc"], run["final_acc_std"]),
             f"{run['samples_to_90pct']:.0f}",
             f"{run['sec_per_sample'] * 1e3:.1f}",
-            f"{run['sec_per_sample'] / adamw_time:.1f}x" if adamw_time else "—",
+            ", ".join(run.get("devices", [])) or "?",
+            f"{run['sec_per_sample'] / adamw['sec_per_sample']:.1f}x"
+            if adamw and run.get("devices") == adamw.get("devices") else "—",
         ])
     headers = ["method", "online acc", f"last-{next(iter(runs.values()))['window']} acc", "final acc",
-               "samples to 90%", "ms / sample", "time vs AdamW"]
+               "samples to 90%", "ms / sample", "ran on", "time vs AdamW"]
     lines.append(markdown_table(headers, rows))
     ensembled = sorted({s["ensemble_size"] for run in runs.values() for s in run["seeds"] if "ensemble_size" in s})
     if ensembled:
-        lines.append(f"\nAdamW/AdaGrad ran as vmapped ensembles of {', '.join(map(str, ensembled))} members "
+        lines.append(f"\nAdamW/AdaGrad ran as ensembles of {', '.join(map(str, ensembled))} members "
                      "(`--ensemble`): their ms / sample is the ensemble's time per sample divided by its size.\n")
-    if "adamw" in best:
+    if adamw is not None:
         verdicts = []
         for key in ("loko", "loko-scalar", "loko-q"):
             if key in best:
-                verdicts.append(f"- {best[key]['label']} vs {best['adamw']['label']}: online "
-                                f"{_verdict(best[key], best['adamw'], 'online_acc')}; final "
-                                f"{_verdict(best[key], best['adamw'], 'final_acc')}.")
+                verdicts.append(f"- {best[key]['label']} vs {adamw['label']}: online "
+                                f"{_verdict(best[key], adamw, 'online_acc')}; final "
+                                f"{_verdict(best[key], adamw, 'final_acc')}.")
         if verdicts:
             lines.append("\n" + "\n".join(verdicts) + "\n")
     if stream == "drift":
@@ -983,9 +999,10 @@ def write_summary(out_dir: Path, *, header: str = "") -> Path:
     overview = []
     for name, payload in payloads.items():
         best = best_runs(payload["runs"])
-        if "adamw" in best and "loko" in best:
-            overview.append([name, best["adamw"]["label"], _verdict(best["loko"], best["adamw"], "online_acc"),
-                             _verdict(best["loko"], best["adamw"], "final_acc")])
+        adamw = best_adamw(best)
+        if adamw is not None and "loko" in best:
+            overview.append([name, adamw["label"], _verdict(best["loko"], adamw, "online_acc"),
+                             _verdict(best["loko"], adamw, "final_acc")])
     if overview:
         parts.append("\n## LoKO (library defaults) against the best-tuned AdamW\n\n"
                      "A difference counts only when it is larger than the combined standard deviation over seeds "
@@ -993,9 +1010,10 @@ def write_summary(out_dir: Path, *, header: str = "") -> Path:
         parts.append(markdown_table(["stream", "best AdamW", "online accuracy", "final held-out accuracy"], overview))
     for name, payload in payloads.items():
         config = payload["config"]
-        parts.append(f"\n{stream_tables(name, payload)}\nCommand: `{config.get('command', '?')}`; "
-                     f"{config.get('threads', '?')} torch thread(s) per run, {config.get('jobs', '?')} parallel "
-                     f"run(s); torch {config.get('torch', '?')}"
+        run_line = (f"; {config['threads']} torch thread(s) per run, {config['jobs']} parallel run(s); torch "
+                    f"{config['torch']}" if "threads" in config else
+                    "; merged from the run records of: " + "; ".join(f"`{c}`" for c in config.get("merged_commands", [])))
+        parts.append(f"\n{stream_tables(name, payload)}\nCommand: `{config.get('command', '?')}`{run_line}"
                      + (f"; image size {config['image_size']} px" if config.get("image_size") else "")
                      + (f"; at most {config['max_tokens']} tokens" if config.get("max_tokens") else "") + ".\n")
     path = out_dir / "summary.md"
@@ -1045,13 +1063,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "the runs in flight, and a later call finishes it")
     parser.add_argument("--ensemble", action="store_true",
                         help="run the AdamW/AdaGrad grid points (adamw, adagrad, adamw-wide, adagrad-wide) of each "
-                             "(stream, seed) as one vmapped ensemble: one model, stacked trainable parameters, one "
-                             "forward/backward per sample for all of them; other methods run as usual. Same records "
+                             "(stream, seed) as one ensemble: one model, stacked trainable parameters, one "
+                             "forward/backward per sample for all of them (the members as the batch where the model "
+                             "allows it, else torch.vmap); other methods run as usual. Same records "
                              "as without it, one per member (up to float32 rounding), so --records, resume and "
                              "--merge work as usual: an ensemble runs only its members not yet recorded, and with "
                              "--jobs each ensemble is one job. A member's sec_per_sample is the ensemble's time per "
                              "sample divided by its size (ensemble_size); ensemble_sec_per_sample is the whole. "
-                             "Refused for a model that torch.vmap cannot run")
+                             "Refused for a model that neither path can run")
     parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR",
                         help="run nothing: aggregate the record folders (or files) of --records, e.g. shares of one "
                              "sweep run on several machines, into --out")

@@ -1,10 +1,13 @@
-"""The gradient baselines of ``loraopt bench online`` as one vmapped ensemble per (stream, seed): ``--ensemble``.
+"""The gradient baselines of ``loraopt bench online`` as one ensemble per (stream, seed): ``--ensemble``.
 
 Every AdamW and AdaGrad grid point of one (stream, seed) sees the same stream order and starts from the same model
 (the seed fixes both), so their runs differ only in the optimizer's hyperparameters. :func:`run_ensemble` runs E of
 them together: the model is built once, exactly as :func:`~loraopt_bench.online.run_one` builds it; the trainable
 parameters of the E members are stacked along a new leading dimension (frozen parameters and buffers stay shared);
-one ``torch.vmap`` of ``torch.func.functional_call`` gives the ``(E, 1, m)`` logits of the sample; the summed
+one pass gives the ``(E, 1, m)`` logits of the sample, either with the members as the batch (the sample repeated
+E times, each layer that owns trainable parameters applying member e's to row e: :class:`members_as_batch`, used
+where it is exact and passes a first-sample check) or with one ``torch.vmap`` of ``torch.func.functional_call``
+(any other model); the summed
 cross-entropy of the members is back-propagated once (each member's gradient is that of its own loss); and the
 members' updates are applied on the stacked tensors by :class:`StackedAdamW` / :class:`StackedAdagrad`, which
 reproduce ``torch.optim.AdamW`` / ``torch.optim.Adagrad`` as built by the library factories (hyperparameters and
@@ -17,7 +20,7 @@ the member's parameters into the model and calling the same ``predict`` as ``run
 time per sample is ``ensemble_sec_per_sample``; ``sec_per_sample`` is that divided by ``ensemble_size`` (the cost
 per member when amortised over the ensemble, not the time of a run on its own).
 
-Results equal those of the separate runs up to float32 rounding: the vmapped forward and backward run batched
+Results equal those of the separate runs up to float32 rounding: the ensemble's forward and backward run batched
 kernels, so logits and gradients can differ in the last bits, which can flip a rare near-tie argmax. AdamW and
 AdaGrad amplify such differences at the unstable learning rates, and on a GPU cuDNN's TF32 convolutions (torch's
 default) make them larger; in float64 the two paths agree to ~1e-11 (``benchmarks/notes/loko.md``, "Ensembled
@@ -27,6 +30,7 @@ baselines for the online sweep"; ``scripts/online_ensemble_check.py``).
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -339,6 +343,139 @@ def stack_parameters(params: Sequence[Tensor], members: int) -> Tuple[Tensor, Li
     return flat, views
 
 
+# ------------------------------------------------------------------------------------------------- members as a batch
+#
+# torch.vmap runs the members' forward and backward with batched kernels where torch has a batching rule; where it
+# has none (convolution_backward, batch-norm backward), it loops over the members, one kernel launch each, and its
+# dispatch adds host time to every op. On EfficientNet-Lite0 at batch 1 that made a 14-member step cost 86 ms on an
+# H200 and 193 ms on one CPU core, against 26 ms and 14 ms for one plain step (benchmarks/notes/loko.md). When every
+# trainable parameter is the weight or bias of a plain Linear or Conv2d (LoRA factors and a Linear head: every
+# model of the online streams), the members can instead be the batch: the sample is repeated E times, every frozen
+# layer runs once on the batch of E, and only the layers that own trainable parameters apply member e's weights
+# to row e (one batched matmul or grouped convolution). That is exact as long as each row of the batch is computed
+# independently of the others: eval-mode models (batch norm on its running statistics) and batch-1 samples.
+
+_BATCHED_TYPES = (nn.Linear, nn.Conv2d)
+
+
+def members_as_batch_refusal(model: nn.Module, names: Sequence[str]) -> Optional[str]:
+    """Why the members of ``model`` (trainable parameters ``names``) cannot run as a batch, or None if they can."""
+    modules = dict(model.named_modules())
+    training = [n or "the model" for n, m in modules.items() if m.training]
+    if training:
+        return f"modules in training mode (rows of a batch would interact): {training[:3]}"
+    for name in names:
+        owner, _, attr = name.rpartition(".")
+        module = modules.get(owner)
+        if type(module) not in _BATCHED_TYPES or attr not in ("weight", "bias"):
+            return f"{name} is not the weight or bias of a plain nn.Linear / nn.Conv2d"
+        if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+            return f"{owner} pads with {module.padding_mode!r}"
+    return None
+
+
+def _member_linear(module: nn.Linear, weight: Tensor, bias: Optional[Tensor]):
+    """Row e of the input through member e's Linear. ``weight``: (E, out, in) or shared (out, in); ``bias``:
+    (E, out), shared (out,) or None."""
+
+    def forward(x: Tensor) -> Tensor:  # (E, ..., in) -> (E, ..., out)
+        rows = x.reshape(x.shape[0], -1, x.shape[-1])
+        y = torch.matmul(rows, weight.transpose(-1, -2))  # (E, L, out)
+        if bias is not None:
+            y = y + (bias.unsqueeze(1) if bias.dim() == 2 else bias)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    return forward
+
+
+def _member_conv2d(module: nn.Conv2d, weight: Tensor, bias: Optional[Tensor]):
+    """Row e of the input through member e's Conv2d. ``weight``: (E, out, in/groups, kh, kw) or shared; ``bias``:
+    (E, out), shared (out,) or None. A pointwise convolution is a batched matmul; any other is one grouped
+    convolution over the E rows stacked as channels."""
+    pointwise = (module.kernel_size == (1, 1) and module.stride == (1, 1) and module.groups == 1
+                 and module.padding in ((0, 0), "valid", "same"))
+
+    def forward(x: Tensor) -> Tensor:  # (E, C, H, W) -> (E, O, H', W')
+        members, channels, height, width = x.shape
+        w = weight if weight.dim() == 5 else weight.expand(members, *weight.shape)
+        b = None if bias is None else (bias if bias.dim() == 2 else bias.expand(members, -1))
+        if pointwise:
+            y = torch.matmul(w.flatten(2), x.reshape(members, channels, height * width))  # (E, O, HW)
+            if b is not None:
+                y = y + b.unsqueeze(-1)
+            return y.view(members, -1, height, width)
+        y = F.conv2d(x.reshape(1, members * channels, height, width), w.reshape(-1, *w.shape[2:]),
+                     None if b is None else b.reshape(-1), module.stride, module.padding, module.dilation,
+                     members * module.groups)
+        return y.view(members, -1, *y.shape[-2:])
+
+    return forward
+
+
+class members_as_batch:
+    """Context manager: while open, the modules that own the trainable parameters ``names`` of ``model`` apply the
+    stacked ``values`` (``(E, *shape)`` per name, in the order of ``names``) row by row, so ``model(batch of E)``
+    is the E members' outputs. :func:`members_as_batch_refusal` says whether that is exact for ``model``."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str], values: Sequence[Tensor]):
+        reason = members_as_batch_refusal(model, names)
+        if reason is not None:
+            raise EnsembleUnsupportedError(f"the members cannot run as a batch: {reason}")
+        modules = dict(model.named_modules())
+        stacked = dict(zip(names, values))
+        self.patched: List[nn.Module] = []
+        self.forwards = []
+        for owner in dict.fromkeys(name.rpartition(".")[0] for name in names):
+            module = modules[owner]
+            weight = stacked.get(owner + ".weight", module.weight)
+            bias = stacked.get(owner + ".bias", module.bias)
+            build = _member_linear if isinstance(module, nn.Linear) else _member_conv2d
+            self.patched.append(module)
+            self.forwards.append(build(module, weight, bias))
+
+    def __enter__(self) -> "members_as_batch":
+        for module, forward in zip(self.patched, self.forwards):
+            module.forward = forward  # an instance attribute: nn.Module.__call__ (and its hooks) call it
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for module in self.patched:
+            del module.forward
+
+
+def repeat_sample(x: Any, members: int) -> Any:
+    """A batch-1 sample (a tensor, or a dict of them as a tokenizer returns) repeated ``members`` times along dim 0."""
+    if isinstance(x, Mapping):
+        return {k: repeat_sample(v, members) for k, v in x.items()}
+    if not torch.is_tensor(x) or x.dim() == 0 or x.shape[0] != 1:
+        raise EnsembleUnsupportedError("the members run as a batch only on batch-1 tensor samples")
+    return x.expand(members, *x.shape[1:]).contiguous()
+
+
+def _check_members_as_batch(batched_logits: Tensor, batched_grads: Sequence[Tensor], wrapper: nn.Module,
+                            keys: Sequence[str], stacked: Sequence[Tensor], x: Any, label: Tensor) -> Optional[str]:
+    """Compare the batch path's logits and gradients on the first sample with E separate forward/backward passes
+    (``functional_call`` per member, no vmap); the mismatch as text, or None. Catches what the module check cannot
+    see, e.g. a trainable weight that the model also reads outside its owner's forward."""
+    from torch.func import functional_call
+
+    tol = 1e-9 if stacked[0].dtype == torch.float64 else 2e-3
+    for e in range(stacked[0].shape[0]):
+        values = {k: s.detach()[e].clone().requires_grad_() for k, s in zip(keys, stacked)}
+        logits = functional_call(wrapper, values, (x,))
+        grads = torch.autograd.grad(F.cross_entropy(logits, label, reduction="sum"), list(values.values()),
+                                    allow_unused=True)
+        pairs = [("logits", batched_logits[e], logits.detach().reshape(batched_logits[e].shape))]
+        pairs += [(k, g_batch[e], torch.zeros_like(g_batch[e]) if g is None else g)
+                  for k, g_batch, g in zip(keys, batched_grads, grads)]
+        for name, actual, expected in pairs:
+            scale = float(expected.abs().max())
+            gap = float((actual - expected).abs().max())
+            if not gap <= tol * scale + 1e-12:
+                return f"member {e}, {name}: |difference| {gap:.3g} against a scale of {scale:.3g}"
+    return None
+
+
 # ------------------------------------------------------------------------------------------------- the ensemble run
 
 _TORCH_CLASSES = {"adamw": torch.optim.AdamW, "adagrad": torch.optim.Adagrad}
@@ -422,9 +559,20 @@ def run_ensemble(task: EnsembleTask) -> List[Dict[str, Any]]:
     return ensemble_pass(task).records
 
 
-def ensemble_pass(task: EnsembleTask, *, math_attention: bool = True) -> EnsembleOutcome:
-    """One stream pass of every member of ``task`` (the module docstring); ``math_attention``: run attention on the
-    math kernel inside ``vmap``."""
+ENSEMBLE_PATHS = ("auto", "batch", "vmap")
+
+
+def ensemble_pass(task: EnsembleTask, *, math_attention: bool = True, path: str = "auto") -> EnsembleOutcome:
+    """One stream pass of every member of ``task`` (the module docstring).
+
+    ``path``: how the members' forward and backward run. ``"batch"``: the members as the batch
+    (:class:`members_as_batch`); ``"vmap"``: ``torch.vmap`` over the stacked parameters; ``"auto"`` (default):
+    the batch where :func:`members_as_batch_refusal` allows it and it passes the first-sample check against
+    separate passes, otherwise vmap (with a warning when the check failed). ``math_attention``: run attention on
+    the math kernel inside ``vmap``. The records say which path ran (``ensemble_path``).
+    """
+    if path not in ENSEMBLE_PATHS:
+        raise ValueError(f"path must be one of {ENSEMBLE_PATHS}, got {path!r}")
     first = task.members[0]
     if first.threads:
         set_cpu_threads(first.threads)
@@ -463,28 +611,62 @@ def ensemble_pass(task: EnsembleTask, *, math_attention: bool = True) -> Ensembl
     def member_logits(values: Dict[str, Tensor], x: Any) -> Tensor:
         return functional_call(wrapper, values, (x,))
 
-    batched = vmap(member_logits, in_dims=(0, None))
+    vmapped = vmap(member_logits, in_dims=(0, None))
     inputs = adapter.encode(stream.inputs)
     labels = stream.labels.to(first.device)
+
+    def vmap_logits(x: Any) -> Tensor:
+        return vmapped(dict(zip(keys, stacked)), x)  # (E, 1, m)
+
+    def batch_logits(x: Any) -> Tensor:
+        with members_as_batch(model, names, stacked):
+            return wrapper(repeat_sample(x, size)).reshape(size, 1, -1)  # (E, 1, m)
+
+    def forward_backward(logits_of: Any, x: Any, label: Tensor) -> Tensor:
+        logits = logits_of(x)
+        # Summed over members: each member's gradient is that of its own cross-entropy (batch of one: mean = sum).
+        loss = F.cross_entropy(logits.flatten(0, 1), label.expand(size), reduction="sum")
+        for s in stacked:
+            s.grad = None
+        loss.backward()
+        return logits.detach()
+
+    chosen = path
+    if path != "vmap":
+        refusal = reason = members_as_batch_refusal(model, names)
+        if refusal is None and inputs:
+            try:
+                logits = forward_backward(batch_logits, inputs[0], labels[:1])
+                reason = _check_members_as_batch(logits, [s.grad for s in stacked], wrapper, keys, stacked,
+                                                 inputs[0], labels[:1])
+            except (RuntimeError, EnsembleUnsupportedError) as error:
+                reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+        if reason is not None:
+            if path == "batch":
+                raise EnsembleUnsupportedError(f"--ensemble: the members of the {data.spec.model} model cannot run "
+                                               f"as a batch: {reason}")
+            if refusal is None:  # eligible, but it failed on the first sample: say so
+                warnings.warn(f"--ensemble: the members-as-batch pass of the {data.spec.model} model failed its "
+                              f"first-sample check against separate passes ({reason}); running the members under "
+                              "torch.vmap instead", RuntimeWarning, stacklevel=2)
+            chosen = "vmap"
+        else:
+            chosen = "batch"
+    logits_of = batch_logits if chosen == "batch" else vmap_logits
+
     predictions = torch.empty(len(inputs), size, dtype=torch.long, device=first.device)
     nonfinite = torch.zeros(size, dtype=torch.long, device=first.device)
 
     def learn(i: int, x: Any) -> None:
-        logits = batched(dict(zip(keys, stacked)), x)  # (E, 1, m)
-        detached = logits.detach()
+        detached = forward_backward(logits_of, x, labels[i:i + 1])
         predictions[i] = detached.argmax(-1)[:, 0]  # scored before the update: prequential
         nonfinite.add_(~torch.isfinite(detached).flatten(1).all(1))
-        # Summed over members: each member's gradient is that of its own cross-entropy (batch of one: mean = sum).
-        loss = F.cross_entropy(logits.flatten(0, 1), labels[i:i + 1].expand(size), reduction="sum")
-        for s in stacked:
-            s.grad = None
-        loss.backward()
         optimizer.step()
 
-    with attention_for_vmap(math_attention):
+    with attention_for_vmap(math_attention and chosen == "vmap"):
         start = time.perf_counter()
         for i, x in enumerate(inputs):
-            if i == 0:
+            if i == 0 and chosen == "vmap":
                 try:
                     learn(i, x)
                 except (torch.OutOfMemoryError, EnsembleUnsupportedError):
@@ -513,12 +695,14 @@ def ensemble_pass(task: EnsembleTask, *, math_attention: bool = True) -> Ensembl
         eval_seconds = time.perf_counter() - start
         records[order[k]] = {
             "seed": first.seed,
+            "device": first.device,
             "correct": "".join("1" if c else "0" for c in correct[:, k]),
             "held_out_acc": held_out,
             "final_acc": held_out[next(iter(held_out))],
             "sec_per_sample": per_sample / size,
             "ensemble_size": size,
             "ensemble_sec_per_sample": per_sample,
+            "ensemble_path": chosen,
             "eval_seconds": eval_seconds,
             "phase_starts": phase_starts,
             "nonfinite_logits": int(nonfinite_counts[k]),
