@@ -390,3 +390,59 @@ def test_auto_falls_back_to_vmap_when_the_first_sample_check_fails(monkeypatch):
         ens.ensemble_pass(task, path="batch")
     with pytest.raises(ValueError, match="path must be one of"):
         ens.ensemble_pass(task, path="loop")
+
+
+# ------------------------------------------------------------------------------------------------- CUDA graphs
+
+
+def test_graph_needs_cuda_and_the_batch_path_and_otherwise_runs_the_eager_steps(capsys):
+    tasks = tuple(_digits_tasks(12)[:4])
+    eager = ens.ensemble_pass(ens.EnsembleTask(tasks))
+    with pytest.warns(RuntimeWarning, match="CUDA graphs need a CUDA device"):
+        graphed = ens.ensemble_pass(ens.EnsembleTask(tasks, graph=True))
+    assert [r["ensemble_path"] for r in graphed.records] == ["batch"] * 4
+    assert [r["correct"] for r in graphed.records] == [r["correct"] for r in eager.records]
+    for name in eager.params:
+        torch.testing.assert_close(graphed.params[name], eager.params[name], rtol=0, atol=0)
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "online", "--streams", "digits", "--methods", "adamw", "--graph", "--samples", "4"])
+    assert "use it with --ensemble" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the real capture and replay")
+def test_graphed_ensemble_replays_the_eager_trajectory_on_a_gpu(monkeypatch):
+    """The toy stream on a GPU, eager vs graphed: the same prequential flags and held-out accuracies, final
+    parameters equal to float32 rounding (the warm-up steps before capture must leave no trace)."""
+    tasks = tuple(online.RunTask("digits", method, index, 1, 40, 100, device="cuda")
+                  for method in ("adamw", "adagrad") for index in range(len(online.METHODS[method].grid)))
+    eager = ens.ensemble_pass(ens.EnsembleTask(tasks))
+    graphed = ens.ensemble_pass(ens.EnsembleTask(tasks, graph=True))
+    assert {r["ensemble_path"] for r in graphed.records} == {"batch+graph"}
+    for a, b in zip(eager.records, graphed.records):
+        assert a["correct"] == b["correct"] and a["held_out_acc"] == b["held_out_acc"]
+    for name in eager.params:
+        torch.testing.assert_close(graphed.params[name], eager.params[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the real capture and replay")
+def test_graphed_steps_capture_one_graph_per_shape_and_restore_the_state_after_warm_up():
+    """A step that changes a state tensor in place, fed inputs of two shapes in turn: one graph per shape, and the
+    replayed results equal the eager ones step for step (the warm-up runs are undone)."""
+    def make():
+        state = torch.zeros(3, device="cuda")
+
+        def step(x, label):
+            state.add_(x.sum() * label)
+            return (state * 2).clone()
+
+        return state, step
+
+    eager_state, eager_step = make()
+    graph_state, graph_step = make()
+    graphed = ens.GraphedSteps(graph_step, [graph_state])
+    for k in range(6):
+        x = torch.full((1, 2 + k % 2), float(k + 1), device="cuda")
+        label = torch.tensor([1.0 + k], device="cuda")
+        torch.testing.assert_close(graphed(x, label).clone(), eager_step(x, label))
+    assert len(graphed.graphs) == 2 and graphed.failure is None
+    torch.testing.assert_close(graph_state, eager_state)

@@ -701,7 +701,7 @@ def run_online(tasks: Sequence[RunTask], *, jobs: int = 1, progress: bool = True
                on_stream_done: Optional[Callable[[str, Dict[str, Any]], None]] = None,
                done: Optional[Mapping[RunTask, Dict[str, Any]]] = None,
                on_record: Optional[Callable[[RunTask, Dict[str, Any]], None]] = None,
-               ensemble: bool = False) -> Dict[str, Dict[str, Any]]:
+               ensemble: bool = False, graph: bool = False) -> Dict[str, Dict[str, Any]]:
     """Run every task (in ``jobs`` worker processes when > 1) and return ``{stream: {run key: aggregate}}``.
 
     ``on_stream_done(stream, runs)`` is called as soon as every task of a stream has finished, so outputs of
@@ -709,6 +709,7 @@ def run_online(tasks: Sequence[RunTask], *, jobs: int = 1, progress: bool = True
     (``--records``): they are aggregated, not run again. ``on_record(task, record)`` is called after each run.
     ``ensemble``: the AdamW/AdaGrad tasks still to run go as one ensemble per (stream, seed)
     (``loraopt_bench.online_ensemble``; a lone such task runs on its own); each member still yields its own record.
+    ``graph``: the ensembles replay their steps from CUDA graphs (GPU, members-as-batch path).
     """
     from tqdm.auto import tqdm
 
@@ -748,7 +749,7 @@ def run_online(tasks: Sequence[RunTask], *, jobs: int = 1, progress: bool = True
         from .online_ensemble import group_ensembles
 
         # An ensemble is the largest unit of work: they go first, the largest first.
-        ensembles, pending = group_ensembles(pending)
+        ensembles, pending = group_ensembles(pending, graph=graph)
         units.extend(sorted(ensembles, key=lambda e: -len(e.members)))
     # The filter with m Jacobian rows is the slowest run; starting those first balances the workers.
     units.extend(sorted(pending, key=lambda t: METHODS[t.method].update != SOFTMAX_OBSERVATION))
@@ -1071,6 +1072,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "--jobs each ensemble is one job. A member's sec_per_sample is the ensemble's time per "
                              "sample divided by its size (ensemble_size); ensemble_sec_per_sample is the whole. "
                              "Refused for a model that neither path can run")
+    parser.add_argument("--graph", action="store_true",
+                        help="with --ensemble on a GPU: capture each ensemble step (forward, backward and the stacked "
+                             "updates) once per input shape as a CUDA graph and replay it per sample, so the host "
+                             "no longer issues every kernel of a launch-bound batch-1 step. The same kernels on the "
+                             "same data: the trajectory is the eager one. Needs the members-as-batch path; "
+                             "elsewhere, or where capture fails, the steps run eagerly with a warning "
+                             "(ensemble_path in the records says which ran)")
     parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR",
                         help="run nothing: aggregate the record folders (or files) of --records, e.g. shares of one "
                              "sweep run on several machines, into --out")
@@ -1107,6 +1115,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"{too_few[0][0]} observes up to {max(g['top_k'] for g in METHODS[too_few[0][0]].grid)} classes "
                      f"per sample; stream {too_few[0][1]} has {STREAM_CLASSES[too_few[0][1]]}: leave it out there")
     seeds = list(args.seeds_list) if args.seeds_list else list(range(1 if args.quick else args.seeds))
+    if args.graph and not args.ensemble:
+        parser.error("--graph captures the ensembles' steps: use it with --ensemble")
     if not seeds or (args.samples is not None and args.samples < 1) or args.jobs < 1 or args.threads < 1:
         parser.error("--seeds, --samples, --jobs and --threads must be at least 1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -1129,6 +1139,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "image_size": task.image_size if STREAMS[stream].model == "effnet-lite0" else None,
             "max_tokens": MAX_TOKENS if STREAMS[stream].model == "minilm" else None,
             "threads": args.threads, "jobs": args.jobs, "device": args.device, "ensemble": args.ensemble,
+            "graph": args.graph,
             "torch": torch.__version__,
             "platform": platform.platform(), "cpu_count": os.cpu_count(),
             "selection": "best grid point per method = highest mean final held-out accuracy",
@@ -1143,7 +1154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             tasks, jobs=args.jobs, progress=not args.no_progress, on_stream_done=write, done=done,
             on_record=(None if args.records is None else
                        lambda task, record: save_record(args.records, task, record, command)),
-            ensemble=args.ensemble)
+            ensemble=args.ensemble, graph=args.graph)
     except (FileNotFoundError, ImportError, EnsembleUnsupportedError) as error:
         print(f"loraopt bench online: {error}", file=sys.stderr)
         return 1

@@ -72,6 +72,8 @@ class EnsembleTask:
     """The runs of one (stream, seed) that run as one ensemble; picklable like :class:`~online.RunTask`."""
 
     members: Tuple[online.RunTask, ...]
+    #: capture each step as a CUDA graph (``--graph``; see :class:`GraphedSteps`)
+    graph: bool = False
 
     def __post_init__(self) -> None:
         if not self.members:
@@ -106,8 +108,10 @@ def _group_key(task: online.RunTask) -> Tuple[Any, ...]:
             task.bundles)
 
 
-def group_ensembles(tasks: Sequence[online.RunTask]) -> Tuple[List[EnsembleTask], List[online.RunTask]]:
-    """The AdamW/AdaGrad tasks grouped into one ensemble per (stream, seed, sizes, device), and the other tasks.
+def group_ensembles(tasks: Sequence[online.RunTask], *, graph: bool = False
+                    ) -> Tuple[List[EnsembleTask], List[online.RunTask]]:
+    """The AdamW/AdaGrad tasks grouped into one ensemble per (stream, seed, sizes, device), and the other tasks;
+    ``graph``: the ensembles capture their steps as CUDA graphs.
 
     A group of a single task is returned among the other tasks (it runs on its own, like without ``--ensemble``).
     Within an ensemble, members keep the order of ``tasks``.
@@ -124,7 +128,7 @@ def group_ensembles(tasks: Sequence[online.RunTask]) -> Tuple[List[EnsembleTask]
         if len(members) == 1:
             others.append(members[0])
         else:
-            ensembles.append(EnsembleTask(tuple(members)))
+            ensembles.append(EnsembleTask(tuple(members), graph=graph))
     return ensembles, others
 
 
@@ -476,6 +480,90 @@ def _check_members_as_batch(batched_logits: Tensor, batched_grads: Sequence[Tens
     return None
 
 
+# ------------------------------------------------------------------------------------------------- CUDA graphs
+#
+# A batch-1 step is launch-bound on a GPU: the host spends more time issuing the forward, backward and update
+# kernels than the device spends running them. The ensemble's step has no host synchronisation (the stacked updates
+# keep everything on the device), so it can be captured once as a CUDA graph and replayed per sample.
+
+
+def _clone_sample(x: Any) -> Any:
+    return {k: v.clone() for k, v in x.items()} if isinstance(x, Mapping) else x.clone()
+
+
+def _copy_sample(into: Any, x: Any) -> None:
+    if isinstance(into, Mapping):
+        for k, v in into.items():
+            v.copy_(x[k])
+    else:
+        into.copy_(x)
+
+
+def _shape_key(x: Any) -> Tuple[Any, ...]:
+    if isinstance(x, Mapping):
+        return tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(x.items()))
+    return (tuple(x.shape), x.dtype)
+
+
+class GraphedSteps:
+    """``step(x, label) -> logits`` replayed from CUDA graphs, one per input shape (token lengths vary).
+
+    ``step`` must run entirely on the device (no host synchronisation) and leave its effects in tensors only;
+    ``state`` lists every tensor it changes in place (stacked parameters, optimizer state and step counts). A new
+    shape is captured on first sight: three warm-up steps on a side stream (as torch's capture recipe asks), the
+    ``state`` restored to its value before them, then the capture, which records without running. So the replayed
+    trajectory is the eager one. Each graph keeps its own memory pool, because graphs of different shapes replay in
+    data order, not in capture order. The returned logits live in the graph's pool: read them before the next call.
+    """
+
+    WARMUP = 3
+
+    def __init__(self, step: Any, state: Sequence[Tensor]):
+        self.step = step
+        self.state = list(state)
+        self.graphs: Dict[Tuple[Any, ...], Tuple[Any, Tensor, Any, Tensor]] = {}
+        #: why capture failed (the steps then run eagerly), or None
+        self.failure: Optional[str] = None
+
+    def __call__(self, x: Any, label: Tensor) -> Tensor:
+        if self.failure is not None:
+            return self.step(x, label)
+        entry = self.graphs.get(_shape_key(x))
+        if entry is None:
+            try:
+                entry = self.graphs[_shape_key(x)] = self._capture(x, label)
+            except RuntimeError as error:  # an op that cannot be captured: the eager step, with a warning
+                self.failure = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+                warnings.warn(f"--graph: the ensemble step could not be captured ({self.failure}); running it "
+                              "eagerly", RuntimeWarning, stacklevel=2)
+                return self.step(x, label)
+        static_x, static_label, graph, logits = entry
+        _copy_sample(static_x, x)
+        static_label.copy_(label)
+        graph.replay()
+        return logits
+
+    def _capture(self, x: Any, label: Tensor):
+        saved = [t.detach().clone() for t in self.state]
+        static_x, static_label = _clone_sample(x), label.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(side):
+                for _ in range(self.WARMUP):
+                    self.step(static_x, static_label)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = self.step(static_x, static_label)
+        finally:
+            torch.cuda.current_stream().wait_stream(side)
+            with torch.no_grad():
+                for t, value in zip(self.state, saved):
+                    t.copy_(value)
+        return static_x, static_label, graph, logits
+
+
 # ------------------------------------------------------------------------------------------------- the ensemble run
 
 _TORCH_CLASSES = {"adamw": torch.optim.AdamW, "adagrad": torch.optim.Adagrad}
@@ -491,6 +579,13 @@ class EnsembleOptimizer:
         self.flat = flat
         self.views = list(views)
         self.parts = list(parts)
+
+    def tensors(self) -> List[Tensor]:
+        """Every tensor a step changes in place: the stacked parameters, each part's state and step counts."""
+        out = [self.flat]
+        for _, optimizer in self.parts:
+            out += list(optimizer.state.values()) + [optimizer.step_count]
+        return out
 
     def step(self) -> None:
         if any(v.grad is None for v in self.views):
@@ -654,14 +749,27 @@ def ensemble_pass(task: EnsembleTask, *, math_attention: bool = True, path: str 
             chosen = "batch"
     logits_of = batch_logits if chosen == "batch" else vmap_logits
 
+    def eager_step(x: Any, label: Tensor) -> Tensor:
+        detached = forward_backward(logits_of, x, label)
+        optimizer.step()
+        return detached
+
+    step = eager_step
+    if task.graph:
+        if torch.device(first.device).type != "cuda" or chosen != "batch":
+            warnings.warn(f"--graph: CUDA graphs need a CUDA device and the members-as-batch path (here: "
+                          f"{first.device}, {chosen}); running the steps eagerly", RuntimeWarning, stacklevel=2)
+        else:
+            step = GraphedSteps(eager_step, optimizer.tensors())
+            chosen = "batch+graph"
+
     predictions = torch.empty(len(inputs), size, dtype=torch.long, device=first.device)
     nonfinite = torch.zeros(size, dtype=torch.long, device=first.device)
 
     def learn(i: int, x: Any) -> None:
-        detached = forward_backward(logits_of, x, labels[i:i + 1])
+        detached = step(x, labels[i:i + 1])
         predictions[i] = detached.argmax(-1)[:, 0]  # scored before the update: prequential
         nonfinite.add_(~torch.isfinite(detached).flatten(1).all(1))
-        optimizer.step()
 
     with attention_for_vmap(math_attention and chosen == "vmap"):
         start = time.perf_counter()
@@ -702,7 +810,7 @@ def ensemble_pass(task: EnsembleTask, *, math_attention: bool = True, path: str 
             "sec_per_sample": per_sample / size,
             "ensemble_size": size,
             "ensemble_sec_per_sample": per_sample,
-            "ensemble_path": chosen,
+            "ensemble_path": chosen if not (isinstance(step, GraphedSteps) and step.failure) else "batch",
             "eval_seconds": eval_seconds,
             "phase_starts": phase_starts,
             "nonfinite_logits": int(nonfinite_counts[k]),
