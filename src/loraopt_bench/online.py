@@ -915,6 +915,17 @@ def _method_order(key: str) -> int:
     return order.index(key) if key in order else len(order)
 
 
+def _ensembled(run: Mapping[str, Any]) -> bool:
+    return any("ensemble_size" in seed for seed in run["seeds"])
+
+
+def _same_footing(run: Mapping[str, Any], adamw: Optional[Mapping[str, Any]]) -> bool:
+    """Whether ``run``'s time per sample can be divided by AdamW's: both on one kind of device, and both run alone
+    or both in an ensemble (an ensemble member's time is the ensemble's shared out, not the time of a run alone)."""
+    return (adamw is not None and run.get("devices") == adamw.get("devices")
+            and _ensembled(run) == _ensembled(adamw))
+
+
 def _pm(mean: float, std: float, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
@@ -948,8 +959,7 @@ def stream_tables(stream: str, payload: Mapping[str, Any]) -> str:
             f"{run['samples_to_90pct']:.0f}",
             f"{run['sec_per_sample'] * 1e3:.1f}",
             ", ".join(run.get("devices", [])) or "?",
-            f"{run['sec_per_sample'] / adamw['sec_per_sample']:.1f}x"
-            if adamw and run.get("devices") == adamw.get("devices") else "—",
+            f"{run['sec_per_sample'] / adamw['sec_per_sample']:.1f}x" if _same_footing(run, adamw) else "—",
         ])
     headers = ["method", "online acc", f"last-{next(iter(runs.values()))['window']} acc", "final acc",
                "samples to 90%", "ms / sample", "ran on", "time vs AdamW"]
@@ -957,7 +967,8 @@ def stream_tables(stream: str, payload: Mapping[str, Any]) -> str:
     ensembled = sorted({s["ensemble_size"] for run in runs.values() for s in run["seeds"] if "ensemble_size" in s})
     if ensembled:
         lines.append(f"\nAdamW/AdaGrad ran as ensembles of {', '.join(map(str, ensembled))} members "
-                     "(`--ensemble`): their ms / sample is the ensemble's time per sample divided by its size.\n")
+                     "(`--ensemble`): their ms / sample is the ensemble's time per sample divided by its size, so "
+                     "no other method's time is divided by it (time vs AdamW: —).\n")
     if adamw is not None:
         verdicts = []
         for key in ("loko", "loko-scalar", "loko-q"):
