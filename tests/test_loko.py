@@ -543,6 +543,89 @@ def test_state_dict_roundtrip_keeps_fp32_state_under_bf16_params():
     assert all(torch.is_tensor(v) for s in opt.state_dict()["state"].values() for v in s.values())
 
 
+def test_score_scale_per_block_matches_a_loop_over_blocks():
+    """Each calibrated block's share of the prior predictive variance is its target; scored blocks, blocks with no
+    signal and coordinates outside every block keep their values; the flags say which blocks were calibrated."""
+    from loraopt.functional.ekf import score_scale_per_block
+
+    g = torch.Generator().manual_seed(3)
+    n, k = 12, 5
+    H = torch.randn(k, n, generator=g, dtype=F64)
+    H[:, 6:8] = 0  # block 2: no signal yet
+    p = torch.rand(n, generator=g, dtype=F64) + 0.1
+    block = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 3, 3, -1, -1])
+    scored = torch.tensor([False, False, False, True])
+    target = torch.tensor([0.5, 2.0, 1.0, 1.0], dtype=F64)
+    new_p, new_scored = score_scale_per_block(p, H, block, scored, target)
+    assert new_scored.tolist() == [True, True, False, True]
+    for t in range(4):
+        cols = block == t
+        if t in (0, 1):
+            share = float((H[:, cols].square() * new_p[cols]).sum(1).mean())
+            assert share == pytest.approx(float(target[t]), rel=1e-12)
+            ratio = new_p[cols] / p[cols]
+            torch.testing.assert_close(ratio, ratio[:1].expand_as(ratio))  # one scalar per block
+        else:
+            assert torch.equal(new_p[cols], p[cols])
+    assert torch.equal(new_p[block < 0], p[block < 0])
+
+
+def test_p_init_score_layer_gives_each_tensor_an_equal_share_and_calibrates_lora_a_once_b_has_moved(monkeypatch):
+    """PEFT's B = 0 leaves the A blocks without signal at the first update: B and the head are calibrated then, each
+    to SCORE_SNR * r0 / T of the prior predictive variance of that observation (T = 6 tensors), the A tensors at
+    the second update; from the third update on nothing is rescaled. A checkpoint taken between the first and the
+    second update resumes to the same parameters as the uninterrupted run."""
+    import loraopt.optim.loko_step as loko_step
+    from loraopt.functional.ekf import score_scale_per_block
+    from loraopt.optim.loko_config import SCORE_SNR
+
+    calls = []
+
+    def recording(p, H, block, scored, target):
+        out = score_scale_per_block(p, H, block, scored, target)
+        calls.append((p, H, block, scored.clone(), target, *out))
+        return out
+
+    monkeypatch.setattr(loko_step, "score_scale_per_block", recording)
+    steps = [data(40 + k, 2) for k in range(4)]
+
+    def run(model, opt, batch):
+        for x, y in batch:
+            opt.observe(model(x), y)
+            opt.step()
+
+    model = make_model(perturb_B=False)
+    opt = create_loko_optimizer(model, num_outputs=M, p_init="score-layer", r0=0.2)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    run(model, opt, steps)
+    assert len(calls) == 2  # the first two updates only
+    is_a = torch.tensor([".lora_A." in n for n in names])
+    for call, expected in zip(calls, (~is_a, torch.ones(len(names), dtype=torch.bool))):
+        p, H, block, before, target, new_p, after = call
+        assert target == pytest.approx(SCORE_SNR * 0.2 / len(names))
+        calibrated = after & ~before
+        assert torch.equal(after, expected)
+        for t in torch.nonzero(calibrated).flatten().tolist():
+            cols = block == t
+            assert float((H[:, cols].square() * new_p[cols]).sum(1).mean()) == pytest.approx(target, rel=1e-10)
+    assert all(bool(opt.state[p]["scored"]) for p in trainable(model))
+
+    calls.clear()
+    first = make_model(perturb_B=False)
+    first_opt = create_loko_optimizer(first, num_outputs=M, p_init="score-layer", r0=0.2)
+    run(first, first_opt, steps[:1])
+    ckpt = copy.deepcopy({"model": first.state_dict(), "opt": first_opt.state_dict()})
+    resumed = make_model(seed=7, perturb_B=False)
+    resumed.load_state_dict(ckpt["model"])
+    resumed_opt = create_loko_optimizer(resumed, num_outputs=M, p_init="score-layer", r0=0.2)
+    resumed_opt.load_state_dict(ckpt["opt"])
+    run(resumed, resumed_opt, steps[1:])
+    assert torch.equal(flat(trainable(resumed)), flat(trainable(model)))
+    assert torch.equal(state_p(resumed_opt, trainable(resumed)), state_p(opt, trainable(model)))
+    with pytest.raises(ValueError, match="'score-layer'"):
+        create_loko_optimizer(make_model(), num_outputs=M, p_init="score-layers")
+
+
 def test_resume_is_bit_exact():
     steps = [data(30 + k, 3, dtype=torch.float32) for k in range(6)]
 

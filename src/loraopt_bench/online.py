@@ -163,7 +163,7 @@ METHODS: Dict[str, MethodSpec] = {
                    ({"cuda_graph": True},)),
         # Studies of LoKO's defaults (benchmarks/notes/loko.md): one factor at a time around the library default.
         MethodSpec("loko-p0", "loko", "LoKO P0", SOFTMAX_OBSERVATION,
-                   _grid(p_init=[(1e-4, 1e-2), (1e-3, 1e-1), (3e-3, 3e-1), (1e-2, 1.0), "score"])),
+                   _grid(p_init=[(1e-4, 1e-2), (1e-3, 1e-1), (3e-3, 3e-1), (1e-2, 1.0), "score", "score-layer"])),
         MethodSpec("loko-beta", "loko", "LoKO beta", SOFTMAX_OBSERVATION, _grid(beta=(0.9, 0.99))),
         MethodSpec("loko-r0", "loko", "LoKO r0", SOFTMAX_OBSERVATION, _grid(r0=(0.01, 1.0))),
         # The reduced observation (issue 10 §1): the target and the top_k - 1 most probable other classes.

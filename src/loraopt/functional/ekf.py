@@ -41,6 +41,7 @@ __all__ = [
     "ekf_step",
     "draw_p0",
     "score_scale",
+    "score_scale_per_block",
     "cholesky_with_jitter",
     "floor_ones_direction",
     "floor_min_eigenvalue",
@@ -426,11 +427,11 @@ def draw_p0(
     """The initial covariance diagonal ``p0`` (CPU, ``shape``) of the parameter at position ``index``.
 
     ``p_init`` a float: constant. ``(low, high)``: i.i.d. uniform draws from a generator seeded by ``seed`` and
-    ``index`` alone (not by other parameters, the device or the rank). ``"score"``: the draw on ``(1e-4, 1e-2)``,
-    rescaled later by :func:`score_scale`."""
+    ``index`` alone (not by other parameters, the device or the rank). ``"score"`` / ``"score-layer"``: the draw on
+    ``(1e-4, 1e-2)``, rescaled later by :func:`score_scale` / :func:`score_scale_per_block`."""
     if isinstance(p_init, (int, float)) and not isinstance(p_init, bool):
         return torch.full(tuple(shape), float(p_init), dtype=dtype)
-    low, high = (1e-4, 1e-2) if p_init == "score" else p_init
+    low, high = (1e-4, 1e-2) if p_init in ("score", "score-layer") else p_init
     numel = 1
     for d in shape:
         numel *= d
@@ -448,3 +449,25 @@ def score_scale(p: Tensor, H: Tensor, fresh: Tensor, target: float) -> Tensor:
     ok = torch.isfinite(den) & (den > 0)
     c = torch.where(ok, target / torch.where(ok, den, torch.ones_like(den)), torch.ones_like(den))
     return torch.where(fresh, p * c, p)
+
+
+def score_scale_per_block(p: Tensor, H: Tensor, block: Tensor, scored: Tensor, target: Tensor
+                          ) -> Tuple[Tensor, Tensor]:
+    """Rescale each block of coordinates of ``p: (n,)`` by its own scalar so that the block's share of the prior
+    predictive variance of the observed rows ``H: (k, n)`` is ``target``.
+
+    ``block: (n,)`` int64 gives each coordinate's block in ``[0, T)``, or -1 for coordinates left alone;
+    ``scored: (T,)`` bool marks the blocks already calibrated (left alone too); ``target``: a scalar or ``(T,)``.
+    Block ``t`` gets ``c_t = target_t / v_t`` with ``v_t = mean_i sum_{j in t} H_ij^2 p_j``, and is then scored;
+    a block whose ``v_t`` is 0 or not finite (no signal yet: a LoRA ``A`` while its ``B`` is still zero) keeps its
+    values and stays unscored, so a later call can calibrate it. Returns the new ``p`` and ``scored``; no host
+    synchronisation."""
+    T = scored.shape[0]
+    inside = block >= 0
+    index = torch.where(inside, block, torch.zeros_like(block))
+    per_coordinate = torch.where(inside, H.square().mean(0) * p, torch.zeros_like(p))
+    v = torch.zeros(T, dtype=p.dtype, device=p.device).index_add_(0, index, per_coordinate)
+    calibrate = ~scored & torch.isfinite(v) & (v > 0)
+    target = torch.as_tensor(target, dtype=p.dtype, device=p.device).expand(T)
+    c = torch.where(calibrate, target / torch.where(calibrate, v, torch.ones_like(v)), torch.ones_like(v))
+    return torch.where(inside, p * c[index], p), scored | calibrate

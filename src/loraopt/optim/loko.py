@@ -128,7 +128,10 @@ class LoKO(LoRAOptimizer):
             ``num_outputs`` and ``reduce_simplex`` come from it).
         lr: scales the mean update only (1.0 is the filter's own step); with ``lr = 0`` a step changes nothing.
         p_init: P0. ``(low, high)``: i.i.d. uniform draws from a generator seeded by ``seed`` and the parameter's
-            position; a float: constant; ``"score"``: data-driven scale (see below). Default (``None``):
+            position; a float: constant; ``"score"``: data-driven scale (see below); ``"score-layer"``: one
+            data-driven scale per parameter tensor, each tensor getting an equal share of the prior predictive
+            variance (calibrated at the first of its first two updates with a non-zero Jacobian block, so a LoRA
+            ``A`` is calibrated once its ``B`` has moved; ``loraopt.optim.loko_step``). Default (``None``):
             ``DEFAULT_P_INIT[observation]``, i.e. ``(1e-3, 1e-1)`` for softmax and regression and ``(1e-2, 1)`` for
             the scalar-loss observation.
         beta: forgetting factor of the ``R`` EMA, in ``[0, 1]`` (1 keeps ``R = r0 I``).

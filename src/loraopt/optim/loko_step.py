@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..functional.ekf import LossGradient, OutputRows, ekf_step, score_scale
+from ..functional.ekf import LossGradient, OutputRows, ekf_step, score_scale, score_scale_per_block
 from ..functional.jacobian import evaluate_at, model_outputs
 from ..functional.observations import Observation
 from .distributed import DistributedContext, full_tensor, is_dtensor, write_full_
@@ -83,6 +83,7 @@ def filter_update(
         mask = torch.cat([torch.full((p.numel(),), i in fresh, dtype=torch.bool, device=pvec.device)
                           for i, p in enumerate(params)])
         pvec = score_scale(pvec, obs.H, mask, SCORE_SNR * s.r0)
+    pvec = _score_per_tensor(state, active, obs.H, pvec, SCORE_SNR * s.r0)
 
     cfg = s.ekf_config(lr, q, p_floor, dt)
     res = ekf_step(theta, pvec, R, obs, cfg, residual=residual)
@@ -99,6 +100,31 @@ def filter_update(
     R.copy_(res.R)
     anchor_state["skipped"] += res.info.skipped.to(torch.int64)
     return res.info.skipped
+
+
+def _score_per_tensor(state: Dict[Tensor, Dict[str, Any]], active: Active, H: Tensor, pvec: Tensor,
+                      target: float) -> Tensor:
+    """``p_init="score-layer"``: each such parameter tensor's P0 rescaled so that its share of the prior predictive
+    variance of this observation is ``target / T`` (T: the number of such tensors), at the first of its first two
+    updates in which its Jacobian block is non-zero. Two chances, because a LoRA ``A`` has no signal while its ``B``
+    is still zero (PEFT's initialisation): ``B`` is calibrated at the first update, ``A`` at the second, once ``B``
+    has moved. A tensor scored already, or with no signal in either, keeps its values. The per-tensor "scored" flag
+    lives on the device, so this adds no host synchronisation (the step count it reads is a CPU tensor)."""
+    layered = [i for i, (g, _) in enumerate(active) if g["p_init"] == "score-layer"]
+    if not layered:
+        return pvec
+    pending = [i for i in layered if float(state[active[i][1]]["step"]) < 2]
+    if not pending:
+        return pvec
+    device = pvec.device
+    for i in pending:
+        state[active[i][1]].setdefault("scored", torch.zeros((), dtype=torch.bool, device=device))
+    block = torch.cat([torch.full((p.numel(),), pending.index(i) if i in pending else -1, dtype=torch.int64)
+                       for i, (_, p) in enumerate(active)]).to(device)
+    scored = torch.stack([state[active[i][1]]["scored"] for i in pending])
+    pvec, scored = score_scale_per_block(pvec, H, block, scored, target / len(layered))
+    torch._foreach_copy_([state[active[i][1]]["scored"] for i in pending], list(scored.unbind()))
+    return pvec
 
 
 def apply_outputs(
