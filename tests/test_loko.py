@@ -119,6 +119,43 @@ def test_step_equals_pure_filter_joint_batch():
     assert all(float(opt.state[p]["step"]) == 1 for p in params)
 
 
+def test_noise_floor_clamp_floors_every_eigenvalue_of_R_and_the_step_equals_the_pure_filter():
+    """noise_floor="clamp": one joint step equals the pure filter run with that floor (float64), R ends with no
+    eigenvalue below r_min, while the default (the all-ones direction only) leaves a smaller one; a bad value
+    names the choices; a state dict saved before the option existed loads with the observation's own floor."""
+    from loraopt.functional.ekf import clamp_eigenvalues
+
+    g = torch.Generator().manual_seed(5)
+    Q, _ = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=F64))
+    R = Q @ torch.diag(torch.tensor([1e-6, 3e-3, 0.2, 1.5], dtype=F64)) @ Q.T
+    expected = Q @ torch.diag(torch.tensor([1e-2, 1e-2, 0.2, 1.5], dtype=F64)) @ Q.T  # same eigenvectors
+    torch.testing.assert_close(clamp_eigenvalues(R, 1e-2), expected, rtol=0, atol=1e-14)
+
+    r_min = 0.5  # above the eigenvalues the EMA reaches in these steps, so the floor binds
+    ends = {}
+    for floor in ("clamp", None):
+        model = make_model()
+        opt = create_loko_optimizer(model, num_outputs=M, beta=0.5, r_min=r_min, noise_floor=floor)
+        opt.step()
+        for k in range(4):
+            x, y = data(60 + k, 3)
+            ref = softmax_reference(model, opt, x, y, beta=0.5, r_min=r_min, noise_floor=floor or "ones")
+            opt.observe(model(x), y)
+            opt.step()
+            assert_filter_state(opt, trainable(model), ref)
+        ends[floor] = torch.linalg.eigvalsh(opt.state[opt.anchor]["R"])
+    assert float(ends["clamp"].min()) >= r_min * (1 - 1e-12)
+    assert float(ends[None][1:].min()) < r_min  # the default floors the all-ones direction only
+    with pytest.raises(ValueError, match="noise_floor must be None .* 'clamp'"):
+        create_loko_optimizer(make_model(), num_outputs=M, noise_floor="clip")
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group["noise_floor"]
+    fresh = create_loko_optimizer(make_model(), num_outputs=M, beta=0.5, r_min=r_min)
+    fresh.load_state_dict(saved)
+    assert fresh.param_groups[0]["noise_floor"] is None
+
+
 def assert_filter_state(opt, params, ref):
     """The parameters, covariance and noise of ``opt`` equal the pure filter's result ``ref``."""
     torch.testing.assert_close(flat(params), ref.theta, rtol=0, atol=1e-12)

@@ -166,6 +166,11 @@ METHODS: Dict[str, MethodSpec] = {
                    _grid(p_init=[(1e-4, 1e-2), (1e-3, 1e-1), (3e-3, 3e-1), (1e-2, 1.0), "score", "score-layer"])),
         MethodSpec("loko-beta", "loko", "LoKO beta", SOFTMAX_OBSERVATION, _grid(beta=(0.9, 0.99))),
         MethodSpec("loko-r0", "loko", "LoKO r0", SOFTMAX_OBSERVATION, _grid(r0=(0.01, 1.0))),
+        # Issue 10 §3: every eigenvalue of R clamped at r_min, so the gain stays bounded in the directions the
+        # update sees (the default floors only the all-ones direction; notes/loko.md, "LoKO on the 10,000-sample
+        # streams").
+        MethodSpec("loko-floor", "loko", "LoKO R floor", SOFTMAX_OBSERVATION,
+                   tuple({"noise_floor": "clamp", "r_min": r} for r in (1e-3, 1e-2))),
         # The reduced observation (issue 10 §1): the target and the top_k - 1 most probable other classes.
         MethodSpec("loko-topk", "loko", "LoKO top_k", SOFTMAX_OBSERVATION, _grid(top_k=(2, 3))),
         MethodSpec("loko-scalar-p0", "loko", "LoKO-scalar P0", LOSS_OBSERVATION,

@@ -46,6 +46,8 @@ __all__ = [
     "floor_ones_direction",
     "floor_min_eigenvalue",
     "apply_noise_floor",
+    "clamp_eigenvalues",
+    "NOISE_FLOORS",
     "noise_ema_update",
     "diag_ekf_update",
     "scalar_ekf_update",
@@ -62,7 +64,8 @@ class EKFConfig(NamedTuple):
 
     * ``beta``: EMA forgetting factor of ``R`` in ``[0, 1]``; 1 keeps ``R`` fixed.
     * ``r_min``: floor used by ``noise_floor`` (``"ones"``: the all-ones direction of a softmax observation;
-      ``"eig"``: the smallest eigenvalue; ``"none"``: no floor).
+      ``"eig"``: the smallest eigenvalue, by a shift of every eigenvalue; ``"clamp"``: every eigenvalue clamped at
+      ``r_min`` on its own; ``"none"``: no floor).
     * ``jitter`` / ``jitter_abs``: ``S + (jitter * tr(S)/k + jitter_abs) I`` is factored (``k = b m``).
     * ``retries``: how many times the jitter is multiplied by 10 when the factorisation fails before the step is
       skipped.
@@ -199,15 +202,32 @@ def floor_min_eigenvalue(R: Tensor, r_min: float) -> Tensor:
     return R + torch.clamp_min(r_min - lam, 0.0) * eye
 
 
+def clamp_eigenvalues(R: Tensor, r_min: float) -> Tensor:
+    """``V max(Lambda, r_min) V^T`` for ``R = V Lambda V^T: (m, m)``: every eigenvalue floored at ``r_min`` on its
+    own, the others untouched. For a softmax observation this floors the all-ones direction (as
+    :func:`floor_ones_direction` does) and also every direction the update sees, so the noise EMA cannot drive ``S``
+    towards singular there: with ``S ~ h^2 p + R`` along a row ``h``, the step ``p h e / S`` is at most
+    ``|e| sqrt(p / R) / 2``, which stays bounded only while ``R`` does (``benchmarks/notes/loko.md``, "LoKO on the
+    10,000-sample streams")."""
+    eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)
+    lam, V = torch.linalg.eigh(torch.where(torch.isfinite(R).all(), R, eye))
+    return (V * torch.clamp_min(lam, r_min)) @ V.transpose(-1, -2)
+
+
+NOISE_FLOORS = ("ones", "eig", "clamp", "none")
+
+
 def apply_noise_floor(R: Tensor, r_min: float, kind: str) -> Tensor:
-    """Dispatch on ``kind`` in ``{"ones", "eig", "none"}`` (see :class:`EKFConfig`)."""
+    """Dispatch on ``kind`` in ``NOISE_FLOORS`` (see :class:`EKFConfig`)."""
     if kind == "ones":
         return floor_ones_direction(R, r_min)
     if kind == "eig":
         return floor_min_eigenvalue(R, r_min)
+    if kind == "clamp":
+        return clamp_eigenvalues(R, r_min)
     if kind == "none":
         return R
-    raise ValueError(f"noise_floor must be 'ones', 'eig' or 'none', got {kind!r}")
+    raise ValueError(f"noise_floor must be one of {NOISE_FLOORS}, got {kind!r}")
 
 
 def noise_ema_update(

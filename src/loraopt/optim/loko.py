@@ -140,7 +140,14 @@ class LoKO(LoRAOptimizer):
             averaged) loss, so that a loss that stays far from 0 (a language model's ~4 nats) is not met with
             near-Polyak steps toward 0 while the ``R`` EMA catches up (``loraopt.optim.loko_config``). ``"score"``
             then calibrates against that ``R_0``.
-        r_min: floor of ``R`` (see ``observation``).
+        r_min: floor of ``R`` (see ``observation`` and ``noise_floor``).
+        noise_floor: how ``r_min`` floors ``R``. ``None`` (default): the observation's own (softmax: the all-ones
+            direction only; regression and loss: the smallest eigenvalue). ``"clamp"``: every eigenvalue clamped at
+            ``r_min``, which bounds the gain in every direction the update sees (on long streams the EMA can drive
+            ``R`` towards 0 along directions of confident predictions; one outsized step then saturates the
+            softmax, whose Jacobian vanishes, and the filter stops learning: ``benchmarks/notes/loko.md``, "LoKO
+            on the 10,000-sample streams"); ``"eig"``: every eigenvalue shifted until the smallest is ``r_min``;
+            ``"ones"``; ``"none"``.
         q: process noise added to ``p`` before each update (0: static parameters, as in the paper).
         jitter: relative diagonal shift ``jitter * tr(S)/k + 1e-12`` before factoring ``S`` (retried x10 up to 3
             times; then the step is skipped).
@@ -185,8 +192,9 @@ class LoKO(LoRAOptimizer):
 
     supports_dtensor = True
 
-    # State dicts saved before ``top_k`` existed lack it: they load as the full observation (``top_k=None``).
-    _optional_group_keys = frozenset({"top_k"})
+    # State dicts saved before ``top_k`` / ``noise_floor`` existed lack them: they load with None (the full observation,
+    # the observation's own floor).
+    _optional_group_keys = frozenset({"top_k", "noise_floor"})
 
     def __init__(
         self,
@@ -199,6 +207,7 @@ class LoKO(LoRAOptimizer):
         beta: float = 0.95,
         r0: Union[float, str, None] = None,
         r_min: float = 1e-4,
+        noise_floor: Optional[str] = None,
         q: float = 0.0,
         jitter: float = 1e-6,
         p_floor: float = 1e-12,
@@ -217,7 +226,8 @@ class LoKO(LoRAOptimizer):
         expand_observation(filter_values)
         defaults = dict(
             lr=lr, q=q, p_init=resolve_p_init(p_init, filter_values["observation"]), p_floor=p_floor, beta=beta,
-            r0=resolve_r0(r0, filter_values["observation"]), r_min=r_min, jitter=jitter, batch_mode=batch_mode,
+            r0=resolve_r0(r0, filter_values["observation"]), r_min=r_min, noise_floor=noise_floor, jitter=jitter,
+            batch_mode=batch_mode,
             seed=seed, exact_residual=exact_residual,
             **filter_values,
         )

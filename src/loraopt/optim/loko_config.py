@@ -50,11 +50,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..functional.ekf import EKFConfig
+from ..functional.ekf import NOISE_FLOORS, EKFConfig
 from ..functional.observations import OBSERVATIONS, Observation, make_observation
 from .checks import check_nonnegative, check_positive, check_range
 
@@ -81,10 +81,10 @@ R0_FLOOR = 0.1
 DEFAULT_R0: Dict[str, Union[float, str]] = {"softmax": 0.1, "regression": 0.1, "loss": FIRST_LOSS}
 # Hyperparameters of the one filter over all groups (one R, one S); they must agree across parameter groups.
 # Filter keys a state dict saved before they existed may lack (read with their default, None).
-OPTIONAL_KEYS = ("top_k",)
+OPTIONAL_KEYS = ("top_k", "noise_floor")
 FILTER_KEYS = (
     "num_outputs", "observation", "beta", "r0", "r_min", "jitter", "batch_mode", "reduce_simplex", "seed", "exact_residual",
-    "top_k",
+    "top_k", "noise_floor",
 )
 # The hyperparameters every LoKO parameter group carries (checked when a state dict is loaded).
 GROUP_KEYS = ("lr", "q", "p_init", "p_floor")
@@ -110,6 +110,8 @@ class LoKOConfig:
     seed: int = 0
     exact_residual: bool = False
     r0_from_loss: bool = False
+    #: the floor of ``R`` (``loraopt.functional.ekf.apply_noise_floor``); None: the observation's own
+    noise_floor: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.observation, Observation):
@@ -131,6 +133,9 @@ class LoKOConfig:
         check_range("beta", self.beta, 0.0, 1.0, high_inclusive=True)
         check_positive("r0", self.r0)
         check_positive("r_min", self.r_min)
+        if self.noise_floor is not None and self.noise_floor not in NOISE_FLOORS:
+            raise ValueError(f"noise_floor must be None (the observation's own) or one of {NOISE_FLOORS}, got "
+                             f"{self.noise_floor!r}")
         check_nonnegative("jitter", self.jitter)
         seed = self.seed
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -149,12 +154,12 @@ class LoKOConfig:
         if from_loss and r0 != FIRST_LOSS:
             raise ValueError(f"r0 must be a positive float or {FIRST_LOSS!r}, got {r0!r}")
         return cls(obs, group["beta"], R0_FLOOR if from_loss else r0, group["r_min"], group["jitter"],
-                   group["batch_mode"], group["seed"], group["exact_residual"], from_loss)
+                   group["batch_mode"], group["seed"], group["exact_residual"], from_loss, group.get("noise_floor"))
 
     def ekf_config(self, lr: Any, q: Any, p_floor: Any, dtype: torch.dtype) -> EKFConfig:
         """The :class:`~loraopt.functional.ekf.EKFConfig` of one step (``lr``, ``q``, ``p_floor``: per group)."""
         return EKFConfig(
-            lr=lr, q=q, beta=self.beta, r_min=self.r_min, noise_floor=self.observation.noise_floor,
+            lr=lr, q=q, beta=self.beta, r_min=self.r_min, noise_floor=self.noise_floor or self.observation.noise_floor,
             jitter=self.jitter, jitter_abs=1e-12 if self.jitter > 0 else 0.0, p_floor=p_floor, dtype=dtype,
         )
 
