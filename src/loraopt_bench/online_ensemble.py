@@ -713,8 +713,12 @@ def ensemble_pass(task: EnsembleTask, *, math_attention: bool = True, path: str 
     def vmap_logits(x: Any) -> Tensor:
         return vmapped(dict(zip(keys, stacked)), x)  # (E, 1, m)
 
+    patches: List[members_as_batch] = []  # built once, on first use (the module walk is not free per sample)
+
     def batch_logits(x: Any) -> Tensor:
-        with members_as_batch(model, names, stacked):
+        if not patches:
+            patches.append(members_as_batch(model, names, stacked))
+        with patches[0]:
             return wrapper(repeat_sample(x, size)).reshape(size, 1, -1)  # (E, 1, m)
 
     def forward_backward(logits_of: Any, x: Any, label: Tensor) -> Tensor:
