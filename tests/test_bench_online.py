@@ -284,3 +284,23 @@ def test_every_stream_has_a_class_count_and_topk_is_refused_where_it_has_too_few
     with pytest.raises(SystemExit):
         cli_main(["bench", "online", "--streams", "sst2", "--methods", "loko-topk", "--quick"])
     assert "stream sst2 has 2" in capsys.readouterr().err
+
+
+def test_points_select_grid_points_and_keep_their_index_in_the_full_grid(tmp_path, capsys):
+    kwargs = dict(samples=12, eval_samples=20, quick=False, image_size=32, threads=1)
+    every = online.plan_tasks(["digits"], ["loko-floor", "loko-p0"], [0, 1], **kwargs)
+    picked = online.plan_tasks(["digits"], ["loko-floor", "loko-p0"], [0, 1], points={"r_min": 0.01}, **kwargs)
+    floor_grid = online.METHODS["loko-floor"].grid
+    assert [(t.method, t.grid_index, t.seed) for t in picked] == [
+        ("loko-floor", i, s) for i, g in enumerate(floor_grid) if g["r_min"] == 0.01 for s in (0, 1)]
+    assert set(picked) < set(every)
+    p0 = online.plan_tasks(["digits"], ["loko-p0"], [0], points={"p_init": (1e-3, 1e-1)}, **kwargs)
+    assert [online.METHODS["loko-p0"].grid[t.grid_index]["p_init"] for t in p0] == [(1e-3, 1e-1)]
+    assert online._parse_points(["r_min=1e-2", "noise_floor=clamp", "p_init=(1e-3, 0.1)"]) == {
+        "r_min": 0.01, "noise_floor": "clamp", "p_init": (1e-3, 0.1)}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        online._parse_points(["r_min"])
+    with pytest.raises(SystemExit):  # nothing matches: a usage error that names the grids
+        cli_main(["bench", "online", "--streams", "digits", "--methods", "loko-floor", "--points", "r_min=7",
+                  "--no-progress", "--out", str(tmp_path)])
+    assert "no grid point" in capsys.readouterr().err

@@ -5,7 +5,8 @@
 #   STREAMS="sst2"          BUNDLE=.gpu_assets/minilm-sst2
 # Every GPU gets its own runner over a share of the seeds (SEEDS_PER_GPU, e.g. "0 1|2" for two GPUs) with JOBS
 # processes for METHODS; "a b;c" runs a b and c as two runners (each with JOBS processes), e.g. to split the
-# AdamW/AdaGrad ensemble in two where one 14-member pass would outlast a call. Batch-1 steps at these sizes are launch-bound: a process on the GPU is no faster than one
+# AdamW/AdaGrad ensemble in two where one 14-member pass would outlast a call; GROUP_ARGS (";"-separated like
+# METHODS) gives a group extra arguments, e.g. METHODS="loko;loko-floor" GROUP_ARGS=";--points r_min=0.01". Batch-1 steps at these sizes are launch-bound: a process on the GPU is no faster than one
 # on a CPU core (benchmarks/notes/loko.md), so CPU_METHODS run beside it on the host's idle cores (--device cpu,
 # one thread each, CPU_JOBS processes per stream of CPU_STREAMS (default STREAMS), all seeds). Keep JOBS x GPUs + CPU_JOBS <= cores: oversubscribed cores slow
 # every process (benchmarks/notes/psi.md §4). AdamW and AdaGrad run as one vmapped ensemble per (stream, seed).
@@ -37,11 +38,13 @@ run() {  # run <log name> <timeout-wrapped loraopt bench online arguments...>
 IFS='|' read -ra SHARES <<< "$SEEDS_PER_GPU"
 samples_of() { python -c "from loraopt_bench.online import GPU_SAMPLES; print(GPU_SAMPLES['$1'])"; }
 IFS=';' read -ra GROUPS_OF_METHODS <<< "$METHODS"
+IFS=';' read -ra GROUP_ARGS <<< "${GROUP_ARGS:-}"  # extra arguments per group, e.g. ";--points r_min=0.01"
 for stream in $STREAMS; do
   for g in "${!GROUPS_OF_METHODS[@]}"; do
     for gpu in "${!SHARES[@]}"; do
       CUDA_VISIBLE_DEVICES=$gpu run gpu$gpu-$stream-$g --streams $stream --methods ${GROUPS_OF_METHODS[$g]} \
-        --samples $(samples_of $stream) --seeds-list ${SHARES[$gpu]} --device cuda --jobs $JOBS --ensemble
+        --samples $(samples_of $stream) --seeds-list ${SHARES[$gpu]} --device cuda --jobs $JOBS --ensemble \
+        ${GROUP_ARGS[$g]:-}
     done
   done
 done

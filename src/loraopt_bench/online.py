@@ -56,6 +56,7 @@ prequential accuracy vs samples seen, best setting per method, mean ± std over 
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import functools
 import json
@@ -659,14 +660,19 @@ def aggregate_runs(stream: str, method_key: str, grid_index: int, records: Seque
 
 def plan_tasks(streams: Sequence[str], methods: Optional[Sequence[str]], seeds: Sequence[int], *,
                samples: Optional[int], eval_samples: Optional[int], quick: bool, image_size: int,
-               threads: int, device: str = "cpu", bundles: Sequence[str] = ()) -> List[RunTask]:
+               threads: int, device: str = "cpu", bundles: Sequence[str] = (),
+               points: Optional[Mapping[str, Any]] = None) -> List[RunTask]:
+    """Every (stream, method, grid point, seed) run; with ``points``, only the grid points whose settings include
+    each of its ``key: value`` pairs (methods with no such point are left out)."""
     tasks = []
     for stream in streams:
         spec = STREAMS[stream]
         n = samples or (QUICK["samples"] if quick else spec.samples)
         n_eval = eval_samples or (QUICK["eval_samples"] if quick else spec.eval_samples)
         for key in (methods or spec.methods):
-            for index in range(len(METHODS[key].grid)):
+            for index, hparams in enumerate(METHODS[key].grid):
+                if points and any(k not in hparams or hparams[k] != v for k, v in points.items()):
+                    continue
                 for seed in seeds:
                     tasks.append(RunTask(stream, key, index, seed, n, n_eval, image_size, threads, device,
                                          tuple(bundles)))
@@ -1047,6 +1053,21 @@ def _split_list(values: Optional[Sequence[str]]) -> Optional[List[str]]:
     return [v for item in values for v in item.split(",") if v]
 
 
+def _parse_points(pairs: Sequence[str]) -> Dict[str, Any]:
+    """``["r_min=0.01", "noise_floor=clamp"]`` -> ``{"r_min": 0.01, "noise_floor": "clamp"}``: each value is read
+    as a Python literal where it is one (numbers, tuples), else kept as the word it is."""
+    points: Dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--points takes KEY=VALUE pairs, got {pair!r}")
+        try:
+            points[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            points[key] = text
+    return points
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="loraopt bench online", description=__doc__.split("\n\n")[0],
@@ -1095,6 +1116,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "same data: the trajectory is the eager one. Needs the members-as-batch path; "
                              "elsewhere, or where capture fails, the steps run eagerly with a warning "
                              "(ensemble_path in the records says which ran)")
+    parser.add_argument("--points", nargs="+", default=None, metavar="KEY=VALUE",
+                        help="run only the grid points whose settings include these (a Python literal or a word), "
+                             "e.g. --methods loko-floor --points r_min=0.01; records keep the point's index in the "
+                             "full grid, so they merge with runs of the whole grid")
     parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR",
                         help="run nothing: aggregate the record folders (or files) of --records, e.g. shares of one "
                              "sweep run on several machines, into --out")
@@ -1135,11 +1160,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--graph captures the ensembles' steps: use it with --ensemble")
     if not seeds or (args.samples is not None and args.samples < 1) or args.jobs < 1 or args.threads < 1:
         parser.error("--seeds, --samples, --jobs and --threads must be at least 1")
+    try:
+        points = _parse_points(args.points or ())
+    except ValueError as error:
+        parser.error(str(error))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     tasks = plan_tasks(streams, methods, seeds, samples=args.samples, eval_samples=args.eval_samples,
                        quick=args.quick, image_size=args.image_size, threads=args.threads, device=args.device,
-                       bundles=args.bundle)
+                       bundles=args.bundle, points=points)
+    if not tasks:
+        parser.error(f"no grid point of {' '.join(methods or ['the default methods'])} has the settings "
+                     f"{' '.join(args.points or [])}: see the grids in src/loraopt_bench/online.py")
     started = time.perf_counter()
     done = records_for(tasks, args.records) if args.records is not None else {}
     if done:
