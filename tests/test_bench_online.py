@@ -304,3 +304,11 @@ def test_points_select_grid_points_and_keep_their_index_in_the_full_grid(tmp_pat
         cli_main(["bench", "online", "--streams", "digits", "--methods", "loko-floor", "--points", "r_min=7",
                   "--no-progress", "--out", str(tmp_path)])
     assert "no grid point" in capsys.readouterr().err
+
+
+def test_long_runs_report_their_rate_and_accuracy_at_every_tenth(monkeypatch, capsys):
+    monkeypatch.setattr(online, "LONG_RUN", 20)
+    record = online.run_one(online.RunTask("digits", "adamw", 0, 0, 20, 10, 32, 1))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[digits adamw g0 s0]")]
+    assert [line.split()[4] for line in lines] == [f"{2 * k}/20" for k in range(1, 11)]
+    assert lines[-1].split("accuracy so far ")[1].startswith(f"{record['correct'].count('1') / 20:.3f}")

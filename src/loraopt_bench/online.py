@@ -213,6 +213,7 @@ DEFAULT_STREAMS = ("mnist", "fashion", "sst2", "drift")
 # then 5,000 Fashion-MNIST (phase_lengths caps the MNIST phase at its 4,000-digit pool).
 GPU_METHODS = ("adamw-wide", "adagrad-wide", "loko", "loko-scalar", "psi-lora-default", "scaled-psi-lora")
 GPU_SAMPLES = {"fashion": 10_000, "sst2": 10_000, "drift": 9_000}
+LONG_RUN = 2_000  # runs at least this long report their rate and accuracy to stderr at every tenth of the stream
 FASHION_POOL = 10_000  # training images the Fashion-MNIST streams draw from (the full 60k would cost 190 MB)
 DEFAULT_IMAGE_SIZE = 32
 MAX_TOKENS = 64
@@ -525,6 +526,12 @@ def run_one(task: RunTask) -> Dict[str, Any]:
             p_initial_mean = float(_loko_p(optimizer).mean())
         correct[i] = prediction == int(target)
         nonfinite += int(not bool(torch.isfinite(logits.detach()).all()))
+        if len(inputs) >= LONG_RUN and (i + 1) % (len(inputs) // 10) == 0:
+            # A run cut by a time limit leaves no record; these lines say how far it got and at what rate.
+            done = correct[:i + 1]
+            print(f"[{task.stream} {task.method} g{task.grid_index} s{task.seed}] {i + 1}/{len(inputs)} samples, "
+                  f"{1000 * elapsed / (i + 1):.1f} ms/sample, accuracy so far {done.mean():.3f}, last tenth "
+                  f"{done[-(len(inputs) // 10):].mean():.3f}", file=sys.stderr, flush=True)
     start = time.perf_counter()
     held_out = {name: float((adapter.predict(pool.inputs) == pool.labels).float().mean())
                 for name, pool in data.held_out.items()}
