@@ -133,19 +133,19 @@ def test_noise_floor_clamp_floors_every_eigenvalue_of_R_and_the_step_equals_the_
 
     r_min = 0.5  # above the eigenvalues the EMA reaches in these steps, so the floor binds
     ends = {}
-    for floor in ("clamp", None):
+    for floor in ("clamp", "ones"):
         model = make_model()
         opt = create_loko_optimizer(model, num_outputs=M, beta=0.5, r_min=r_min, noise_floor=floor)
         opt.step()
         for k in range(4):
             x, y = data(60 + k, 3)
-            ref = softmax_reference(model, opt, x, y, beta=0.5, r_min=r_min, noise_floor=floor or "ones")
+            ref = softmax_reference(model, opt, x, y, beta=0.5, r_min=r_min, noise_floor=floor)
             opt.observe(model(x), y)
             opt.step()
             assert_filter_state(opt, trainable(model), ref)
         ends[floor] = torch.linalg.eigvalsh(opt.state[opt.anchor]["R"])
     assert float(ends["clamp"].min()) >= r_min * (1 - 1e-12)
-    assert float(ends[None][1:].min()) < r_min  # the default floors the all-ones direction only
+    assert float(ends["ones"][1:].min()) < r_min  # "ones" floors the all-ones direction only
     with pytest.raises(ValueError, match="noise_floor must be None .* 'clamp'"):
         create_loko_optimizer(make_model(), num_outputs=M, noise_floor="clip")
     saved = opt.state_dict()
@@ -154,6 +154,38 @@ def test_noise_floor_clamp_floors_every_eigenvalue_of_R_and_the_step_equals_the_
     fresh = create_loko_optimizer(make_model(), num_outputs=M, beta=0.5, r_min=r_min)
     fresh.load_state_dict(saved)
     assert fresh.param_groups[0]["noise_floor"] is None
+
+
+def test_softmax_default_clamps_R_at_1e_2_and_a_state_saved_with_the_old_floor_keeps_it():
+    """Defaults per observation: softmax clamps every eigenvalue of R at 1e-2, regression and loss keep their own
+    floor at 1e-4; explicit values win. A state dict saved under the earlier softmax default (noise_floor None,
+    r_min 1e-4: the all-ones direction) loads with that floor and steps as the pure filter with it."""
+    from loraopt.optim.loko_config import DEFAULT_NOISE_FLOOR, DEFAULT_R_MIN
+
+    opt = create_loko_optimizer(make_model(), num_outputs=M)
+    assert (opt.param_groups[0]["noise_floor"], opt.param_groups[0]["r_min"]) == ("clamp", 1e-2)
+    assert (DEFAULT_NOISE_FLOOR["regression"], DEFAULT_R_MIN["regression"]) == (None, 1e-4)
+    assert (DEFAULT_NOISE_FLOOR["loss"], DEFAULT_R_MIN["loss"]) == (None, 1e-4)
+    loss_opt = create_loko_optimizer(make_model(), observation="loss")
+    assert (loss_opt.param_groups[0]["noise_floor"], loss_opt.param_groups[0]["r_min"]) == (None, 1e-4)
+    mine = create_loko_optimizer(make_model(), num_outputs=M, r_min=3e-3, noise_floor="eig")
+    assert (mine.param_groups[0]["noise_floor"], mine.param_groups[0]["r_min"]) == ("eig", 3e-3)
+
+    model = make_model()
+    old = create_loko_optimizer(model, num_outputs=M, beta=0.5)
+    old.step()
+    saved = old.state_dict()
+    for group in saved["param_groups"]:
+        group["noise_floor"], group["r_min"] = None, 1e-4
+    resumed = create_loko_optimizer(model, num_outputs=M, beta=0.5)
+    resumed.load_state_dict(saved)
+    assert (resumed.param_groups[0]["noise_floor"], resumed.param_groups[0]["r_min"]) == (None, 1e-4)
+    for k in range(3):
+        x, y = data(70 + k, 3)
+        ref = softmax_reference(model, resumed, x, y, beta=0.5, r_min=1e-4, noise_floor="ones")
+        resumed.observe(model(x), y)
+        resumed.step()
+        assert_filter_state(resumed, trainable(model), ref)
 
 
 def assert_filter_state(opt, params, ref):
@@ -948,7 +980,7 @@ def test_exact_residual_feeds_R_with_the_post_update_outputs():
     with torch.no_grad():
         eps = nn.functional.one_hot(y, M).to(F64) - torch.softmax(model(x), -1)
     hph = torch.einsum("ikn,iln->kl", H * p_new, H) / 3
-    expected = noise_ema_update(R0, eps, hph, beta=0.7, r_min=opt.defaults["r_min"], noise_floor="ones")
+    expected = noise_ema_update(R0, eps, hph, beta=0.7, r_min=opt.defaults["r_min"], noise_floor=opt.defaults["noise_floor"])
     torch.testing.assert_close(opt.state[opt.anchor]["R"], expected, rtol=0, atol=1e-12)
     assert not torch.allclose(opt.state[opt.anchor]["R"], ref.state[ref.anchor]["R"], rtol=0, atol=1e-9)
 

@@ -172,6 +172,9 @@ METHODS: Dict[str, MethodSpec] = {
         # streams").
         MethodSpec("loko-floor", "loko", "LoKO R floor", SOFTMAX_OBSERVATION,
                    tuple({"noise_floor": "clamp", "r_min": r} for r in (1e-3, 1e-2))),
+        # LoKO's softmax floor before the clamp became the default (notes/loko.md): the all-ones direction at 1e-4.
+        MethodSpec("loko-ones", "loko", "LoKO, former floor (all-ones direction)", SOFTMAX_OBSERVATION,
+                   ({"noise_floor": "ones", "r_min": 1e-4},)),
         # The reduced observation (issue 10 §1): the target and the top_k - 1 most probable other classes.
         MethodSpec("loko-topk", "loko", "LoKO top_k", SOFTMAX_OBSERVATION, _grid(top_k=(2, 3))),
         MethodSpec("loko-scalar-p0", "loko", "LoKO-scalar P0", LOSS_OBSERVATION,

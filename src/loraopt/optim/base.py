@@ -58,7 +58,8 @@ class CheckedStateDict:
 
     * something that is not an optimizer state dict (e.g. a model's ``state_dict()``);
     * state saved by another optimizer type (the tag), or groups missing hyperparameters this optimizer needs
-      (``_required_group_keys``; keys in ``_optional_group_keys`` are filled from the current group instead);
+      (``_required_group_keys``; keys in ``_optional_group_keys`` are filled from ``_legacy_group_values`` or else
+      the current group instead);
     * a different number or size of parameter groups, parameters whose saved shape differs (another model, other
       LoRA ranks), per-parameter state keyed by a parameter this optimizer does not have;
     * per-parameter state tensors of the wrong shape (``_expected_state_shapes``, a subclass hook);
@@ -71,6 +72,9 @@ class CheckedStateDict:
     state_tag: ClassVar[Optional[str]] = None
     #: hyperparameters an old checkpoint may lack: filled from the current group on load
     _optional_group_keys: ClassVar[FrozenSet[str]] = frozenset()
+    # Values of optional keys for a state dict saved before they existed, where that is not the current group's value
+    # (a default that changed since).
+    _legacy_group_values: ClassVar[Dict[str, Any]] = {}
 
     def _install_state_checks(self) -> None:
         self.register_load_state_dict_pre_hook(CheckedStateDict._validate_state_dict_hook)  # type: ignore
@@ -168,7 +172,9 @@ class CheckedStateDict:
                         )
             clean = {k: v for k, v in saved.items() if k not in (_TAG_KEY, _SHAPES_KEY)}
             for key in self._optional_group_keys:
-                if key not in clean and key in group:
+                if key not in clean and key in self._legacy_group_values:
+                    clean[key] = self._legacy_group_values[key]  # what a save from before the key existed ran with
+                elif key not in clean and key in group:
                     clean[key] = group[key]
             check_group_hyperparameters(clean, f"{label} of the state_dict")
             cleaned_groups.append(clean)

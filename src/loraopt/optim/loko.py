@@ -52,6 +52,7 @@ from .loko_config import (
     check_state_dict,
     expand_observation,
     resolve_p_init,
+    resolve_noise_floor,
     resolve_r0,
     validate_group,
 )
@@ -95,9 +96,10 @@ class LoKO(LoRAOptimizer):
     which own ``h``, ``y``, ``R_0``, the floor of ``R`` and the validation):
 
     * ``"softmax"`` / ``SoftmaxObservation(m)`` (default): ``h = softmax(logits)``, ``y`` one-hot (or soft)
-      targets, ``m = num_outputs`` classes. ``R``'s all-ones direction is floored at ``r_min``, which keeps ``S`` invertible without changing the
-      update. ``reduce_simplex=True`` observes the first ``m - 1`` classes instead (exact and cheaper; ``R`` is then
-      ``(m-1) x (m-1)``, started at the ``1``-orthogonal part of ``r0 I`` so both forms give the same updates).
+      targets, ``m = num_outputs`` classes. Every eigenvalue of ``R`` is clamped at ``r_min`` (``noise_floor``), which keeps ``S``
+      invertible and bounds the gain in every direction the update sees. ``reduce_simplex=True`` observes the first ``m - 1`` classes instead (exact and cheaper; ``R`` is then
+      ``(m-1) x (m-1)``, started at the ``1``-orthogonal part of ``r0 I`` so both forms give the same updates while the
+      clamp of ``R`` does not bind).
     * ``"regression"`` / ``RegressionObservation(m)``: ``h`` = the prediction, ``y`` real-valued,
       ``m = num_outputs``; ``R``'s smallest eigenvalue is floored at ``r_min``.
     * ``"loss"`` / ``LossObservation()``: the scalar-loss variant ("LoKO-scalar", §9; not the paper's method):
@@ -140,14 +142,17 @@ class LoKO(LoRAOptimizer):
             averaged) loss, so that a loss that stays far from 0 (a language model's ~4 nats) is not met with
             near-Polyak steps toward 0 while the ``R`` EMA catches up (``loraopt.optim.loko_config``). ``"score"``
             then calibrates against that ``R_0``.
-        r_min: floor of ``R`` (see ``observation`` and ``noise_floor``).
-        noise_floor: how ``r_min`` floors ``R``. ``None`` (default): the observation's own (softmax: the all-ones
-            direction only; regression and loss: the smallest eigenvalue). ``"clamp"``: every eigenvalue clamped at
-            ``r_min``, which bounds the gain in every direction the update sees (on long streams the EMA can drive
-            ``R`` towards 0 along directions of confident predictions; one outsized step then saturates the
-            softmax, whose Jacobian vanishes, and the filter stops learning: ``benchmarks/notes/loko.md``, "LoKO
-            on the 10,000-sample streams"); ``"eig"``: every eigenvalue shifted until the smallest is ``r_min``;
-            ``"ones"``; ``"none"``.
+        r_min: floor of ``R`` (see ``observation`` and ``noise_floor``). Default (``None``): ``1e-2`` for softmax,
+            ``1e-4`` for regression and loss (``loraopt.optim.loko_config.DEFAULT_R_MIN``).
+        noise_floor: how ``r_min`` floors ``R``. Default (``None``): ``"clamp"`` for softmax, the observation's own
+            for regression and loss (the smallest eigenvalue). ``"clamp"``: every eigenvalue clamped at ``r_min``,
+            which bounds the gain in every direction the update sees (on long streams the EMA can drive ``R``
+            towards 0 along directions of confident predictions; one outsized step then saturates the softmax,
+            whose Jacobian vanishes, and the filter stops learning: ``benchmarks/notes/loko.md``, "LoKO at its
+            defaults collapses on the long EfficientNet stream"); ``"ones"``: the all-ones direction only (the
+            softmax default before that finding, with ``r_min=1e-4``; the update never sees that direction);
+            ``"eig"``: every eigenvalue shifted until the smallest is ``r_min``; ``"none"``. A state dict saved
+            with the earlier defaults keeps its floor when loaded.
         q: process noise added to ``p`` before each update (0: static parameters, as in the paper).
         jitter: relative diagonal shift ``jitter * tr(S)/k + 1e-12`` before factoring ``S`` (retried x10 up to 3
             times; then the step is skipped).
@@ -195,6 +200,7 @@ class LoKO(LoRAOptimizer):
     # State dicts saved before ``top_k`` / ``noise_floor`` existed lack them: they load with None (the full observation,
     # the observation's own floor).
     _optional_group_keys = frozenset({"top_k", "noise_floor"})
+    _legacy_group_values = {"top_k": None, "noise_floor": None}
 
     def __init__(
         self,
@@ -206,7 +212,7 @@ class LoKO(LoRAOptimizer):
         p_init: Union[Tuple[float, float], float, str, None] = None,
         beta: float = 0.95,
         r0: Union[float, str, None] = None,
-        r_min: float = 1e-4,
+        r_min: Optional[float] = None,
         noise_floor: Optional[str] = None,
         q: float = 0.0,
         jitter: float = 1e-6,
@@ -224,6 +230,7 @@ class LoKO(LoRAOptimizer):
         filter_values = dict(num_outputs=num_outputs, observation=observation, reduce_simplex=reduce_simplex,
                              top_k=top_k)
         expand_observation(filter_values)
+        r_min, noise_floor = resolve_noise_floor(r_min, noise_floor, filter_values["observation"])
         defaults = dict(
             lr=lr, q=q, p_init=resolve_p_init(p_init, filter_values["observation"]), p_floor=p_floor, beta=beta,
             r0=resolve_r0(r0, filter_values["observation"]), r_min=r_min, noise_floor=noise_floor, jitter=jitter,
@@ -295,6 +302,8 @@ class LoKO(LoRAOptimizer):
         group = self.param_groups[-1]
         group["p_init"] = resolve_p_init(group["p_init"], group["observation"])
         group["r0"] = resolve_r0(group["r0"], group["observation"])
+        group["r_min"], group["noise_floor"] = resolve_noise_floor(group["r_min"], group["noise_floor"],
+                                                                   group["observation"])
         validate_group(group)
         if len(self.param_groups) > 1:
             check_same_filter(self.param_groups[0], group, "; set it once in the constructor")

@@ -58,7 +58,7 @@ from ..functional.ekf import NOISE_FLOORS, EKFConfig
 from ..functional.observations import OBSERVATIONS, Observation, make_observation
 from .checks import check_nonnegative, check_positive, check_range
 
-__all__ = ["LoKOConfig", "GroupSettings", "DEFAULT_P_INIT", "DEFAULT_R0", "FIRST_LOSS", "JACOBIAN_PATHS", "SCORE_SNR"]
+__all__ = ["LoKOConfig", "GroupSettings", "DEFAULT_P_INIT", "DEFAULT_R0", "DEFAULT_R_MIN", "DEFAULT_NOISE_FLOOR", "FIRST_LOSS", "JACOBIAN_PATHS", "SCORE_SNR"]
 
 # Where observe() takes the Jacobian rows from (see LoKO.observe); "auto" picks per observation.
 JACOBIAN_PATHS = ("auto", "func", "replicate", "per-sample", "batch")
@@ -79,6 +79,15 @@ SCORE_P_INITS = ("score", "score-layer")
 FIRST_LOSS = "first-loss"
 R0_FLOOR = 0.1
 DEFAULT_R0: Dict[str, Union[float, str]] = {"softmax": 0.1, "regression": 0.1, "loss": FIRST_LOSS}
+# The floor of R per observation (r_min=None / noise_floor=None resolve to these; explicit values win). Softmax: every
+# eigenvalue clamped at 1e-2. On 10,000-sample streams the EMA drives R towards 0 along directions of confident
+# predictions; one outsized step then saturates the softmax, whose Jacobian vanishes, and the filter stops learning
+# for good (benchmarks/notes/loko.md, "LoKO at its defaults collapses on the long EfficientNet stream"). The clamp
+# bounds the gain in every direction the update sees; on SST-2 (2 classes) it never bound. The other observations keep
+# their own floor (the smallest eigenvalue at 1e-4). A group saved before these defaults (noise_floor None, r_min
+# 1e-4) keeps its floor when loaded.
+DEFAULT_R_MIN: Dict[str, float] = {"softmax": 1e-2, "regression": 1e-4, "loss": 1e-4}
+DEFAULT_NOISE_FLOOR: Dict[str, Optional[str]] = {"softmax": "clamp", "regression": None, "loss": None}
 # Hyperparameters of the one filter over all groups (one R, one S); they must agree across parameter groups.
 # Filter keys a state dict saved before they existed may lack (read with their default, None).
 OPTIONAL_KEYS = ("top_k", "noise_floor")
@@ -232,6 +241,17 @@ def resolve_p_init(p_init: Any, observation: Any) -> Any:
         name = observation.name if isinstance(observation, Observation) else observation
         return DEFAULT_P_INIT.get(name, DEFAULT_P_INIT["softmax"])
     return tuple(p_init) if isinstance(p_init, list) else p_init
+
+
+def resolve_noise_floor(r_min: Any, noise_floor: Any, observation: Any) -> Tuple[Any, Any]:
+    """``(r_min, noise_floor)`` with each ``None`` replaced by the observation's default (``DEFAULT_R_MIN``,
+    ``DEFAULT_NOISE_FLOOR``); explicit values are kept (validated later)."""
+    name = observation.name if isinstance(observation, Observation) else observation
+    if r_min is None:
+        r_min = DEFAULT_R_MIN.get(name, DEFAULT_R_MIN["softmax"])
+    if noise_floor is None:
+        noise_floor = DEFAULT_NOISE_FLOOR.get(name)
+    return r_min, noise_floor
 
 
 def resolve_r0(r0: Any, observation: Any) -> Any:
